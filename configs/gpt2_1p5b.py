@@ -1,0 +1,25 @@
+"""GPT-2 1.5B (1,557,611,200 parameters) with SLW, the paper's case 8 (Table 1).
+
+Batch 512 x 1K, 157B tokens, Megatron-LM's LR recipe, SLW linear from seqlen 64 over T = 270K.
+"""
+
+from slw_jax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.batch_size = 512
+  c.train_tokens = 157_286_400_000  # 300K steps x 512 x 1024.
+  c.model.n_layer = 48
+  c.model.d_model = 1600
+  c.model.n_head = 25
+  c.model.vocab_size = 50257
+  c.model.max_seqlen = 1024
+  c.model.dtype = "bfloat16"
+  c.pacing.kind = "linear"
+  c.pacing.seqlen_start = 64
+  c.pacing.duration_steps = 270_000
+  c.optim.lr = 1.5e-4
+  c.optim.min_lr = 1e-5
+  c.optim.warmup_steps = 3000
+  return c

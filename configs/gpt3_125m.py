@@ -1,0 +1,26 @@
+"""GPT-3 125M (125,226,240 parameters), the paper's aggressive 30B-token SLW recipe (Sec. 5.2).
+
+Batch 2K x 2K, LR 40x GPT-3's (2.4e-2) warmed up over 375M tokens and cosine-decayed to 0 over
+30B tokens, SLW linear from seqlen 72 over T = 11.5K steps (batch warmup off under SLW).
+"""
+
+from slw_jax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.batch_size = 2048
+  c.train_tokens = 30_000_000_000
+  c.model.n_layer = 12
+  c.model.d_model = 768
+  c.model.n_head = 12
+  c.model.vocab_size = 50257
+  c.model.max_seqlen = 2048
+  c.model.dtype = "bfloat16"
+  c.pacing.kind = "linear"
+  c.pacing.seqlen_start = 72
+  c.pacing.duration_steps = 11_500
+  c.optim.lr = 2.4e-2
+  c.optim.min_lr = 0.0
+  c.optim.warmup_tokens = 375_000_000
+  return c

@@ -1,0 +1,21 @@
+"""Tiny GPT for CPU: trains the byte-level default corpus through a full SLW in minutes."""
+
+from slw_jax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.batch_size = 16  # Sequences per step.
+  c.train_tokens = 1_500_000  # Token budget (SLW steps are shorter, so it takes more steps).
+  c.model.n_layer = 4
+  c.model.d_model = 128
+  c.model.n_head = 4
+  c.model.vocab_size = 259  # seqio.ByteVocabulary: 256 bytes + pad, eos, unk.
+  c.model.max_seqlen = 256
+  c.pacing.kind = "linear"
+  c.pacing.seqlen_start = 16
+  c.pacing.duration_steps = 150  # T: full length after 150 steps.
+  c.optim.lr = 2e-3
+  c.optim.min_lr = 2e-4
+  c.optim.warmup_steps = 30
+  return c

@@ -1,0 +1,230 @@
+"""The config schema (`base_config`), its validation (`validate`) and loading helpers.
+
+Every entry point loads a `configs/<name>.py` file whose `get_config()` starts from
+`base_config()`, applies command-line overrides, then calls `validate()` once. `validate`
+raises `ValueError` naming the field, the bad value and what is allowed, and returns a frozen
+copy in which defaults that depend on other fields are filled in (`pacing.seqlen_end`,
+`optim.decay_tokens` / `optim.decay_steps`).
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+PACING_KINDS = ("none", "linear", "root", "discrete")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> config_dict.ConfigDict:
+  """Every key a run understands, with defaults. Locked: unknown keys are errors."""
+  c = config_dict.ConfigDict()
+  c.seed = 0  # PRNG seed for parameters, data order and dropout.
+  c.batch_size = 512  # Global batch size in sequences (the final one under batch warmup).
+  c.train_tokens = config_dict.placeholder(int)  # Stop at the first step with >= this many tokens consumed.
+  c.train_steps = config_dict.placeholder(int)  # Or stop after this many steps (whichever comes first).
+
+  c.model = m = config_dict.ConfigDict()
+  m.n_layer = 12  # Transformer blocks.
+  m.d_model = 768  # Residual stream width.
+  m.n_head = 12  # Attention heads; must divide d_model.
+  m.vocab_size = 50257  # Tokens the vocabulary defines.
+  m.vocab_pad_multiple = 1  # Pad the embedding table to a multiple of this (e.g. 128) for speed.
+  m.max_seqlen = 1024  # Context length: size of the position embedding.
+  m.dtype = "float32"  # Compute dtype (parameters are always float32): float32 | bfloat16.
+  m.dropout = 0.0  # Dropout on embeddings and residual branches.
+
+  c.pacing = p = config_dict.ConfigDict()
+  p.kind = "linear"  # none | linear | root | discrete.
+  p.seqlen_start = 8  # First sequence length of the warmup (linear, root).
+  p.seqlen_end = config_dict.placeholder(int)  # Full length; default model.max_seqlen.
+  p.duration_steps = 1000  # T: steps until seqlen_end is reached (linear, root).
+  p.root_degree = 2.0  # r in (t/T)**(1/r) (root).
+  p.multiple = 8  # Sequence lengths are rounded down to a multiple of this.
+  p.stages = ((128, 999),)  # discrete: ((seqlen, last_step), ...); seqlen_end after the last.
+
+  c.batch_warmup = b = config_dict.ConfigDict()
+  b.start = 0  # First batch size (sequences); 0 turns batch-size warmup off.
+  b.tokens = 0  # Tokens over which the batch size rises linearly to batch_size.
+  b.multiple = 1  # Batch sizes are rounded down to a multiple of this (data-parallel size).
+  b.allow_with_slw = False  # Permit batch warmup together with sequence length warmup.
+
+  c.optim = o = config_dict.ConfigDict()
+  o.lr = 6e-4  # Peak learning rate.
+  o.min_lr = 6e-5  # Floor of the cosine decay.
+  o.warmup_steps = 0  # Linear LR warmup by optimizer steps ...
+  o.warmup_tokens = 0  # ... or by tokens consumed (set at most one of the two).
+  o.decay_tokens = config_dict.placeholder(int)  # Cosine decay ends here; default train_tokens.
+  o.decay_steps = config_dict.placeholder(int)  # Step-based cosine instead (baseline runs).
+  o.b1 = 0.9  # Adam beta1.
+  o.b2 = 0.999  # Adam beta2.
+  o.eps = 1e-8  # Adam epsilon.
+  o.weight_decay = 0.01  # Decoupled weight decay (matrices and embeddings only).
+  o.clip_norm = 1.0  # Global-norm gradient clipping; 0 turns it off.
+
+  c.lock()
+  return c
+
+
+class ConfigError(ValueError):
+  """A bad config value: the message names the field, the value and what is allowed."""
+
+
+def _fail(field: str, value, allowed: str):
+  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _check(ok: bool, field: str, value, allowed: str):
+  if not ok:
+    _fail(field, value, allowed)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_model(m):
+  for name in ("n_layer", "d_model", "n_head", "vocab_size", "max_seqlen", "vocab_pad_multiple"):
+    _check(_is_int(m[name]) and m[name] >= 1, f"model.{name}", m[name], "must be an integer >= 1")
+  _check(m.d_model % m.n_head == 0, "model.n_head", m.n_head,
+         f"must divide model.d_model={m.d_model}")
+  _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
+  _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+
+
+def _validate_stages(p, seqlen_end):
+  stages = p.stages
+  _check(isinstance(stages, (tuple, list)) and len(stages) > 0, "pacing.stages", stages,
+         "discrete pacing needs a non-empty list of (seqlen, last_step) pairs")
+  previous_last = -1
+  for stage in stages:
+    ok = (isinstance(stage, (tuple, list)) and len(stage) == 2 and all(map(_is_int, stage)))
+    _check(ok, "pacing.stages", stages, f"entry {stage!r} must be a (seqlen, last_step) pair")
+    seqlen, last_step = stage
+    _check(1 <= seqlen <= seqlen_end and seqlen % p.multiple == 0, "pacing.stages", stages,
+           f"stage seqlen {seqlen} must be a multiple of pacing.multiple={p.multiple} "
+           f"in [1, seqlen_end={seqlen_end}]")
+    _check(last_step > previous_last, "pacing.stages", stages,
+           "last_step values must be >= 0 and strictly increasing")
+    previous_last = last_step
+
+
+def _validate_pacing(p, model):
+  _check(p.kind in PACING_KINDS, "pacing.kind", p.kind, f"must be one of {', '.join(PACING_KINDS)}")
+  _check(_is_int(p.multiple) and p.multiple >= 1, "pacing.multiple", p.multiple,
+         "must be an integer >= 1")
+  end = p.seqlen_end
+  _check(_is_int(end) and 1 <= end <= model.max_seqlen, "pacing.seqlen_end", end,
+         f"must be an integer in [1, model.max_seqlen={model.max_seqlen}]")
+  _check(end % p.multiple == 0, "pacing.seqlen_end", end,
+         f"must be a multiple of pacing.multiple={p.multiple}")
+  if p.kind in ("linear", "root"):
+    _check(_is_int(p.seqlen_start) and 1 <= p.seqlen_start <= end, "pacing.seqlen_start",
+           p.seqlen_start, f"must be an integer in [1, pacing.seqlen_end={end}]")
+    _check(_is_int(p.duration_steps) and p.duration_steps > 0, "pacing.duration_steps",
+           p.duration_steps, f"must be an integer > 0 with pacing.kind={p.kind!r}")
+  if p.kind == "root":
+    _check(p.root_degree > 0, "pacing.root_degree", p.root_degree, "must be > 0")
+  if p.kind == "discrete":
+    _validate_stages(p, end)
+
+
+def _validate_batch_warmup(c):
+  b = c.batch_warmup
+  _check(_is_int(b.start) and b.start >= 0, "batch_warmup.start", b.start,
+         "must be an integer >= 0 (0 turns batch warmup off)")
+  if b.start == 0:
+    return
+  _check(_is_int(b.multiple) and b.multiple >= 1, "batch_warmup.multiple", b.multiple,
+         "must be an integer >= 1")
+  _check(b.start <= c.batch_size, "batch_warmup.start", b.start,
+         f"must be <= batch_size={c.batch_size}")
+  _check(c.batch_size % b.multiple == 0, "batch_size", c.batch_size,
+         f"must be a multiple of batch_warmup.multiple={b.multiple}")
+  _check(_is_int(b.tokens) and b.tokens > 0, "batch_warmup.tokens", b.tokens,
+         "must be an integer > 0 when batch_warmup.start > 0")
+  _check(c.pacing.kind == "none" or b.allow_with_slw, "batch_warmup.start", b.start,
+         f"batch warmup together with pacing.kind={c.pacing.kind!r} needs "
+         "batch_warmup.allow_with_slw=True (the paper disables it under SLW)")
+
+
+def _validate_stop(c):
+  for name in ("train_tokens", "train_steps"):
+    value = c[name]
+    _check(value is None or (_is_int(value) and value > 0), name, value,
+           "must be an integer > 0, or unset")
+  if c.train_tokens is None and c.train_steps is None:
+    _fail("train_tokens", None, "set train_tokens or train_steps (or both: first reached wins)")
+  _check(_is_int(c.batch_size) and c.batch_size >= 1, "batch_size", c.batch_size,
+         "must be an integer >= 1")
+
+
+def _validate_optim(c):
+  o = c.optim
+  _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+  _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+  for name in ("warmup_steps", "warmup_tokens"):
+    _check(_is_int(o[name]) and o[name] >= 0, f"optim.{name}", o[name], "must be an integer >= 0")
+  _check(o.warmup_steps == 0 or o.warmup_tokens == 0, "optim.warmup_tokens", o.warmup_tokens,
+         f"must be 0 when optim.warmup_steps={o.warmup_steps} is set (warm up by one unit)")
+  _check(o.decay_tokens is None or o.decay_steps is None, "optim.decay_steps", o.decay_steps,
+         f"must be unset when optim.decay_tokens={o.decay_tokens} is set (decay by one unit)")
+  if o.decay_tokens is not None:
+    _check(_is_int(o.decay_tokens) and o.decay_tokens > o.warmup_tokens, "optim.decay_tokens",
+           o.decay_tokens, f"must be an integer > optim.warmup_tokens={o.warmup_tokens}")
+  if o.decay_steps is not None:
+    _check(_is_int(o.decay_steps) and o.decay_steps > o.warmup_steps, "optim.decay_steps",
+           o.decay_steps, f"must be an integer > optim.warmup_steps={o.warmup_steps}")
+  _check(0 <= o.b1 < 1, "optim.b1", o.b1, "must be in [0, 1)")
+  _check(0 <= o.b2 < 1, "optim.b2", o.b2, "must be in [0, 1)")
+  _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+  _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+  _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 turns clipping off)")
+
+
+def _resolve_defaults(c: config_dict.ConfigDict):
+  """Fills in the defaults that depend on other fields (in place, on a copy)."""
+  if c.pacing.seqlen_end is None:
+    c.pacing.seqlen_end = c.model.max_seqlen
+  if c.optim.decay_tokens is None and c.optim.decay_steps is None:
+    if c.train_tokens is not None:
+      c.optim.decay_tokens = c.train_tokens
+    else:
+      c.optim.decay_steps = c.train_steps
+
+
+def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
+  """Checks every field; returns a frozen copy with dependent defaults filled in.
+
+  Raises:
+    ConfigError (a ValueError): the first bad field, its value and what is allowed.
+  """
+  c = config_dict.ConfigDict(config.to_dict(), type_safe=True)
+  _validate_model(c.model)
+  _validate_stop(c)
+  _resolve_defaults(c)
+  _validate_pacing(c.pacing, c.model)
+  _validate_batch_warmup(c)
+  _validate_optim(c)
+  # Imported here: pacing reads configs but must not depend on this module at import time.
+  from slw_jax import pacing  # pylint: disable=g-import-not-at-top
+  pacing.check_warmup_fits_decay(c)
+  return config_dict.FrozenConfigDict(c)
+
+
+def load_config_file(path: str, overrides: dict | None = None) -> config_dict.ConfigDict:
+  """Loads `get_config()` from a config file and applies dotted-key overrides (for tests/tools)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_slw_config", path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"--config={path!r} is invalid: not a readable Python config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in (overrides or {}).items():
+    parent = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      parent = parent[name]
+    setattr(parent, leaf, value)
+  return config
+

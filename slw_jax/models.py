@@ -1,0 +1,172 @@
+"""GPT-2/GPT-3 style decoder in Flax NNX.
+
+Learned absolute position embeddings, pre-LayerNorm blocks, causal self-attention through
+`jax.nn.dot_product_attention`, a 4x GELU MLP, a final LayerNorm and an output head tied to the
+token embedding. GPT-2 initialization: normal(0.02), residual output projections scaled by
+1/sqrt(2 * n_layer). Parameters are float32; matmuls run in `dtype`.
+
+Axis letters in names: b batch, l sequence, d model width, h heads, k head dim, f MLP hidden,
+v vocabulary, c the q/k/v triple. Every parameter carries logical axis names (`out_sharding`
+metadata) that `sharding.py` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon.
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  vocab_size: int
+  n_layer: int
+  d_model: int
+  n_head: int
+  max_seqlen: int
+  dtype: str = "float32"
+  dropout: float = 0.0
+  vocab_pad_multiple: int = 1
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "GPTConfig":
+    return cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_head
+
+  @property
+  def padded_vocab(self) -> int:
+    m = self.vocab_pad_multiple
+    return -(-self.vocab_size // m) * m
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
+  """A float32 parameter: normal(std), or zeros when std is None; tagged with logical axes."""
+  if std is None:
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value, out_sharding=axes)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 whatever the compute dtype."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    self.scale_d = nnx.Param(jnp.ones((cfg.d_model,), jnp.float32), out_sharding=("embed",))
+    self.bias_d = _param(rngs, (cfg.d_model,), ("embed",), None)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_bld):
+    x = x_bld.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale_d[...] + self.bias_d[...]
+    return y.astype(self.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    d, h, k = cfg.d_model, cfg.n_head, cfg.head_dim
+    resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    self.qkv_weight_dchk = _param(rngs, (d, 3, h, k), ("embed", None, "heads", "kv"), 0.02)
+    self.qkv_bias_chk = _param(rngs, (3, h, k), (None, "heads", "kv"), None)
+    self.out_weight_hkd = _param(rngs, (h, k, d), ("heads", "kv", "embed"), resid_std)
+    self.out_bias_d = _param(rngs, (d,), ("embed",), None)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_bld):
+    w = self.qkv_weight_dchk[...].astype(self.dtype)
+    qkv_blchk = jnp.einsum("bld,dchk->blchk", x_bld, w) + self.qkv_bias_chk[...].astype(self.dtype)
+    q_blhk, k_blhk, v_blhk = qkv_blchk[:, :, 0], qkv_blchk[:, :, 1], qkv_blchk[:, :, 2]
+    attn_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True)
+    out_w = self.out_weight_hkd[...].astype(self.dtype)
+    return jnp.einsum("blhk,hkd->bld", attn_blhk, out_w) + self.out_bias_d[...].astype(self.dtype)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    d, f = cfg.d_model, 4 * cfg.d_model
+    self.fc_weight_df = _param(rngs, (d, f), ("embed", "mlp"), 0.02)
+    self.fc_bias_f = _param(rngs, (f,), ("mlp",), None)
+    self.proj_weight_fd = _param(rngs, (f, d), ("mlp", "embed"), 0.02 / math.sqrt(2 * cfg.n_layer))
+    self.proj_bias_d = _param(rngs, (d,), ("embed",), None)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_bld):
+    cast = lambda p: p[...].astype(self.dtype)
+    h_blf = jax.nn.gelu(x_bld @ cast(self.fc_weight_df) + cast(self.fc_bias_f), approximate=True)
+    return h_blf @ cast(self.proj_weight_fd) + cast(self.proj_bias_d)
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    self.ln_1 = LayerNorm(cfg, rngs)
+    self.attn = CausalSelfAttention(cfg, rngs)
+    self.ln_2 = LayerNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, x_bld, deterministic: bool):
+    x_bld = x_bld + self.dropout(self.attn(self.ln_1(x_bld)), deterministic=deterministic)
+    return x_bld + self.dropout(self.mlp(self.ln_2(x_bld)), deterministic=deterministic)
+
+
+class GPT(nnx.Module):
+  """Token ids [B, L] -> logits [B, L, vocab_size] for any L <= max_seqlen."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    # Sharding is applied later, by jit out_shardings (never eagerly on one device).
+    with nnx.use_eager_sharding(False):
+      self.cfg = cfg
+      self.wte_vd = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), 0.02)
+      self.wpe_ld = _param(rngs, (cfg.max_seqlen, cfg.d_model), (None, "embed"), 0.02)
+      self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+      self.ln_f = LayerNorm(cfg, rngs)
+
+  def __call__(self, tokens_bl, *, deterministic: bool = True):
+    cfg = self.cfg
+    seqlen = tokens_bl.shape[1]
+    if seqlen > cfg.max_seqlen:
+      raise ValueError(f"sequence length {seqlen} exceeds model.max_seqlen={cfg.max_seqlen}")
+    wte_vd = self.wte_vd[...]
+    x_bld = (wte_vd[tokens_bl] + self.wpe_ld[:seqlen]).astype(cfg.compute_dtype)
+    x_bld = self.drop(x_bld, deterministic=deterministic)
+    for block in self.blocks:
+      x_bld = block(x_bld, deterministic)
+    x_bld = self.ln_f(x_bld)
+    logits_blv = jnp.einsum("bld,vd->blv", x_bld, wte_vd.astype(cfg.compute_dtype))
+    return logits_blv[..., :cfg.vocab_size]  # Padded vocabulary rows never score.
+
+
+def num_params(cfg: GPTConfig) -> int:
+  """Parameter count, from abstract shapes (nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def train_flops_per_token(cfg: GPTConfig, seqlen: int, n_params: int) -> float:
+  """Training FLOPs per token at `seqlen`: 6N for the matmul parameters plus attention.
+
+  N excludes the position embedding (a lookup, no matmul); the tied token embedding counts
+  because it is the output head. Attention (QK^T and AV, forward and backward) adds
+  12 * n_layer * d_model * seqlen, without discounting the causal mask (PaLM appendix B).
+  """
+  matmul_params = n_params - cfg.max_seqlen * cfg.d_model
+  return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seqlen

@@ -1,0 +1,198 @@
+"""Sequence-length and batch-size schedules, token accounting and the bucket list.
+
+Step convention: step `t` is the t-th optimizer update, counted from 0. The sequence length of
+step t is the pacing formula evaluated at t, so step 0 trains at `seqlen_start` (rounded). As a
+function, `seqlens(p, t)` equals DeepSpeed's `CurriculumScheduler.get_difficulty(t)` for the
+`fixed_linear` / `fixed_root` / `fixed_discrete` schedules with the same parameters
+(`min_difficulty=seqlen_start`, `max_difficulty=seqlen_end`, `total_curriculum_step=T`,
+`difficulty_step=multiple`). DeepSpeed's engine calls it with `global_steps + 1`, so its k-th
+update uses our value for step k + 1: a DeepSpeed run is one step ahead of ours.
+
+Token accounting: tokens consumed before step t = sum over i < t of batch_size_i * seqlen_i.
+Training ends at the first step whose tokens-before reaches `train_tokens`, or after
+`train_steps` steps, whichever comes first. Nothing here touches JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from slw_jax.config_lib import ConfigError
+
+# Plans longer than this are almost certainly a units mistake (and would need GBs of arrays).
+MAX_PLAN_STEPS = 20_000_000
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def seqlens(p, steps) -> np.ndarray:
+  """Sequence length of each step in `steps` (int array) under pacing config `p`."""
+  steps = np.asarray(steps, dtype=np.int64)
+  end = p.seqlen_end
+  if p.kind == "none":
+    return np.full(steps.shape, end, dtype=np.int64)
+  if p.kind == "discrete":
+    lengths = np.array([s for s, _ in p.stages] + [end], dtype=np.int64)
+    last_steps = np.array([last for _, last in p.stages], dtype=np.int64)
+    return lengths[np.searchsorted(last_steps, steps, side="left")]
+  start, multiple = p.seqlen_start, p.multiple
+  # Same float64 operations, in the same order, as DeepSpeed's fixed_root (linear = degree 1).
+  degree = 1.0 if p.kind == "linear" else float(p.root_degree)
+  fraction = np.minimum((steps.astype(np.float64) / p.duration_steps) ** (1.0 / degree), 1.0)
+  lengths = np.floor(fraction * (end - start) + start).astype(np.int64)
+  lengths -= lengths % multiple
+  return np.clip(lengths, _round_up(start, multiple), end)
+
+
+def seqlen_at(p, step: int) -> int:
+  """Sequence length of one step."""
+  return int(seqlens(p, np.array([step]))[0])
+
+
+def batch_size_at(c, tokens_before: int) -> int:
+  """GPT-3-style batch-size warmup: rises linearly with tokens consumed, then `batch_size`."""
+  b = c.batch_warmup
+  if b.start == 0:
+    return c.batch_size
+  fraction = min(tokens_before / b.tokens, 1.0)
+  size = int(b.start + (c.batch_size - b.start) * fraction)
+  size -= size % b.multiple
+  return min(max(size, _round_up(b.start, b.multiple)), c.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """One distinct step shape: every step with it runs the same compiled executable."""
+  seqlen: int
+  batch_size: int
+  first_step: int
+  num_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Per-step shapes of a whole run. Arrays are int64 and indexed by step."""
+  seqlen: np.ndarray  # [S]
+  batch_size: np.ndarray  # [S]
+  tokens_before: np.ndarray  # [S + 1]: tokens consumed before step t; the last entry is the total.
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.seqlen)
+
+  @property
+  def total_tokens(self) -> int:
+    return int(self.tokens_before[-1])
+
+  def buckets(self) -> list[Bucket]:
+    """Every distinct (seqlen, batch_size) of the run, in order of first use."""
+    if self.num_steps == 0:
+      return []
+    keys = self.seqlen * (int(self.batch_size.max()) + 1) + self.batch_size
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    order = np.argsort(first)
+    return [Bucket(int(self.seqlen[first[i]]), int(self.batch_size[first[i]]), int(first[i]),
+                   int(counts[i])) for i in order]
+
+
+def _stop_index(tokens_before: np.ndarray, stop_tokens) -> int | None:
+  """First index whose tokens-before reaches `stop_tokens`, or None."""
+  if stop_tokens is None:
+    return None
+  hits = np.nonzero(tokens_before >= stop_tokens)[0]
+  return int(hits[0]) if len(hits) else None
+
+
+def _walk_constant_batch(c, stop_tokens, stop_steps) -> Schedule:
+  """Vectorized walk in growing chunks (the batch size does not depend on tokens)."""
+  chunks, consumed, first, size = [], 0, 0, 4096
+  while True:
+    count = size if stop_steps is None else min(size, stop_steps - first)
+    lengths = seqlens(c.pacing, np.arange(first, first + count))
+    before = consumed + np.concatenate([[0], np.cumsum(lengths * c.batch_size)])
+    stop = _stop_index(before, stop_tokens)
+    if stop is not None or first + count == stop_steps:
+      n = count if stop is None else stop
+      chunks.append(lengths[:n])
+      break
+    chunks.append(lengths)
+    consumed, first, size = int(before[-1]), first + count, min(size * 2, 1 << 20)
+    if first > MAX_PLAN_STEPS:
+      _too_long(c, first)
+  lengths = np.concatenate(chunks)
+  return _schedule(lengths, np.full_like(lengths, c.batch_size))
+
+
+def _walk_batch_warmup(c, stop_tokens, stop_steps) -> Schedule:
+  """Step-by-step walk: the batch size depends on the tokens consumed so far."""
+  lengths, batches, consumed, step = [], [], 0, 0
+  while (stop_tokens is None or consumed < stop_tokens) and step != stop_steps:
+    if step > MAX_PLAN_STEPS:
+      _too_long(c, step)
+    seqlen, batch = seqlen_at(c.pacing, step), batch_size_at(c, consumed)
+    lengths.append(seqlen)
+    batches.append(batch)
+    consumed += seqlen * batch
+    step += 1
+  return _schedule(np.array(lengths, np.int64), np.array(batches, np.int64))
+
+
+def _schedule(lengths: np.ndarray, batches: np.ndarray) -> Schedule:
+  before = np.concatenate([[0], np.cumsum(lengths * batches)]).astype(np.int64)
+  return Schedule(lengths.astype(np.int64), batches.astype(np.int64), before)
+
+
+def _too_long(c, steps: int):
+  raise ConfigError(f"config.train_tokens={c.train_tokens!r} is invalid: the run would exceed "
+                    f"{MAX_PLAN_STEPS} steps (at {steps} steps so far); lower it or set "
+                    "train_steps")
+
+
+def walk(c, stop_tokens=None, stop_steps=None) -> Schedule:
+  """Schedule of the steps run until `stop_tokens` consumed or `stop_steps` taken."""
+  if c.batch_warmup.start:
+    return _walk_batch_warmup(c, stop_tokens, stop_steps)
+  return _walk_constant_batch(c, stop_tokens, stop_steps)
+
+
+def run_schedule(c) -> Schedule:
+  """The whole run of a validated config."""
+  return walk(c, c.train_tokens, c.train_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupEnd:
+  """Where LR warmup ends, in both units (decay starts from here)."""
+  step: int
+  tokens: int
+
+
+def warmup_end(c) -> WarmupEnd:
+  """The first step after LR warmup and the tokens consumed before it."""
+  o = c.optim
+  if o.warmup_steps:
+    return WarmupEnd(o.warmup_steps, walk(c, stop_steps=o.warmup_steps).total_tokens)
+  if o.warmup_tokens:
+    return WarmupEnd(walk(c, stop_tokens=o.warmup_tokens).num_steps, o.warmup_tokens)
+  return WarmupEnd(0, 0)
+
+
+def check_warmup_fits_decay(c):
+  """Raises ConfigError when the cosine decay would end before LR warmup does."""
+  o = c.optim
+  if o.decay_tokens is not None and o.warmup_steps:
+    end = warmup_end(c)
+    if o.decay_tokens <= end.tokens:
+      raise ConfigError(
+          f"config.optim.decay_tokens={o.decay_tokens!r} is invalid: must be > the "
+          f"{end.tokens} tokens consumed by the end of optim.warmup_steps={o.warmup_steps}")
+  if o.decay_steps is not None and o.warmup_tokens:
+    end = warmup_end(c)
+    if o.decay_steps <= end.step:
+      raise ConfigError(
+          f"config.optim.decay_steps={o.decay_steps!r} is invalid: must be > the {end.step} "
+          f"steps it takes to consume optim.warmup_tokens={o.warmup_tokens}")

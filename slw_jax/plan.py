@@ -1,0 +1,89 @@
+"""`python -m slw_jax.plan --config=configs/X.py [--config.a.b=v ...] [--format=text|csv|json]
+[--every=N]`: the whole run, step by step, without training or allocating the model.
+
+Rows: `step, seqlen, batch_size, tokens, lr`, where `tokens` is the count consumed before the
+step (the quantity the LR decay and the stop condition use). Summary: `num_params`,
+`total_steps`, `total_tokens`, every bucket (distinct (seqlen, batch_size), in order of first
+use) and the estimated training FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from absl import flags
+
+from slw_jax import cli, models, pacing, schedules
+
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "csv", "json"], "Output format.")
+_EVERY = flags.DEFINE_integer("every", 1, "Print every N-th step (the last step always).")
+
+ROW_KEYS = ("step", "seqlen", "batch_size", "tokens", "lr")
+
+
+def build_plan(config, every: int = 1) -> dict:
+  """The plan of a validated config as a JSON-ready dict (rows every `every` steps)."""
+  if every < 1:
+    raise cli.UsageError(f"--every={every} is invalid: must be an integer >= 1")
+  model_cfg = models.GPTConfig.from_config(config.model)
+  n_params = models.num_params(model_cfg)
+  schedule = pacing.run_schedule(config)
+  lrs = schedules.learning_rates(config, schedule)
+  buckets = []
+  for b in schedule.buckets():
+    step_flops = b.batch_size * b.seqlen * models.train_flops_per_token(model_cfg, b.seqlen,
+                                                                        n_params)
+    buckets.append(dict(seqlen=b.seqlen, batch_size=b.batch_size, first_step=b.first_step,
+                        num_steps=b.num_steps, flops_per_step=step_flops,
+                        flops=step_flops * b.num_steps))
+  steps = np.arange(0, schedule.num_steps, every)
+  if schedule.num_steps and steps[-1] != schedule.num_steps - 1:
+    steps = np.append(steps, schedule.num_steps - 1)
+  rows = [dict(step=int(t), seqlen=int(schedule.seqlen[t]), batch_size=int(schedule.batch_size[t]),
+               tokens=int(schedule.tokens_before[t]), lr=float(lrs[t])) for t in steps]
+  warm = pacing.warmup_end(config)
+  return dict(num_params=n_params, total_steps=schedule.num_steps,
+              total_tokens=schedule.total_tokens, train_flops=sum(b["flops"] for b in buckets),
+              lr_warmup_end=dict(step=warm.step, tokens=warm.tokens), buckets=buckets, rows=rows)
+
+
+def _summary_lines(plan: dict) -> list[str]:
+  lines = [f"num_params: {plan['num_params']:,}", f"total_steps: {plan['total_steps']:,}",
+           f"total_tokens: {plan['total_tokens']:,}",
+           f"train_flops: {plan['train_flops']:.4g}",
+           f"lr_warmup_end: step {plan['lr_warmup_end']['step']:,}, "
+           f"tokens {plan['lr_warmup_end']['tokens']:,}",
+           f"buckets: {len(plan['buckets'])} (seqlen x batch_size: first_step, steps, flops)"]
+  lines += [f"  {b['seqlen']} x {b['batch_size']}: {b['first_step']}, {b['num_steps']}, "
+            f"{b['flops']:.4g}" for b in plan["buckets"]]
+  return lines
+
+
+def render(plan: dict, fmt: str) -> tuple[str, str]:
+  """(stdout text, stderr text) of a plan in `fmt` (csv keeps the summary off stdout)."""
+  if fmt == "json":
+    return json.dumps(plan), ""
+  rows = [(r["step"], r["seqlen"], r["batch_size"], r["tokens"], r["lr"]) for r in plan["rows"]]
+  summary = "\n".join(_summary_lines(plan))
+  if fmt == "csv":
+    body = [",".join(ROW_KEYS)] + [f"{s},{l},{b},{t},{lr:.6e}" for s, l, b, t, lr in rows]
+    return "\n".join(body), summary
+  header = f"{'step':>10} {'seqlen':>7} {'batch_size':>10} {'tokens':>16} {'lr':>12}"
+  body = [header] + [f"{s:>10} {l:>7} {b:>10} {t:>16} {lr:>12.4e}" for s, l, b, t, lr in rows]
+  return "\n".join(body + ["", summary]), ""
+
+
+def main(argv=None):
+  argv = sys.argv if argv is None else argv
+  with cli.exit_on_bad_input():
+    config = cli.parse_config(argv)
+    out, err = render(build_plan(config, _EVERY.value), _FORMAT.value)
+  if err:
+    print(err, file=sys.stderr)
+  print(out)
+
+
+if __name__ == "__main__":
+  main()

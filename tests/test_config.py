@@ -1,0 +1,101 @@
+"""Configs: every file loads, validates and builds; every validation error names its field."""
+
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from conftest import CONFIG_FILES, REPO
+from slw_jax import config_lib, models
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_config_loads_validates_and_builds(path):
+  config = config_lib.load_config_file(str(path))
+  frozen = config_lib.validate(config)
+  assert frozen.pacing.seqlen_end == frozen.model.max_seqlen
+  assert (frozen.optim.decay_tokens is None) != (frozen.optim.decay_steps is None)
+  cfg = models.GPTConfig.from_config(frozen.model)
+  abstract = nnx.eval_shape(lambda: models.GPT(cfg, nnx.Rngs(0)))  # Builds, allocates nothing.
+  assert abstract.wte_vd.shape == (cfg.padded_vocab, cfg.d_model)
+
+
+BAD = [
+    (dict(pacing__seqlen_start=300), "config.pacing.seqlen_start=300"),
+    (dict(pacing__seqlen_end=512), "config.pacing.seqlen_end=512"),
+    (dict(pacing__seqlen_end=252), "multiple of pacing.multiple=8"),
+    (dict(pacing__multiple=48), "config.pacing.seqlen_end=256"),
+    (dict(pacing__duration_steps=0), "config.pacing.duration_steps=0"),
+    (dict(pacing__kind="cubic"), "config.pacing.kind='cubic'"),
+    (dict(pacing__kind="root", pacing__root_degree=0.0), "config.pacing.root_degree=0.0"),
+    (dict(pacing__kind="discrete", pacing__stages=()), "non-empty"),
+    (dict(pacing__kind="discrete", pacing__stages=((64, 50), (128, 20))), "strictly increasing"),
+    (dict(pacing__kind="discrete", pacing__stages=((60, 50),)), "stage seqlen 60"),
+    (dict(pacing__kind="discrete", pacing__stages=((64,),)), "(seqlen, last_step) pair"),
+    (dict(optim__min_lr=1.0), "config.optim.min_lr=1.0"),
+    (dict(optim__lr=0.0), "config.optim.lr=0.0"),
+    (dict(optim__decay_tokens=1000), "config.optim.decay_tokens=1000"),
+    (dict(optim__warmup_steps=0, optim__warmup_tokens=5000, optim__decay_tokens=4000),
+     "config.optim.decay_tokens=4000"),
+    (dict(optim__warmup_tokens=100), "config.optim.warmup_tokens=100"),
+    (dict(optim__decay_steps=100, optim__decay_tokens=100_000), "config.optim.decay_steps=100"),
+    (dict(optim__b2=1.0), "config.optim.b2=1.0"),
+    (dict(optim__clip_norm=-1.0), "config.optim.clip_norm=-1.0"),
+    (dict(train_tokens=None), "set train_tokens or train_steps"),
+    (dict(train_tokens=-5), "config.train_tokens=-5"),
+    (dict(batch_size=0), "config.batch_size=0"),
+    (dict(model__n_head=3), "config.model.n_head=3"),
+    (dict(model__dtype="float16"), "config.model.dtype='float16'"),
+    (dict(model__dropout=1.0), "config.model.dropout=1.0"),
+    (dict(model__n_layer=0), "config.model.n_layer=0"),
+    (dict(batch_warmup__start=4, batch_warmup__tokens=1000), "allow_with_slw=True"),
+    (dict(batch_warmup__start=4, pacing__kind="none"), "config.batch_warmup.tokens=0"),
+    (dict(batch_warmup__start=32, batch_warmup__tokens=10, pacing__kind="none"),
+     "config.batch_warmup.start=32"),
+    (dict(batch_warmup__start=4, batch_warmup__tokens=10, batch_warmup__multiple=5,
+          pacing__kind="none"), "config.batch_size=16"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m for _, m in BAD])
+def test_validation_errors_name_field_value_and_allowed(load_config, overrides, message):
+  with pytest.raises(ValueError) as info:
+    config_lib.validate(load_config("tiny", **overrides))
+  text = str(info.value)
+  assert message in text and "\n" not in text
+  assert "invalid" in text or "set " in text
+
+
+def test_batch_warmup_with_slw_when_allowed(load_config):
+  c = config_lib.validate(load_config("tiny", batch_warmup__start=4, batch_warmup__tokens=1000,
+                                      batch_warmup__allow_with_slw=True))
+  assert c.batch_warmup.start == 4
+
+
+def test_unknown_key_is_rejected_by_locked_config(load_config):
+  with pytest.raises(AttributeError, match="bogus"):
+    load_config("tiny", pacing__bogus=3)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "slw_jax.plan", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/tiny.py", "--config.pacing.bogus=1"],
+     "--config.pacing.bogus is not a config key"),
+    (["--config=configs/tiny.py", "--config.pacing.seqlen_start=999"],
+     "config.pacing.seqlen_start=999 is invalid"),
+    (["--config=configs/tiny.py", "--config.optim.lr=fast"], "--config.optim.lr=fast"),
+    (["--config=configs/missing.py"], "no such file"),
+    ([], "--config is required"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message):
+  result = _cli(*args)
+  assert result.returncode == 2
+  assert result.stdout == ""
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], result.stderr
+  assert "Traceback" not in result.stderr

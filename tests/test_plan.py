@@ -1,0 +1,80 @@
+"""The plan command: rows, summary and formats agree with the schedules they come from."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from slw_jax import config_lib, pacing, plan, schedules
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+  c = config_lib.validate(config_lib.load_config_file(str(REPO / "configs/tiny.py")))
+  return c, plan.build_plan(c)
+
+
+def test_rows_match_schedule_and_lr(tiny_plan):
+  c, p = tiny_plan
+  s = pacing.run_schedule(c)
+  lr = schedules.learning_rates(c, s)
+  assert p["total_steps"] == s.num_steps == len(p["rows"])
+  assert p["total_tokens"] == s.total_tokens >= c.train_tokens
+  for row in p["rows"]:
+    t = row["step"]
+    assert (row["seqlen"], row["batch_size"], row["tokens"]) == (
+        s.seqlen[t], s.batch_size[t], s.tokens_before[t])
+    assert row["lr"] == lr[t]
+  tokens = [r["tokens"] for r in p["rows"]]
+  steps_tokens = [r["seqlen"] * r["batch_size"] for r in p["rows"]]
+  np.testing.assert_array_equal(np.diff(tokens), steps_tokens[:-1])
+  assert tokens[-1] < c.train_tokens <= tokens[-1] + steps_tokens[-1]
+
+
+def test_summary_buckets_and_flops(tiny_plan):
+  _, p = tiny_plan
+  assert p["num_params"] == 859_264
+  buckets = p["buckets"]
+  assert sum(b["num_steps"] for b in buckets) == p["total_steps"]
+  assert [b["seqlen"] for b in buckets] == sorted(b["seqlen"] for b in buckets)
+  assert p["train_flops"] == pytest.approx(sum(b["flops"] for b in buckets))
+  by_tokens = sum(b["seqlen"] * b["batch_size"] * b["num_steps"] for b in buckets)
+  assert by_tokens == p["total_tokens"]
+  assert 6 * p["num_params"] * p["total_tokens"] < p["train_flops"]
+
+
+def test_every_n_keeps_the_last_step():
+  c = config_lib.validate(config_lib.load_config_file(str(REPO / "configs/tiny.py")))
+  p = plan.build_plan(c, every=100)
+  steps = [r["step"] for r in p["rows"]]
+  assert steps[:3] == [0, 100, 200] and steps[-1] == p["total_steps"] - 1
+  with pytest.raises(ValueError, match="--every=0"):
+    plan.build_plan(c, every=0)
+
+
+def test_text_and_csv_render(tiny_plan):
+  _, p = tiny_plan
+  text, err = plan.render(p, "text")
+  assert err == "" and "num_params: 859,264" in text and f"total_steps: {p['total_steps']:,}" in text
+  out, summary = plan.render(p, "csv")
+  rows = list(csv.DictReader(io.StringIO(out)))
+  assert list(rows[0]) == list(plan.ROW_KEYS) and len(rows) == p["total_steps"]
+  assert int(rows[-1]["tokens"]) == p["rows"][-1]["tokens"]
+  assert "buckets:" in summary
+
+
+def test_cli_json_for_a_400k_step_plan():
+  result = subprocess.run(
+      [sys.executable, "-m", "slw_jax.plan", "--config=configs/gpt2_1p5b.py", "--format=json",
+       "--every=1000"], cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+  p = json.loads(result.stdout)
+  assert set(p) >= {"num_params", "total_steps", "total_tokens", "buckets", "rows"}
+  assert p["num_params"] == 1_557_611_200
+  assert p["total_tokens"] >= 157_286_400_000 > p["rows"][-1]["tokens"]
+  assert p["total_steps"] > 400_000  # SLW's short early steps take more steps to the budget.
+  assert p["buckets"][0]["seqlen"] == 64 and p["buckets"][-1]["seqlen"] == 1024

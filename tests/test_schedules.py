@@ -1,0 +1,109 @@
+"""Learning-rate schedule at its boundaries, the optax optimizer and Adam-nu statistics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from slw_jax import config_lib, pacing, schedules
+
+
+def _lrs(load_config, **overrides):
+  c = config_lib.validate(load_config("tiny", **overrides))
+  s = pacing.run_schedule(c)
+  return c, s, schedules.learning_rates(c, s)
+
+
+def _cosine(c, progress):
+  o = c.optim
+  return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def test_step_warmup_then_token_cosine(load_config):
+  c, s, lr = _lrs(load_config)  # warmup_steps=30, decay_tokens = train_tokens.
+  peak = c.optim.lr
+  assert lr[0] == pytest.approx(peak / 30)
+  assert lr[14] == pytest.approx(peak * 15 / 30)
+  assert lr[29] == pytest.approx(peak)  # Last warmup step reaches the peak.
+  end = pacing.warmup_end(c)
+  assert end.tokens == s.tokens_before[30]
+  assert lr[30] == pytest.approx(peak)  # Decay starts from the peak, by tokens.
+  mid = int(np.searchsorted(s.tokens_before, (end.tokens + c.optim.decay_tokens) / 2))
+  progress = (s.tokens_before[mid] - end.tokens) / (c.optim.decay_tokens - end.tokens)
+  assert lr[mid] == pytest.approx(_cosine(c, progress))
+  assert lr[mid] == pytest.approx((peak + c.optim.min_lr) / 2, rel=0.02)
+  last = s.num_steps - 1
+  assert lr[last] == pytest.approx(_cosine(c, (s.tokens_before[last] - end.tokens) /
+                                           (c.optim.decay_tokens - end.tokens)))
+  assert np.all(np.diff(lr[30:]) <= 0) and np.all(lr[30:] >= c.optim.min_lr)
+
+
+def test_floor_after_decay_tokens(load_config):
+  c, s, lr = _lrs(load_config, optim__decay_tokens=100_000)
+  after = s.tokens_before[:-1] >= 100_000
+  assert after.any()
+  np.testing.assert_allclose(lr[after], c.optim.min_lr)
+
+
+def test_token_warmup(load_config):
+  c, s, lr = _lrs(load_config, optim__warmup_steps=0, optim__warmup_tokens=10_000)
+  through = s.tokens_before[1:]
+  assert lr[0] == pytest.approx(c.optim.lr * through[0] / 10_000)
+  end = pacing.warmup_end(c)
+  assert lr[end.step - 1] == pytest.approx(c.optim.lr)  # The step that crosses 10K tokens.
+  progress = (s.tokens_before[end.step] - 10_000) / (c.optim.decay_tokens - 10_000)
+  assert lr[end.step] == pytest.approx(_cosine(c, progress))
+
+
+def test_step_based_cosine_baseline(load_config):
+  c, s, lr = _lrs(load_config, train_tokens=None, train_steps=200, optim__warmup_steps=10)
+  assert c.optim.decay_steps == 200 and c.optim.decay_tokens is None
+  assert lr[10] == pytest.approx(c.optim.lr)
+  assert lr[105] == pytest.approx(_cosine(c, 95 / 190))
+  assert lr[199] == pytest.approx(_cosine(c, 189 / 190))
+
+
+def test_no_warmup(load_config):
+  c, _, lr = _lrs(load_config, optim__warmup_steps=0)
+  assert lr[0] == pytest.approx(c.optim.lr)
+
+
+def _tiny_params():
+  return {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "b": jnp.array([0.1, -0.2])}
+
+
+def test_optimizer_equals_hand_written_adamw_with_clipping(load_config):
+  c = config_lib.validate(load_config("tiny", optim__clip_norm=1.0))
+  o = c.optim
+  opt = schedules.make_optimizer(o)
+  params = _tiny_params()
+  grads = {"w": jnp.array([[3.0, 0.0], [0.0, 4.0]]), "b": jnp.array([0.0, 0.0])}
+  state = schedules.set_learning_rate(opt.init(params), 0.01)
+  updates, state = opt.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  scale = 1.0 / 5.0  # Global norm 5 clipped to 1.
+  for name, decay in (("w", True), ("b", False)):
+    g = np.asarray(grads[name]) * scale
+    m, v = (1 - o.b1) * g, (1 - o.b2) * g * g
+    step = (m / (1 - o.b1)) / (np.sqrt(v / (1 - o.b2)) + o.eps)
+    if decay:
+      step = step + o.weight_decay * np.asarray(params[name])
+    np.testing.assert_allclose(new[name], np.asarray(params[name]) - 0.01 * step, rtol=1e-5)
+
+
+def test_adam_nu_stats_equal_numpy(load_config):
+  o = config_lib.validate(load_config("tiny")).optim
+  opt = schedules.make_optimizer(o)
+  params = _tiny_params()
+  state = opt.init(params)
+  for scale in (1.0, -3.0):
+    grads = jax.tree.map(lambda p: scale * p + 0.3, params)
+    _, state = opt.update(grads, state, params)
+  nu = optax.tree_utils.tree_get(state, "nu")
+  roots = np.concatenate([np.sqrt(np.asarray(x)).ravel() for x in jax.tree.leaves(nu)])
+  stats = schedules.adam_nu_stats(state)
+  assert float(stats["adam_nu_l1"]) == pytest.approx(roots.sum(), rel=1e-6)
+  assert float(stats["adam_nu_max"]) == pytest.approx(roots.max(), rel=1e-6)
