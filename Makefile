@@ -20,8 +20,9 @@ $(STAMP): requirements.txt requirements-train.txt pyproject.toml
 test: setup
 	$(PY) -m pytest -q tests
 
-# Placeholder until the trainer lands: prints the plan of the tiny run.
+# Until the trainer lands: prepares the default corpus (once) and prints the tiny run's plan.
 train: setup
+	$(PY) -m slw_jax.prepare --config=configs/tiny.py
 	$(PY) -m slw_jax.plan --config=configs/tiny.py --every=25
 
 clean:

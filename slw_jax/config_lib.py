@@ -9,10 +9,15 @@ copy in which defaults that depend on other fields are filled in (`pacing.seqlen
 
 from __future__ import annotations
 
+import os
+
 from ml_collections import config_dict
 
 PACING_KINDS = ("none", "linear", "root", "discrete")
 DTYPES = ("float32", "bfloat16")
+DATA_MODES = ("truncate", "reshape")
+SOURCE_FORMS = "pystdlib, files:GLOB or tfds:NAME:VERSION (e.g. tfds:lm1b:1.1.0)"
+VOCAB_FORMS = "byte or spm:PATH"
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -47,6 +52,19 @@ def base_config() -> config_dict.ConfigDict:
   b.tokens = 0  # Tokens over which the batch size rises linearly to batch_size.
   b.multiple = 1  # Batch sizes are rounded down to a multiple of this (data-parallel size).
   b.allow_with_slw = False  # Permit batch warmup together with sequence length warmup.
+
+  c.data = d = config_dict.ConfigDict()
+  d.source = "pystdlib"  # pystdlib | files:GLOB (.txt/.jsonl) | tfds:NAME:VERSION.
+  d.vocab = "byte"  # byte (seqio.ByteVocabulary) | spm:PATH (a SentencePiece .model file).
+  d.dir = config_dict.placeholder(str)  # Prepared data; default data/<source>_<vocab>.
+  d.val_fraction = 0.01  # Documents held out for validation (pystdlib and files sources).
+  d.text_key = "text"  # Text field of .jsonl lines and TFDS examples.
+  d.tfds_data_dir = config_dict.placeholder(str)  # TFDS data_dir (tfds sources).
+  d.tfds_train_split = "train"  # TFDS split prepared as train.
+  d.tfds_val_split = "validation"  # TFDS split prepared as validation.
+  d.mode = "truncate"  # truncate (the paper) | reshape (split windows: no token dropped).
+  d.prefetch = 2  # Batches prepared ahead by a background thread; 0 = none.
+  d.verify_max_bytes = 2**31  # Checksum token files up to this size at start (size always).
 
   c.optim = o = config_dict.ConfigDict()
   o.lr = 6e-4  # Peak learning rate.
@@ -158,6 +176,44 @@ def _validate_stop(c):
          "must be an integer >= 1")
 
 
+def split_spec(spec: str, simple: str) -> tuple[str, str]:
+  """'files:a/*.txt' -> ('files', 'a/*.txt'); 'pystdlib' -> ('pystdlib', '')."""
+  if spec == simple:
+    return spec, ""
+  kind, _, arg = spec.partition(":")
+  return kind, arg
+
+
+def _slug(text: str) -> str:
+  keep = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+  return "-".join(part for part in keep.split("-") if part)[:60]
+
+
+def default_data_dir(d) -> str:
+  """data/<source>_<vocab>, so preparing another source or vocabulary never overwrites."""
+  source_kind, source_arg = split_spec(d.source, "pystdlib")
+  vocab_kind, vocab_arg = split_spec(d.vocab, "byte")
+  source = _slug(f"{source_kind}-{source_arg}")
+  vocab = _slug(f"{vocab_kind}-{os.path.splitext(os.path.basename(vocab_arg))[0]}")
+  return os.path.join("data", f"{source}_{vocab}")
+
+
+def _validate_data(d, model):
+  kind, arg = split_spec(d.source, "pystdlib")
+  ok = (kind == "pystdlib" or (kind == "files" and arg) or
+        (kind == "tfds" and ":" in arg and all(arg.split(":"))))
+  _check(ok, "data.source", d.source, f"must be {SOURCE_FORMS}")
+  kind, arg = split_spec(d.vocab, "byte")
+  _check(kind == "byte" or (kind == "spm" and arg), "data.vocab", d.vocab,
+         f"must be {VOCAB_FORMS}")
+  _check(d.mode in DATA_MODES, "data.mode", d.mode, f"must be one of {', '.join(DATA_MODES)}")
+  _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+  _check(_is_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", d.prefetch,
+         "must be an integer >= 0 (0 = no background thread)")
+  _check(d.vocab != "byte" or model.vocab_size >= 259, "model.vocab_size", model.vocab_size,
+         "must be >= 259 for the byte vocabulary (256 bytes + pad, eos, unk)")
+
+
 def _validate_optim(c):
   o = c.optim
   _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -185,6 +241,8 @@ def _resolve_defaults(c: config_dict.ConfigDict):
   """Fills in the defaults that depend on other fields (in place, on a copy)."""
   if c.pacing.seqlen_end is None:
     c.pacing.seqlen_end = c.model.max_seqlen
+  if c.data.dir is None:
+    c.data.dir = default_data_dir(c.data)
   if c.optim.decay_tokens is None and c.optim.decay_steps is None:
     if c.train_tokens is not None:
       c.optim.decay_tokens = c.train_tokens
@@ -205,6 +263,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
   _validate_pacing(c.pacing, c.model)
   _validate_batch_warmup(c)
   _validate_optim(c)
+  _validate_data(c.data, c.model)
   # Imported here: pacing reads configs but must not depend on this module at import time.
   from slw_jax import pacing  # pylint: disable=g-import-not-at-top
   pacing.check_warmup_fits_decay(c)

@@ -6,7 +6,7 @@ import sys
 from conftest import REPO
 
 TRAINING_MODULES = ["slw_jax.models", "slw_jax.pacing", "slw_jax.schedules", "slw_jax.plan",
-                    "slw_jax.config_lib", "slw_jax.cli"]
+                    "slw_jax.config_lib", "slw_jax.cli", "slw_jax.input_pipeline"]
 
 
 def test_training_modules_do_not_import_tensorflow():

@@ -1,0 +1,188 @@
+"""Prepare (seqio/TFDS side): sources, splits, vocabularies, idempotence and errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from slw_jax import config_lib
+from slw_jax import input_pipeline as ip
+from slw_jax import prepare
+
+DOCS = {"a.txt": "def alpha():\n    return 1\n", "b.txt": "héllo wörld ✓\n" * 20,
+        "c.txt": "class C:\n\tpass\n" * 30, "empty.txt": ""}
+JSONL = [{"text": f"document number {i}: " + "x" * (i * 7)} for i in range(40)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  for name, text in DOCS.items():
+    (folder / name).write_text(text, encoding="utf-8")
+  with open(folder / "d.jsonl", "w") as f:
+    for record in JSONL:
+      f.write(json.dumps(record) + "\n")
+  return folder
+
+
+def _config(load_config, tmp_path, **overrides):
+  overrides.setdefault("data__dir", str(tmp_path / "prepared"))
+  return config_lib.validate(load_config("tiny", **overrides))
+
+
+def _decode_bytes(ids):
+  """ByteVocabulary ids (byte + 3; eos 1 ends each document) -> document texts."""
+  ids = np.asarray(ids, np.int64)
+  ends = np.nonzero(ids == 1)[0]
+  assert len(ends) and ends[-1] == len(ids) - 1
+  starts = np.concatenate([[0], ends[:-1] + 1])
+  return [bytes((ids[s:e] - 3).tolist()).decode("utf-8") for s, e in zip(starts, ends)]
+
+
+def test_files_source_splits_and_contents(load_config, tmp_path, corpus):
+  c = _config(load_config, tmp_path, data__source=f"files:{corpus}/*", data__val_fraction=0.2)
+  meta = prepare.prepare(c, log=lambda *_: None)
+  texts = {s: _decode_bytes(np.fromfile(tmp_path / "prepared" / f"{s}.bin", np.uint16).astype(
+      np.int64)) for s in ip.SPLITS}
+  expected = [t for n, t in sorted(DOCS.items()) if t] + [r["text"] for r in JSONL]
+  assert sorted(texts["train"] + texts["validation"]) == sorted(expected)
+  assert not set(texts["train"]) & set(texts["validation"])  # No document in both.
+  assert texts["validation"]  # 20% of 43 documents.
+  for split in ip.SPLITS:
+    info = meta["splits"][split]
+    assert info["documents"] == len(texts[split])
+    assert info["tokens"] == os.path.getsize(tmp_path / "prepared" / info["file"]) // 2
+  assert meta["vocab_size"] == 259 and meta["eos_id"] == 1 and meta["dtype"] == "uint16"
+
+
+def test_prepare_is_idempotent_and_byte_identical(load_config, tmp_path, corpus):
+  c = _config(load_config, tmp_path, data__source=f"files:{corpus}/*", data__val_fraction=0.2)
+  prepare.prepare(c, log=lambda *_: None)
+  first = {f: (tmp_path / "prepared" / f).read_bytes() for f in os.listdir(tmp_path / "prepared")}
+  logged = []
+  prepare.prepare(c, log=logged.append)
+  assert "already prepared" in logged[0]
+  prepare.prepare(c, force=True, log=lambda *_: None)
+  second = {f: (tmp_path / "prepared" / f).read_bytes() for f in os.listdir(tmp_path / "prepared")}
+  assert first == second
+  changed = _config(load_config, tmp_path, data__source=f"files:{corpus}/*",
+                    data__val_fraction=0.3)
+  with pytest.raises(ip.CorpusError, match="val_fraction=0.2, not 0.3"):
+    prepare.prepare(changed, log=lambda *_: None)
+
+
+def test_default_corpus_is_the_stdlib_and_prepares_identically(load_config, tmp_path):
+  files = prepare.stdlib_files()
+  assert len(files) > 300 and not any(f"{os.sep}test{os.sep}" in f for f in files)
+  assert not any("site-packages" in f for f in files)
+  c = _config(load_config, tmp_path)
+  meta = prepare.prepare(c, log=lambda *_: None)
+  assert meta["source"] == "pystdlib" and meta["splits"]["train"]["tokens"] > 5_000_000
+  again = _config(load_config, tmp_path, data__dir=str(tmp_path / "again"))
+  assert prepare.prepare(again, log=lambda *_: None)["splits"] == meta["splits"]
+  loader, validation = ip.open_training_data(c, log=lambda *_: None)  # Checksums verified.
+  batch = loader.next_batch(16, 64)
+  assert batch.inputs.shape == (16, 64) and batch.inputs.max() < 259
+  assert validation.num_windows > 16
+
+
+def test_ensure_prepared_prepares_a_missing_directory(load_config, tmp_path, corpus):
+  c = _config(load_config, tmp_path, data__source=f"files:{corpus}/*", data__val_fraction=0.2,
+              pacing__seqlen_end=16, pacing__seqlen_start=8, batch_size=4)
+  loader, _ = ip.open_training_data(c, log=lambda *_: None)
+  assert os.path.isfile(tmp_path / "prepared" / ip.METADATA)
+  assert loader.next_batch(4, 8).inputs.shape == (4, 8)
+
+
+def test_sentencepiece_training_and_round_trip(load_config, tmp_path, corpus):
+  import seqio
+  c = _config(load_config, tmp_path, data__source=f"files:{corpus}/*", data__val_fraction=0.2)
+  path = prepare.train_sentencepiece(c.data, str(tmp_path / "spm" / "tiny.model"), 300,
+                                     log=lambda *_: None)
+  vocab = seqio.SentencePieceVocabulary(path)
+  assert vocab.vocab_size == 300 and vocab.eos_id == 1 and vocab.pad_id == 0
+  text = "def alpha():\n\treturn 'héllo ✓ 日本'  \n\n  # trailing spaces  "
+  assert vocab.decode(vocab.encode(text)) == text
+  byte_vocab = seqio.ByteVocabulary()
+  assert byte_vocab.decode(byte_vocab.encode(text)) == text
+  spm_cfg = _config(load_config, tmp_path, data__source=f"files:{corpus}/*",
+                    data__val_fraction=0.2, data__vocab=f"spm:{path}",
+                    data__dir=str(tmp_path / "spm_data"), model__vocab_size=300)
+  meta = prepare.prepare(spm_cfg, log=lambda *_: None)
+  assert meta["vocab_size"] == 300 and meta["vocab_sha256"]
+  too_small = _config(load_config, tmp_path, data__vocab=f"spm:{path}",
+                      data__dir=str(tmp_path / "spm_data"), data__source=f"files:{corpus}/*",
+                      data__val_fraction=0.2, model__vocab_size=280)
+  with pytest.raises(ip.CorpusError, match="config.model.vocab_size=280 is too small"):
+    ip.open_training_data(too_small, log=lambda *_: None)
+
+
+def test_source_errors(load_config, tmp_path, corpus):
+  quiet = lambda *_: None  # noqa: E731
+  nothing = _config(load_config, tmp_path, data__source=f"files:{tmp_path}/none/*.txt")
+  with pytest.raises(ip.CorpusError, match="matches no .txt or .jsonl file"):
+    prepare.prepare(nothing, log=quiet)
+  only_empty = _config(load_config, tmp_path, data__source=f"files:{corpus}/empty.txt")
+  with pytest.raises(ip.CorpusError, match="has no text"):
+    prepare.prepare(only_empty, log=quiet)
+  (corpus / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+  bad = _config(load_config, tmp_path, data__source=f"files:{corpus}/bad.jsonl")
+  with pytest.raises(ip.CorpusError, match=r"bad.jsonl:2 has no string field"):
+    prepare.prepare(bad, log=quiet)
+  missing_spm = _config(load_config, tmp_path, data__source=f"files:{corpus}/*.txt",
+                        data__vocab="spm:/no/such.model")
+  with pytest.raises(ip.CorpusError, match="no SentencePiece model at /no/such.model"):
+    prepare.prepare(missing_spm, log=quiet)
+  assert not (tmp_path / "prepared").exists()  # Nothing half-written.
+
+
+def test_corpus_too_small_for_windows_or_batch(load_config, tmp_path):
+  quiet = lambda *_: None  # noqa: E731
+  small = tmp_path / "small"
+  small.mkdir()
+  for i in range(20):
+    (small / f"{i}.txt").write_text(f"doc {i:04d}\n")
+  tiny_corpus = dict(data__source=f"files:{small}/*.txt", data__val_fraction=0.5)
+  with pytest.raises(ip.CorpusError, match=r"split has \d+ tokens: too few for one window"):
+    ip.open_training_data(_config(load_config, tmp_path, **tiny_corpus), log=quiet)
+  big_batch = _config(load_config, tmp_path, pacing__seqlen_end=8, pacing__seqlen_start=8,
+                      batch_size=4096, **tiny_corpus)
+  with pytest.raises(ip.CorpusError, match="smaller than one global batch of 4096"):
+    ip.open_training_data(big_batch, log=quiet)
+
+
+def test_split_does_not_depend_on_where_the_corpus_lives(load_config, tmp_path, corpus):
+  moved = tmp_path / "elsewhere" / "deeper"
+  moved.parent.mkdir()
+  os.rename(corpus, moved)
+  here = _config(load_config, tmp_path, data__source=f"files:{moved}/*", data__val_fraction=0.2)
+  names = [n for n, _ in prepare._named_documents(here.data)]
+  assert names[:3] == ["a.txt", "b.txt", "c.txt"] and "d.jsonl:1" in names
+
+
+def test_tfds_source_through_seqio(load_config, tmp_path):
+  import tensorflow_datasets as tfds
+  c = _config(load_config, tmp_path, data__source="tfds:lm1b:1.1.0", data__tfds_val_split="test")
+  with tfds.testing.mock_data(num_examples=30):  # Random examples in lm1b's schema, offline.
+    meta = prepare.prepare(c, log=lambda *_: None)
+  assert meta["splits"]["train"]["documents"] == 30
+  assert meta["splits"]["validation"]["documents"] == 30
+  assert meta["tfds_val_split"] == "test"
+  tokens = np.fromfile(tmp_path / "prepared" / "train.bin", np.uint16)
+  assert (tokens == 1).sum() == 30  # One end-of-document id per example.
+
+
+def test_cli_reports_a_bad_source_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  from conftest import REPO
+  result = subprocess.run(
+      [sys.executable, "-m", "slw_jax.prepare", "--config=configs/tiny.py",
+       f"--config.data.source=files:{tmp_path}/none/*.txt", f"--config.data.dir={tmp_path}/d"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "matches no .txt or .jsonl file" in errors[0]
+  assert "Traceback" not in result.stderr
