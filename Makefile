@@ -20,10 +20,10 @@ $(STAMP): requirements.txt requirements-train.txt pyproject.toml
 test: setup
 	$(PY) -m pytest -q tests
 
-# Until the trainer lands: prepares the default corpus (once) and prints the tiny run's plan.
+# Trains the tiny config on the default corpus (prepared on first use); resumes if interrupted.
+RUN ?= runs/tiny
 train: setup
-	$(PY) -m slw_jax.prepare --config=configs/tiny.py
-	$(PY) -m slw_jax.plan --config=configs/tiny.py --every=25
+	$(PY) -m slw_jax.main --config=configs/tiny.py --workdir=$(RUN)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,6 +16,7 @@ from ml_collections import config_dict
 PACING_KINDS = ("none", "linear", "root", "discrete")
 DTYPES = ("float32", "bfloat16")
 DATA_MODES = ("truncate", "reshape")
+MONITOR_ACTIONS = ("log", "skip", "rollback")
 SOURCE_FORMS = "pystdlib, files:GLOB or tfds:NAME:VERSION (e.g. tfds:lm1b:1.1.0)"
 VOCAB_FORMS = "byte or spm:PATH"
 
@@ -65,6 +66,36 @@ def base_config() -> config_dict.ConfigDict:
   d.mode = "truncate"  # truncate (the paper) | reshape (split windows: no token dropped).
   d.prefetch = 2  # Batches prepared ahead by a background thread; 0 = none.
   d.verify_max_bytes = 2**31  # Checksum token files up to this size at start (size always).
+
+  c.eval = e = config_dict.ConfigDict()
+  e.every_steps = 500  # Validation loss at full length every this many steps (and at the end).
+  e.batches = 8  # Validation batches per evaluation.
+  e.batch_size = config_dict.placeholder(int)  # Default: batch_size.
+
+  c.checkpoint = k = config_dict.ConfigDict()
+  k.every_steps = 1000  # Save every this many steps (and at the end, and on SIGTERM/SIGINT).
+  k.keep = 3  # Checkpoints kept (older ones are deleted).
+  k.async_save = True  # Save in the background while training continues.
+
+  c.monitor = mon = config_dict.ConfigDict()
+  mon.ratio_threshold = 1.2  # A step with loss / min previous loss above this is "unstable".
+  mon.action = "log"  # log | skip (drop bad updates in the step) | rollback (restore, skip data).
+  mon.skip_ratio = 2.0  # A bad step: non-finite loss or loss ratio above this (skip, rollback).
+  mon.max_rollbacks = 3  # Rollbacks allowed before the run stops with an error.
+  mon.spike_window = 100  # Steps in the rolling median that adam_nu_max spikes are measured against.
+  mon.spike_factor = 2.0  # adam_nu_max above this times its rolling median counts as a spike.
+
+  c.compile = cc = config_dict.ConfigDict()
+  cc.background = True  # Compile upcoming buckets in a background thread while training.
+  cc.ahead = 2  # How many upcoming buckets to compile ahead.
+  cc.cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache; "" = off.
+
+  c.log = lg = config_dict.ConfigDict()
+  lg.every_steps = 1  # metrics.jsonl / TensorBoard row every this many steps.
+  lg.print_every_steps = 10  # Plain log line every this many steps when not on a terminal.
+
+  c.hardware = h = config_dict.ConfigDict()
+  h.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0 = known default or measured (CPU).
 
   c.optim = o = config_dict.ConfigDict()
   o.lr = 6e-4  # Peak learning rate.
@@ -214,6 +245,30 @@ def _validate_data(d, model):
          "must be >= 259 for the byte vocabulary (256 bytes + pad, eos, unk)")
 
 
+def _validate_runtime(c):
+  for name in ("eval.every_steps", "eval.batches", "checkpoint.every_steps", "checkpoint.keep",
+               "log.every_steps", "log.print_every_steps", "monitor.spike_window",
+               "monitor.max_rollbacks"):
+    group, field = name.split(".")
+    value = c[group][field]
+    _check(_is_int(value) and value >= (0 if field == "max_rollbacks" else 1), name, value,
+           "must be an integer >= 1" if field != "max_rollbacks" else "must be an integer >= 0")
+  _check(c.eval.batch_size is None or (_is_int(c.eval.batch_size) and c.eval.batch_size >= 1),
+         "eval.batch_size", c.eval.batch_size, "must be an integer >= 1, or unset")
+  m = c.monitor
+  _check(m.action in MONITOR_ACTIONS, "monitor.action", m.action,
+         f"must be one of {', '.join(MONITOR_ACTIONS)}")
+  _check(m.ratio_threshold > 1, "monitor.ratio_threshold", m.ratio_threshold, "must be > 1")
+  _check(m.skip_ratio > 1, "monitor.skip_ratio", m.skip_ratio, "must be > 1")
+  _check(m.spike_factor > 1, "monitor.spike_factor", m.spike_factor, "must be > 1")
+  _check(_is_int(c.compile.ahead) and c.compile.ahead >= 0, "compile.ahead", c.compile.ahead,
+         "must be an integer >= 0")
+  _check(c.hardware.peak_flops >= 0, "hardware.peak_flops", c.hardware.peak_flops,
+         "must be >= 0 (0 = known default or measured)")
+  _check(m.action != "rollback" or c.checkpoint.keep >= 2, "checkpoint.keep", c.checkpoint.keep,
+         "must be >= 2 with monitor.action='rollback' (a checkpoint older than the spike)")
+
+
 def _validate_optim(c):
   o = c.optim
   _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -243,6 +298,10 @@ def _resolve_defaults(c: config_dict.ConfigDict):
     c.pacing.seqlen_end = c.model.max_seqlen
   if c.data.dir is None:
     c.data.dir = default_data_dir(c.data)
+  if c.eval.batch_size is None:
+    c.eval.batch_size = c.batch_size
+  if c.compile.cache_dir is None:
+    c.compile.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "slw_jax", "xla")
   if c.optim.decay_tokens is None and c.optim.decay_steps is None:
     if c.train_tokens is not None:
       c.optim.decay_tokens = c.train_tokens
@@ -264,6 +323,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
   _validate_batch_warmup(c)
   _validate_optim(c)
   _validate_data(c.data, c.model)
+  _validate_runtime(c)
   # Imported here: pacing reads configs but must not depend on this module at import time.
   from slw_jax import pacing  # pylint: disable=g-import-not-at-top
   pacing.check_warmup_fits_decay(c)

@@ -120,11 +120,12 @@ class Block(nnx.Module):
     self.attn = CausalSelfAttention(cfg, rngs)
     self.ln_2 = LayerNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x_bld, deterministic: bool):
-    x_bld = x_bld + self.dropout(self.attn(self.ln_1(x_bld)), deterministic=deterministic)
-    return x_bld + self.dropout(self.mlp(self.ln_2(x_bld)), deterministic=deterministic)
+  def __call__(self, x_bld, deterministic: bool, rngs: nnx.Rngs | None):
+    drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)  # noqa: E731
+    x_bld = x_bld + drop(self.attn(self.ln_1(x_bld)))
+    return x_bld + drop(self.mlp(self.ln_2(x_bld)))
 
 
 class GPT(nnx.Module):
@@ -136,20 +137,24 @@ class GPT(nnx.Module):
       self.cfg = cfg
       self.wte_vd = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), 0.02)
       self.wpe_ld = _param(rngs, (cfg.max_seqlen, cfg.d_model), (None, "embed"), 0.02)
-      self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+      self.drop = nnx.Dropout(cfg.dropout)  # Dropout keys come with each call (pure steps).
       self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
       self.ln_f = LayerNorm(cfg, rngs)
 
-  def __call__(self, tokens_bl, *, deterministic: bool = True):
+  def __call__(self, tokens_bl, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """Logits; with `deterministic=False` dropout draws from `rngs` (stream 'dropout')."""
     cfg = self.cfg
     seqlen = tokens_bl.shape[1]
     if seqlen > cfg.max_seqlen:
       raise ValueError(f"sequence length {seqlen} exceeds model.max_seqlen={cfg.max_seqlen}")
     wte_vd = self.wte_vd[...]
-    x_bld = (wte_vd[tokens_bl] + self.wpe_ld[:seqlen]).astype(cfg.compute_dtype)
-    x_bld = self.drop(x_bld, deterministic=deterministic)
+    # take() fills NaN for ids outside the table (plain indexing would clamp them silently):
+    # corrupt data then shows up as a non-finite loss that the stability monitor acts on.
+    x_bld = jnp.take(wte_vd, tokens_bl, axis=0) + self.wpe_ld[:seqlen]
+    x_bld = x_bld.astype(cfg.compute_dtype)
+    x_bld = self.drop(x_bld, deterministic=deterministic, rngs=rngs)
     for block in self.blocks:
-      x_bld = block(x_bld, deterministic)
+      x_bld = block(x_bld, deterministic, rngs)
     x_bld = self.ln_f(x_bld)
     logits_blv = jnp.einsum("bld,vd->blv", x_bld, wte_vd.astype(cfg.compute_dtype))
     return logits_blv[..., :cfg.vocab_size]  # Padded vocabulary rows never score.

@@ -24,7 +24,7 @@ def test_every_config_loads_validates_and_builds(path):
 BAD = [
     (dict(pacing__seqlen_start=300), "config.pacing.seqlen_start=300"),
     (dict(pacing__seqlen_end=512), "config.pacing.seqlen_end=512"),
-    (dict(pacing__seqlen_end=252), "multiple of pacing.multiple=8"),
+    (dict(pacing__seqlen_end=252), "multiple of pacing.multiple=32"),
     (dict(pacing__multiple=48), "config.pacing.seqlen_end=256"),
     (dict(pacing__duration_steps=0), "config.pacing.duration_steps=0"),
     (dict(pacing__kind="cubic"), "config.pacing.kind='cubic'"),

@@ -17,7 +17,7 @@ def build(cfg, seed=0):
 
 @nnx.jit(static_argnames="deterministic")
 def forward(model, tokens, deterministic=True):
-  return model(tokens, deterministic=deterministic)
+  return model(tokens, deterministic=deterministic, rngs=nnx.Rngs(dropout=7))
 
 
 PUBLISHED = {"gpt2_117m": 124_439_808, "gpt2_1p5b": 1_557_611_200, "gpt3_125m": 125_226_240}

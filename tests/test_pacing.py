@@ -25,6 +25,7 @@ def deepspeed_difficulty(t, kind, start, end, total, step, degree=1.0, stages=No
 
 
 def _pacing(load_config, **overrides):
+  overrides.setdefault("pacing__multiple", 8)  # The paper's rounding (tiny.py uses 32 on CPU).
   return config_lib.validate(load_config("tiny", **overrides))
 
 

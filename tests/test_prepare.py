@@ -29,6 +29,7 @@ def corpus(tmp_path):
 
 def _config(load_config, tmp_path, **overrides):
   overrides.setdefault("data__dir", str(tmp_path / "prepared"))
+  overrides.setdefault("pacing__multiple", 8)
   return config_lib.validate(load_config("tiny", **overrides))
 
 

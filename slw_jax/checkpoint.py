@@ -1,0 +1,58 @@
+"""Checkpoints with orbax: train state (arrays) plus a JSON record (position in the run).
+
+A checkpoint at step k holds the state after k updates, and `meta`: the step, tokens consumed,
+the loader state, the monitor state and the config it was written under. Saves are
+asynchronous (training continues while orbax writes) and atomic (orbax writes to a temporary
+directory and renames it), so a run killed at any moment resumes from the last complete one.
+This module saves and restores; when to do so is the trainer's decision.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+
+  def __init__(self, directory: str, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, meta: dict):
+    """Starts saving (returns at once when asynchronous); a step already saved is skipped."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int, abstract_state):
+    """(state, meta) of a saved step, laid out like `abstract_state` (shapes and shardings)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def wait(self):
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(state):
+  """ShapeDtypeStructs (with shardings) of a concrete state, as restore targets."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      state)

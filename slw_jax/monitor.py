@@ -1,0 +1,140 @@
+"""Stability monitor: loss ratio, Adam-variance spikes, the paper's correlations, actions.
+
+Loss ratio = this step's training loss / min over all previous steps' losses (the paper's
+Table 1). The monitor counts steps above `monitor.ratio_threshold`, keeps the max ratio, counts
+spikes of `adam_nu_max` above `spike_factor` x its rolling median, and accumulates the sums
+for the Pearson correlation of the loss ratio with `adam_nu_l1` and `adam_nu_max` (Table 3).
+Its state is small (no per-step history beyond the rolling window) and is checkpointed.
+
+It decides, but does not act: `observe` returns "rollback" when a bad step is seen under
+`monitor.action=rollback`; the trainer restores and skips data. `skip` happens inside the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+_PAIRS = ("adam_nu_l1", "adam_nu_max")
+
+
+class StabilityMonitor:
+
+  def __init__(self, m, state: dict | None = None):
+    self.cfg = m
+    self.steps = 0
+    self.unstable_steps = 0
+    self.skipped_steps = 0
+    self.bad_steps = 0
+    self.nu_spikes = 0
+    self.rollbacks = 0
+    self.max_ratio = 0.0
+    self.recent_nu_max: collections.deque = collections.deque(maxlen=m.spike_window)
+    # Running sums for Pearson r of loss_ratio (x) against each nu statistic (y).
+    self.sums = {k: {"n": 0, "x": 0.0, "y": 0.0, "xx": 0.0, "yy": 0.0, "xy": 0.0} for k in _PAIRS}
+    self.events: list[dict] = []
+    if state:
+      self.load_state(state)
+
+  def observe(self, step: int, metrics: dict) -> str | None:
+    """Takes one step's metrics; returns "rollback" when the trainer must roll back."""
+    self.steps += 1
+    ratio, loss = float(metrics["loss_ratio"]), float(metrics["loss"])
+    finite = math.isfinite(loss)
+    if finite and math.isfinite(ratio):
+      self.max_ratio = max(self.max_ratio, ratio)
+      self.unstable_steps += ratio > self.cfg.ratio_threshold
+      self._accumulate(ratio, metrics)
+    self._check_nu_spike(step, float(metrics["adam_nu_max"]))
+    bad = not finite or ratio > self.cfg.skip_ratio
+    if not bad:
+      return None
+    self.bad_steps += 1
+    values = {"loss": loss, "loss_ratio": ratio}
+    if bool(metrics.get("skipped", False)):
+      self.skipped_steps += 1
+      self.event(step, "skip", **values)
+      return None
+    if self.cfg.action == "rollback":
+      return "rollback"
+    self.event(step, "unstable", **values)
+    return None
+
+  def _accumulate(self, ratio: float, metrics: dict):
+    if ratio == 0.0:  # The first step has no previous loss: no ratio to correlate.
+      return
+    for key in _PAIRS:
+      y = float(metrics[key])
+      if not math.isfinite(y):
+        continue
+      s = self.sums[key]
+      s["n"] += 1
+      s["x"] += ratio
+      s["y"] += y
+      s["xx"] += ratio * ratio
+      s["yy"] += y * y
+      s["xy"] += ratio * y
+
+  def _check_nu_spike(self, step: int, nu_max: float):
+    window = self.recent_nu_max
+    if len(window) >= min(10, window.maxlen):
+      median = float(np.median(window))
+      if median > 0 and nu_max > self.cfg.spike_factor * median:
+        self.nu_spikes += 1
+        self.event(step, "nu_spike", adam_nu_max=nu_max, rolling_median=median)
+    if math.isfinite(nu_max):
+      window.append(nu_max)
+
+  def event(self, step: int, kind: str, **values):
+    """Records an action or observation; the trainer writes these to events.jsonl."""
+    self.events.append({"step": int(step), "event": kind, **values})
+
+  def pop_events(self) -> list[dict]:
+    events, self.events = self.events, []
+    return events
+
+  def pearson(self, key: str) -> dict:
+    """Pearson r and two-sided p-value of loss ratio vs `key` over the steps seen so far."""
+    s = self.sums[key]
+    n = s["n"]
+    if n < 3:
+      return {"r": None, "p": None, "n": n}
+    cov = s["xy"] - s["x"] * s["y"] / n
+    var_x, var_y = s["xx"] - s["x"] ** 2 / n, s["yy"] - s["y"] ** 2 / n
+    if var_x <= 0 or var_y <= 0:
+      return {"r": None, "p": None, "n": n}
+    r = max(-1.0, min(1.0, cov / math.sqrt(var_x * var_y)))
+    if abs(r) == 1.0:
+      return {"r": r, "p": 0.0, "n": n}
+    t = r * math.sqrt((n - 2) / (1 - r * r))
+    return {"r": r, "p": float(2 * scipy_stats.t.sf(abs(t), n - 2)), "n": n}
+
+  def summary(self) -> dict:
+    return {
+        "steps": self.steps, "ratio_threshold": self.cfg.ratio_threshold,
+        "unstable_steps": self.unstable_steps,
+        "unstable_fraction": self.unstable_steps / self.steps if self.steps else 0.0,
+        "max_loss_ratio": self.max_ratio, "bad_steps": self.bad_steps,
+        "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+        "adam_nu_max_spikes": self.nu_spikes,
+        "pearson_loss_ratio_vs_adam_nu_l1": self.pearson("adam_nu_l1"),
+        "pearson_loss_ratio_vs_adam_nu_max": self.pearson("adam_nu_max"),
+    }
+
+  def state(self) -> dict:
+    """JSON-ready state for checkpoints."""
+    keys = ("steps", "unstable_steps", "skipped_steps", "bad_steps", "nu_spikes", "rollbacks",
+            "max_ratio")
+    return {**{k: getattr(self, k) for k in keys}, "recent_nu_max": list(self.recent_nu_max),
+            "sums": self.sums}
+
+  def load_state(self, state: dict):
+    for key in ("steps", "unstable_steps", "skipped_steps", "bad_steps", "nu_spikes",
+                "rollbacks", "max_ratio"):
+      setattr(self, key, state[key])
+    self.recent_nu_max.clear()
+    self.recent_nu_max.extend(state["recent_nu_max"])
+    self.sums = {k: dict(v) for k, v in state["sums"].items()}

@@ -1,0 +1,142 @@
+"""Run outputs: metrics.jsonl, eval rows, events.jsonl, TensorBoard, progress bar or log lines.
+
+Every file is appended line by line and flushed, so a killed run keeps everything it logged.
+Only the primary process (process 0) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+STEP_KEYS = ("step", "tokens", "seqlen", "batch_size", "lr", "loss", "loss_ratio", "grad_norm",
+             "adam_nu_l1", "adam_nu_max", "step_time_s", "tokens_per_s", "mfu")
+
+
+def _json_value(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf: "nan", "inf".
+  return value
+
+
+def _write_jsonl(f, row: dict):
+  f.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+  f.flush()
+
+
+def truncate_jsonl(path: str, before_step: int):
+  """Drops rows with step >= before_step (a resumed run redoes them identically)."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", -1) < before_step:
+        kept.append(line)
+    except json.JSONDecodeError:
+      continue  # A line cut off by a kill.
+  with open(path, "w") as f:
+    f.writelines(kept)
+
+
+class RunLog:
+  """Writes a run's metrics, evaluations and events; shows progress."""
+
+  def __init__(self, workdir: str, total_steps: int, total_tokens: int, start_step: int,
+               start_tokens: int, print_every: int, primary: bool = True):
+    self.primary, self.print_every = primary, print_every
+    self.total_steps, self.total_tokens = total_steps, total_tokens
+    self.started = time.time()
+    self.start_tokens = start_tokens
+    if not primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("metrics", "events")}
+    truncate_jsonl(paths["metrics"], start_step)
+    self.metrics = open(paths["metrics"], "a")
+    self.events_file = open(paths["events"], "a")
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+    self.bar = None
+    if sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total_tokens, initial=start_tokens, unit="tok", unit_scale=True,
+                      dynamic_ncols=True)
+
+  def info(self, message: str):
+    if not self.primary:
+      return
+    if self.bar is not None:
+      self.bar.write(message)
+    else:
+      print(message, flush=True)
+
+  def step(self, row: dict, tokens_done: int):
+    if not self.primary:
+      return
+    _write_jsonl(self.metrics, row)
+    for key in STEP_KEYS[2:]:
+      if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]):
+        self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+    if self.bar is not None:
+      self.bar.update(tokens_done - self.bar.n)
+      self.bar.set_postfix(seqlen=row["seqlen"], loss=f"{row['loss']:.4f}", refresh=False)
+    elif row["step"] % self.print_every == 0 or row["step"] == self.total_steps - 1:
+      self.info(self._line(row, tokens_done))
+
+  def _line(self, row: dict, tokens_done: int) -> str:
+    elapsed = time.time() - self.started
+    rate = (tokens_done - self.start_tokens) / elapsed if elapsed > 0 else 0.0
+    eta = (self.total_tokens - tokens_done) / rate if rate > 0 else float("inf")
+    return (f"step {row['step']}/{self.total_steps} tokens {tokens_done:,}/{self.total_tokens:,} "
+            f"({tokens_done / self.total_tokens:.0%}) seqlen {row['seqlen']} "
+            f"loss {row['loss']:.4f} ratio {row['loss_ratio']:.3f} lr {row['lr']:.3g} "
+            f"{row['tokens_per_s']:,.0f} tok/s eta {_duration(eta)}")
+
+  def eval(self, row: dict):
+    if not self.primary:
+      return
+    _write_jsonl(self.metrics, row)
+    self.tb.add_scalar("eval/val_loss", row["val_loss"], row["step"])
+    self.tb.add_scalar("eval/val_ppl", row["val_ppl"], row["step"])
+    self.info(f"eval step {row['step']} tokens {row['tokens']:,}: val_loss {row['val_loss']:.4f} "
+              f"val_ppl {row['val_ppl']:.2f}")
+
+  def events(self, events: list[dict]):
+    if not self.primary:
+      return
+    for event in events:
+      _write_jsonl(self.events_file, event)
+      details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in event.items() if k not in ("step", "event"))
+      self.info(f"event {event['event']} at step {event['step']}: {details}")
+
+  def close(self):
+    if not self.primary:
+      return
+    if self.bar is not None:
+      self.bar.close()
+    self.tb.close()
+    self.metrics.close()
+    self.events_file.close()
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def write_json(path: str, data: dict):
+  """Writes atomically (temp file + rename): a reader never sees half a summary."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1, default=_json_value)
+  os.replace(tmp, path)

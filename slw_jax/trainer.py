@@ -1,0 +1,291 @@
+"""The training loop: wires pacing, data, the bucketed step, the monitor and checkpoints.
+
+Step t trains on `schedule.seqlen[t] x schedule.batch_size[t]` tokens at `lrs[t]`; everything
+a step depends on is a function of (config, t, checkpointed state), so a resumed run continues
+exactly. Metrics of step t are read while step t + 1 runs (one step in flight), so the loop
+never waits on the device just to log.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from slw_jax import (checkpoint, hardware, input_pipeline, models, monitor, pacing, reporting,
+                     schedules, train_step)
+
+
+class StopTraining(RuntimeError):
+  """The run cannot continue (e.g. too many rollbacks); checkpoints are kept."""
+
+
+class Trainer:
+  """One run in `workdir`. `run()` trains to the end (or to a stop signal)."""
+
+  def __init__(self, c, workdir: str):
+    self.c, self.workdir = c, workdir
+    self.schedule = pacing.run_schedule(c)
+    self.lrs = schedules.learning_rates(c, self.schedule)
+    self.primary = jax.process_index() == 0
+    self.loader, self.val_index = input_pipeline.open_training_data(
+        c, jax.process_index(), jax.process_count(), log=self._print)
+    hardware.enable_compilation_cache(c.compile.cache_dir)
+    self.optimizer = schedules.make_optimizer(c.optim)
+    self.graphdef, _ = train_step.build_model(c)
+    self.init_fn = jax.jit(train_step.make_init_fn(c, self.optimizer))
+    self.state_spec = jax.eval_shape(self.init_fn)
+    self.steps = train_step.BucketedStep(
+        train_step.make_train_step(c, self.graphdef, self.optimizer, c.monitor.action == "skip"),
+        self.state_spec, background=c.compile.background)
+    self.eval_fn = jax.jit(train_step.make_eval_step(self.graphdef))
+    self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                              c.checkpoint.keep, c.checkpoint.async_save)
+    self.monitor = monitor.StabilityMonitor(c.monitor)
+    self.model_cfg = models.GPTConfig.from_config(c.model)
+    self.num_params = models.num_params(self.model_cfg)
+    self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
+    self.stop_signal = None
+    self.state, self.step = None, 0
+
+  def _print(self, message: str):
+    if self.primary:
+      print(message, flush=True)
+
+  # ----- setup -------------------------------------------------------------------------------
+
+  def check_memory(self):
+    """Compiles the largest bucket first and stops if it cannot fit in device memory."""
+    largest = max(self.schedule.buckets(), key=lambda b: b.batch_size * b.seqlen)
+    shape = (largest.batch_size, largest.seqlen)
+    self.steps.get(shape)
+    need = self.steps.stats[shape].memory_bytes
+    limit = hardware.device_memory_limit()
+    if limit and need > limit:
+      raise StopTraining(
+          f"the largest bucket (batch {shape[0]} x seqlen {shape[1]}) needs {need / 2**30:.2f} "
+          f"GiB per device but the device has {limit / 2**30:.2f} GiB: lower batch_size, use "
+          "bfloat16 (model.dtype) or more devices")
+    where = f"of {limit / 2**30:.2f} GiB" if limit else "(no device memory limit reported)"
+    self._print(f"largest bucket {shape[0]}x{shape[1]} needs {need / 2**30:.3f} GiB {where}")
+
+  def restore_or_init(self):
+    latest = self.checkpoints.latest_step()
+    if latest is None:
+      self.state, self.step = self.init_fn(), 0
+      self.save()  # A step-0 checkpoint: rollback always has a state older than any spike.
+      return
+    self.state, meta = self.checkpoints.restore(latest, self.state_spec)
+    if meta["config"]["model"] != self.c.model.to_dict():
+      raise StopTraining(f"{self.workdir} holds a run of another model ({meta['config']['model']}):"
+                         " use a new --workdir or the same model config")
+    self.loader.restore(meta["loader"])
+    self.monitor.load_state(meta["monitor"])
+    self.step = latest
+    self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
+
+  def save(self):
+    meta = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),
+            "loader": self.loader.state(), "monitor": self.monitor.state(),
+            "config": self.c.to_dict()}
+    self.checkpoints.save(self.step, self.state, meta)
+
+  # ----- the loop ----------------------------------------------------------------------------
+
+  def _shape(self, step: int) -> tuple[int, int]:
+    return int(self.schedule.batch_size[step]), int(self.schedule.seqlen[step])
+
+  def _batches(self):
+    shapes = (self._shape(t) for t in range(self.step, self.schedule.num_steps))
+    return self.loader.prefetch(shapes, self.c.data.prefetch)
+
+  def _upcoming_buckets(self, step: int) -> list[tuple[int, int]]:
+    """The current bucket and the next `compile.ahead` distinct ones after it."""
+    upcoming = []
+    for bucket in self.schedule.buckets():
+      if bucket.first_step + bucket.num_steps > step:
+        upcoming.append((bucket.batch_size, bucket.seqlen))
+      if len(upcoming) > self.c.compile.ahead:
+        break
+    return upcoming
+
+  def run(self) -> dict:
+    self.check_memory()
+    self.restore_or_init()
+    self.log = reporting.RunLog(self.workdir, self.schedule.num_steps, self.schedule.total_tokens,
+                                self.step, int(self.schedule.tokens_before[self.step]),
+                                self.c.log.print_every_steps, self.primary)
+    self.log.info(f"training {self.num_params:,} parameters for {self.schedule.num_steps:,} steps "
+                  f"({self.schedule.total_tokens:,} tokens) in {len(self.schedule.buckets())} "
+                  f"buckets; MFU against {self.peak_flops:.3g} FLOP/s ({self.peak_source})")
+    self.started = time.time()
+    with _StopOnSignal(self):
+      self._loop()
+    return self._finish()
+
+  def _loop(self):
+    self._batch_iter, pending = self._batches(), None
+    self._last_done = time.perf_counter()
+    while True:
+      running = self.step < self.schedule.num_steps and self.stop_signal is None
+      launched = self._launch() if running else None
+      if pending is not None and self._settle(pending):
+        pending = None  # Rolled back: the step just launched belonged to the discarded past.
+        continue
+      pending = launched
+      if not running:
+        break
+      if self._due(self.c.eval.every_steps) or self._due(self.c.checkpoint.every_steps):
+        rolled_back, pending = self._settle(pending), None
+        if not rolled_back:
+          self._periodic()
+    self._batch_iter.close()
+
+  def _launch(self):
+    """Dispatches step `self.step` (asynchronously) and returns (step, device metrics)."""
+    t = self.step
+    self.steps.prefetch(self._upcoming_buckets(t))
+    executable = self.steps.get(self._shape(t))
+    batch = next(self._batch_iter)
+    self.state, metrics = executable(
+        self.state, {"inputs": batch.inputs, "targets": batch.targets}, np.float32(self.lrs[t]))
+    self.step = t + 1
+    return t, metrics
+
+  def _settle(self, pending) -> bool:
+    """Finishes a launched step; returns True when it triggered a rollback."""
+    if self._finish_step(*pending) != "rollback":
+      return False
+    self._rollback(pending[0])
+    return True
+
+  def _periodic(self):
+    if self._due(self.c.eval.every_steps):
+      self.evaluate()
+    if self._due(self.c.checkpoint.every_steps):
+      self.save()
+    self._last_done = time.perf_counter()  # Keep eval/save time out of the next step's time.
+
+  def _due(self, every: int) -> bool:
+    return self.step % every == 0
+
+  def _finish_step(self, t: int, metrics) -> str | None:
+    """Reads step t's metrics (waits for the device), logs them, asks the monitor."""
+    values = jax.device_get(metrics)
+    now = time.perf_counter()
+    step_time, self._last_done = now - self._last_done, now
+    batch_size, seqlen = self._shape(t)
+    tokens = batch_size * seqlen
+    flops = tokens * models.train_flops_per_token(self.model_cfg, seqlen, self.num_params)
+    row = {"step": t, "tokens": int(self.schedule.tokens_before[t]), "seqlen": seqlen,
+           "batch_size": batch_size, "lr": float(self.lrs[t]),
+           **{k: float(values[k]) for k in ("loss", "loss_ratio", "grad_norm", "adam_nu_l1",
+                                            "adam_nu_max")},
+           "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+           "mfu": flops / step_time / (self.peak_flops * jax.device_count())}
+    if bool(values["skipped"]):
+      row["skipped"] = True
+    if t % self.c.log.every_steps == 0 or t == self.schedule.num_steps - 1 or row.get("skipped"):
+      self.log.step(row, int(self.schedule.tokens_before[t + 1]))
+    action = self.monitor.observe(t, {**row, "skipped": bool(values["skipped"])})
+    self.log.events(self.monitor.pop_events())
+    return action
+
+  def _rollback(self, bad_step: int):
+    """Restores the newest checkpoint before `bad_step` and skips the batches up to it."""
+    if self.monitor.rollbacks >= self.c.monitor.max_rollbacks:
+      raise StopTraining(f"step {bad_step} is unstable again after monitor.max_rollbacks="
+                         f"{self.c.monitor.max_rollbacks} rollbacks: lower optim.lr or lengthen "
+                         "pacing.duration_steps, then resume from the checkpoints")
+    self.checkpoints.wait()
+    saved = self.checkpoints.steps()
+    older = [k for k in saved if k < bad_step] or [k for k in saved if k <= bad_step]
+    target = max(older)
+    self.state, meta = self.checkpoints.restore(target, self.state_spec)
+    position = meta["loader"]["position"]
+    for s in range(target, bad_step + 1):
+      position += self.loader.advance(*self._shape(s))
+    self.loader.restore({**meta["loader"], "position": position})
+    self.monitor.rollbacks += 1
+    self.monitor.event(bad_step, "rollback", to_step=target,
+                       skipped_batches=bad_step + 1 - target)
+    self.log.events(self.monitor.pop_events())
+    self._batch_iter.close()
+    self.step = target
+    self._batch_iter = self._batches()
+    self._last_done = time.perf_counter()
+
+  def evaluate(self) -> dict:
+    """Validation loss and perplexity at full length over `eval.batches` batches."""
+    loss_sum = count = 0.0
+    for number in range(self.c.eval.batches):
+      batch = input_pipeline.validation_batch(self.val_index, number, self.c.eval.batch_size,
+                                              jax.process_index(), jax.process_count())
+      s, n = self.eval_fn(self.state["params"], {"inputs": batch.inputs,
+                                                 "targets": batch.targets})
+      loss_sum, count = loss_sum + float(s), count + float(n)
+    loss = loss_sum / count
+    row = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),
+           "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+           "elapsed_s": time.time() - self.started}
+    self.log.eval(row)
+    self.last_eval = row
+    return row
+
+  def _finish(self) -> dict:
+    completed = self.step >= self.schedule.num_steps
+    if completed and getattr(self, "last_eval", {}).get("step") != self.step:
+      self.evaluate()
+    self.save()
+    self.checkpoints.close()
+    self.steps.close()
+    last_eval = getattr(self, "last_eval", {})
+    summary = {
+        "completed": completed, "stopped_by": self.stop_signal, "steps": self.step,
+        "total_steps": self.schedule.num_steps,
+        "tokens": int(self.schedule.tokens_before[self.step]),
+        "wall_time_s": time.time() - self.started, "final_val_loss": last_eval.get("val_loss"),
+        "final_val_ppl": last_eval.get("val_ppl"), "compile_stall_s": self.steps.stall_s,
+        "buckets": [vars(s) for s in self.steps.stats.values()],
+        "stability": self.monitor.summary(),
+    }
+    if self.primary:
+      reporting.write_json(os.path.join(self.workdir, "summary.json"), summary)
+      reporting.write_json(os.path.join(self.workdir, "stability.json"), summary["stability"])
+    self.log.info(f"{'finished' if completed else 'stopped'} at step {self.step}: "
+                  f"metrics {self.workdir}/metrics.jsonl, TensorBoard {self.workdir}/tb, "
+                  f"checkpoints {self.workdir}/checkpoints, summary {self.workdir}/summary.json")
+    self.log.close()
+    return summary
+
+
+class _StopOnSignal:
+  """SIGTERM/SIGINT: finish the current step, save, return normally (exit status 0)."""
+
+  def __init__(self, trainer: Trainer):
+    self.trainer, self.previous = trainer, {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.trainer.stop_signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+    self.trainer.stop_signal = signal.Signals(signum).name
+    print(f"{self.trainer.stop_signal}: finishing the current step and saving", flush=True)
+
+  def __enter__(self):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      self.previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)
+
+
+def train(c, workdir: str) -> dict:
+  """Trains a validated config in `workdir` (resuming from its checkpoints); returns the summary."""
+  return Trainer(c, workdir).run()

@@ -1,0 +1,185 @@
+"""End-to-end runs of the trainer on a tiny model: outputs, resume, signals, monitor actions."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from slw_jax import config_lib, hardware, input_pipeline, prepare, reporting, trainer
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+  """A small prepared corpus: 40 standard-library files, byte vocabulary."""
+  root = tmp_path_factory.mktemp("corpus")
+  for path in prepare.stdlib_files()[:40]:
+    (root / (os.path.basename(path) + ".txt")).write_bytes(open(path, "rb").read())
+  return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))  # Shared: later runs reuse executables.
+
+
+@pytest.fixture
+def make_config(corpus_dir, cache_dir, tmp_path_factory):
+  data_dir = str(tmp_path_factory.getbasetemp() / "prepared")
+
+  def make(**overrides):
+    values = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.max_seqlen": 32,
+              "batch_size": 4, "train_tokens": None, "train_steps": 12,
+              "pacing.seqlen_start": 8, "pacing.multiple": 8, "pacing.duration_steps": 6,
+              "optim.warmup_steps": 2, "optim.lr": 3e-3, "eval.every_steps": 6,
+              "eval.batches": 2, "checkpoint.every_steps": 4, "log.print_every_steps": 1,
+              "data.source": f"files:{corpus_dir}/*.txt", "data.val_fraction": 0.1,
+              "data.dir": data_dir, "compile.cache_dir": cache_dir, "hardware.peak_flops": 1e11}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return config_lib.validate(config_lib.load_config_file(str(REPO / "configs/tiny.py"),
+                                                           values))
+  return make
+
+
+def _rows(workdir, key="loss"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if key in r]
+
+
+def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path):
+  c = make_config()
+  run = trainer.Trainer(c, str(tmp_path))
+  summary = run.run()
+  assert summary["completed"] and summary["steps"] == 12
+  buckets = run.schedule.buckets()
+  assert [b.seqlen for b in buckets] == [8, 16, 24, 32]
+  assert run.steps.num_compiled == len(buckets) == len(summary["buckets"])
+  rows = _rows(tmp_path)
+  assert [r["step"] for r in rows] == list(range(12))
+  for row in rows:
+    assert set(reporting.STEP_KEYS) <= set(row)
+    assert row["tokens"] == run.schedule.tokens_before[row["step"]]
+    assert row["lr"] == pytest.approx(run.lrs[row["step"]])
+  evals = _rows(tmp_path, "val_loss")
+  assert [e["step"] for e in evals] == [6, 12]
+  assert evals[-1]["val_ppl"] == pytest.approx(np.exp(evals[-1]["val_loss"]))
+  assert summary["final_val_loss"] == evals[-1]["val_loss"]
+  stability = json.load(open(tmp_path / "stability.json"))
+  assert {"unstable_steps", "max_loss_ratio", "pearson_loss_ratio_vs_adam_nu_max"} <= set(stability)
+  assert json.load(open(tmp_path / "summary.json"))["compile_stall_s"] >= 0
+  assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == 12
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+  assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+class _StopAt(trainer.Trainer):
+  """Behaves like a SIGTERM arriving while step `stop_after` runs."""
+
+  stop_after = 5
+
+  def _finish_step(self, t, metrics):
+    if t == self.stop_after:
+      self.stop_signal = "SIGTERM"
+    return super()._finish_step(t, metrics)
+
+
+def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
+  c = make_config()
+  reference = trainer.Trainer(c, str(tmp_path / "a"))
+  reference.run()
+  stopped = _StopAt(c, str(tmp_path / "b")).run()
+  assert not stopped["completed"] and stopped["stopped_by"] == "SIGTERM"
+  assert stopped["steps"] in (6, 7)  # Step 5, plus step 6 if it was already in flight.
+  resumed = trainer.Trainer(c, str(tmp_path / "b"))
+  assert resumed.run()["completed"]
+  a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+  assert [r["step"] for r in b] == list(range(12))
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]  # Bitwise equal floats.
+  assert [r["adam_nu_max"] for r in a] == [r["adam_nu_max"] for r in b]
+
+
+def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
+  c = make_config(train_steps=400, checkpoint__every_steps=1000, eval__every_steps=1000)
+  workdir = tmp_path / "run"
+  overrides = [f"--config.{k}={v}" for k, v in {
+      "model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.max_seqlen": 32,
+      "batch_size": 4, "train_steps": 400, "pacing.seqlen_start": 8,
+      "pacing.duration_steps": 6, "optim.warmup_steps": 2, "eval.every_steps": 1000,
+      "checkpoint.every_steps": 1000, "data.source": c.data.source, "data.dir": c.data.dir,
+      "data.val_fraction": 0.1, "compile.cache_dir": c.compile.cache_dir,
+      "hardware.peak_flops": 1e11}.items()]
+  process = subprocess.Popen(
+      [sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+       *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if (workdir / "metrics.jsonl").exists() and len(_rows(workdir)) >= 20:
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output
+  assert "SIGTERM: finishing the current step and saving" in output
+  summary = json.load(open(workdir / "summary.json"))
+  assert not summary["completed"] and 20 <= summary["steps"] < 400
+  assert str(summary["steps"]) in os.listdir(workdir / "checkpoints")
+  resumed = trainer.Trainer(c, str(workdir))
+  assert resumed.step == 0 and resumed.run()["completed"]
+  assert [r["step"] for r in _rows(workdir)] == list(range(400))
+
+
+def _poison_position(monkeypatch, position):
+  """The batch starting at loader position `position` gets an out-of-vocabulary id (NaN loss)."""
+  original = input_pipeline.Loader.batch_at
+
+  def batch_at(self, at, batch_size, seqlen):
+    batch = original(self, at, batch_size, seqlen)
+    if at == position:
+      batch.inputs[0, 0] = 10**6
+    return batch
+  monkeypatch.setattr(input_pipeline.Loader, "batch_at", batch_at)
+
+
+def _events(workdir):
+  with open(os.path.join(workdir, "events.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_skip_action_drops_the_nan_update(make_config, tmp_path, monkeypatch):
+  _poison_position(monkeypatch, 3 * 4)  # Step 3 (4 windows per step in truncate mode).
+  summary = trainer.Trainer(make_config(monitor__action="skip"), str(tmp_path)).run()
+  assert summary["completed"] and summary["stability"]["skipped_steps"] == 1
+  assert [e["event"] for e in _events(tmp_path)] == ["skip"] and _events(tmp_path)[0]["step"] == 3
+  losses = [r["loss"] for r in _rows(tmp_path)]
+  assert losses[3] == "nan" and all(np.isfinite(l) for i, l in enumerate(losses) if i != 3)
+
+
+def test_rollback_recovers_from_an_injected_spike(make_config, tmp_path, monkeypatch):
+  _poison_position(monkeypatch, 6 * 4)  # Step 6's batch.
+  c = make_config(monitor__action="rollback", checkpoint__every_steps=2)
+  summary = trainer.Trainer(c, str(tmp_path)).run()
+  assert summary["completed"] and summary["stability"]["rollbacks"] == 1
+  rollback = [e for e in _events(tmp_path) if e["event"] == "rollback"]
+  assert len(rollback) == 1 and rollback[0]["step"] == 6 and rollback[0]["to_step"] == 4
+  assert rollback[0]["skipped_batches"] == 3
+  rows = _rows(tmp_path)
+  assert sum(r["loss"] == "nan" for r in rows) == 1  # The poisoned batch is never seen again.
+  assert rows[-1]["step"] == 11 and np.isfinite(rows[-1]["loss"])
+
+
+def test_memory_check_stops_before_step_0(make_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(hardware, "device_memory_limit", lambda: 1000)
+  with pytest.raises(trainer.StopTraining, match=r"largest bucket \(batch 4 x seqlen 32\) needs"):
+    trainer.Trainer(make_config(), str(tmp_path)).run()
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_main_requires_a_workdir():
+  result = subprocess.run([sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and "error: --workdir is required" in result.stderr
