@@ -42,6 +42,11 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def read_meta(self, step: int) -> dict:
+    """Only the JSON record of a saved step (cheap: no arrays are read)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
   def wait(self):
     """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()

@@ -27,9 +27,9 @@ class UsageError(ValueError):
   """A bad flag or file given on the command line."""
 
 
-def _one_line(error: BaseException) -> str:
-  text = " ".join(str(error).split())
-  return text or type(error).__name__
+def _one_line(error: BaseException, limit: int = 400) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 @contextlib.contextmanager

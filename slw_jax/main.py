@@ -17,8 +17,16 @@ def main(argv=None):
     if not _WORKDIR.value:
       raise cli.UsageError("--workdir is required: the run directory, e.g. --workdir=runs/tiny")
     from slw_jax import trainer  # pylint: disable=g-import-not-at-top
-    run = trainer.Trainer(config, _WORKDIR.value)  # Checks data and config before training.
-  summary = run.run()
+    try:
+      run = trainer.Trainer(config, _WORKDIR.value)  # Checks data and config ...
+      run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
+    except trainer.StopTraining as error:
+      raise cli.UsageError(str(error)) from None
+  try:
+    summary = run.run()
+  except trainer.StopTraining as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
   sys.exit(0 if summary["completed"] or summary["stopped_by"] else 1)
 
 

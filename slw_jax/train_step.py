@@ -127,7 +127,7 @@ class BucketedStep:
   """One AOT-compiled executable per (batch_size, seqlen), compiled ahead in a thread."""
 
   def __init__(self, step_fn, state_spec, *, background: bool = True, batch_sharding=None,
-               jit_kwargs: dict | None = None):
+               jit_kwargs: dict | None = None, on_compiled=None):
     self._jitted = jax.jit(step_fn, donate_argnums=0, **(jit_kwargs or {}))
     self._state_spec = state_spec
     self._batch_sharding = batch_sharding
@@ -137,6 +137,7 @@ class BucketedStep:
     self._lock = threading.Lock()
     self.stats: dict[tuple[int, int], BucketStats] = {}
     self.stall_s = 0.0  # Seconds the training loop waited on compilation.
+    self._on_compiled = on_compiled  # Called with each BucketStats (from the compile thread).
 
   def _compile(self, shape: tuple[int, int], background: bool):
     start = time.perf_counter()
@@ -145,6 +146,8 @@ class BucketedStep:
     compiled = lowered.compile()
     self.stats[shape] = BucketStats(shape[0], shape[1], time.perf_counter() - start,
                                     memory_bytes(compiled), background)
+    if self._on_compiled is not None:
+      self._on_compiled(self.stats[shape])
     return compiled
 
   def prefetch(self, shapes):

@@ -41,7 +41,7 @@ class Trainer:
     self.state_spec = jax.eval_shape(self.init_fn)
     self.steps = train_step.BucketedStep(
         train_step.make_train_step(c, self.graphdef, self.optimizer, c.monitor.action == "skip"),
-        self.state_spec, background=c.compile.background)
+        self.state_spec, background=c.compile.background, on_compiled=self._log_compiled)
     self.eval_fn = jax.jit(train_step.make_eval_step(self.graphdef))
     self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                               c.checkpoint.keep, c.checkpoint.async_save)
@@ -55,6 +55,13 @@ class Trainer:
   def _print(self, message: str):
     if self.primary:
       print(message, flush=True)
+
+  def _log_compiled(self, stats: train_step.BucketStats):
+    where = "in the background" if stats.background else "while the loop waited"
+    message = (f"compiled bucket {stats.batch_size}x{stats.seqlen} {where} in "
+               f"{stats.compile_s:.1f} s; needs {stats.memory_bytes / 2**20:.1f} MiB")
+    log = getattr(self, "log", None)
+    (log.info if log is not None else self._print)(message)
 
   # ----- setup -------------------------------------------------------------------------------
 
@@ -79,10 +86,14 @@ class Trainer:
       self.state, self.step = self.init_fn(), 0
       self.save()  # A step-0 checkpoint: rollback always has a state older than any spike.
       return
+    saved_model = self.checkpoints.read_meta(latest)["config"]["model"]
+    if saved_model != self.c.model.to_dict():
+      changed = sorted(k for k in saved_model if saved_model[k] != self.c.model.get(k))
+      raise StopTraining(
+          f"--workdir={self.workdir} holds checkpoints of another model (model."
+          f"{changed[0]}={saved_model[changed[0]]!r} there, {self.c.model.get(changed[0])!r} "
+          "here): use a new --workdir or the same model config")
     self.state, meta = self.checkpoints.restore(latest, self.state_spec)
-    if meta["config"]["model"] != self.c.model.to_dict():
-      raise StopTraining(f"{self.workdir} holds a run of another model ({meta['config']['model']}):"
-                         " use a new --workdir or the same model config")
     self.loader.restore(meta["loader"])
     self.monitor.load_state(meta["monitor"])
     self.step = latest
@@ -113,9 +124,14 @@ class Trainer:
         break
     return upcoming
 
-  def run(self) -> dict:
+  def setup(self):
+    """Checks memory and restores or initializes the state: everything before step 0."""
     self.check_memory()
     self.restore_or_init()
+
+  def run(self) -> dict:
+    if self.state is None:
+      self.setup()
     self.log = reporting.RunLog(self.workdir, self.schedule.num_steps, self.schedule.total_tokens,
                                 self.step, int(self.schedule.tokens_before[self.step]),
                                 self.c.log.print_every_steps, self.primary)
@@ -128,6 +144,7 @@ class Trainer:
     return self._finish()
 
   def _loop(self):
+    self._stall_before_loop = None
     self._batch_iter, pending = self._batches(), None
     self._last_done = time.perf_counter()
     while True:
@@ -150,6 +167,8 @@ class Trainer:
     t = self.step
     self.steps.prefetch(self._upcoming_buckets(t))
     executable = self.steps.get(self._shape(t))
+    if self._stall_before_loop is None:  # The first bucket always compiles before step 0.
+      self._stall_before_loop = self.steps.stall_s
     batch = next(self._batch_iter)
     self.state, metrics = executable(
         self.state, {"inputs": batch.inputs, "targets": batch.targets}, np.float32(self.lrs[t]))
@@ -250,14 +269,15 @@ class Trainer:
         "tokens": int(self.schedule.tokens_before[self.step]),
         "wall_time_s": time.time() - self.started, "final_val_loss": last_eval.get("val_loss"),
         "final_val_ppl": last_eval.get("val_ppl"), "compile_stall_s": self.steps.stall_s,
+        "compile_stall_after_step0_s": self.steps.stall_s - (self._stall_before_loop or 0.0),
         "buckets": [vars(s) for s in self.steps.stats.values()],
         "stability": self.monitor.summary(),
     }
     if self.primary:
       reporting.write_json(os.path.join(self.workdir, "summary.json"), summary)
       reporting.write_json(os.path.join(self.workdir, "stability.json"), summary["stability"])
-    self.log.info(f"{'finished' if completed else 'stopped'} at step {self.step}: "
-                  f"metrics {self.workdir}/metrics.jsonl, TensorBoard {self.workdir}/tb, "
+    self.log.info(f"{'finished' if completed else 'stopped'} at step {self.step}; waited "
+                  f"{self.steps.stall_s:.1f} s on compilation; metrics {self.workdir}/metrics.jsonl, TensorBoard {self.workdir}/tb, "
                   f"checkpoints {self.workdir}/checkpoints, summary {self.workdir}/summary.json")
     self.log.close()
     return summary

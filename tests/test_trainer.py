@@ -71,7 +71,8 @@ def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path):
   assert summary["final_val_loss"] == evals[-1]["val_loss"]
   stability = json.load(open(tmp_path / "stability.json"))
   assert {"unstable_steps", "max_loss_ratio", "pearson_loss_ratio_vs_adam_nu_max"} <= set(stability)
-  assert json.load(open(tmp_path / "summary.json"))["compile_stall_s"] >= 0
+  written = json.load(open(tmp_path / "summary.json"))
+  assert written["compile_stall_s"] >= written["compile_stall_after_step0_s"] >= 0
   assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == 12
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
   assert rows[-1]["loss"] < rows[0]["loss"]
@@ -101,6 +102,9 @@ def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
   assert [r["step"] for r in b] == list(range(12))
   assert [r["loss"] for r in a] == [r["loss"] for r in b]  # Bitwise equal floats.
   assert [r["adam_nu_max"] for r in a] == [r["adam_nu_max"] for r in b]
+  other_model = trainer.Trainer(make_config(model__n_layer=2), str(tmp_path / "b"))
+  with pytest.raises(trainer.StopTraining, match=r"another model \(model.n_layer=1 there, 2 here"):
+    other_model.setup()
 
 
 def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
