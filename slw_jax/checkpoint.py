@@ -30,11 +30,22 @@ class Checkpoints:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict):
-    """Starts saving (returns at once when asynchronous); a step already saved is skipped."""
+    """Starts saving (returns at once when asynchronous); a step already saved is kept as is
+    (it holds the same state: steps are deterministic). Raises if orbax refuses the save."""
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)))
+    saved = self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if not saved:
+      raise RuntimeError(f"orbax did not save step {step} in {self.directory} (newest there: "
+                         f"{self.latest_step()}); refusing to continue without checkpoints")
+
+  def delete_from(self, step: int):
+    """Deletes the checkpoints at `step` and after (an abandoned trajectory)."""
+    self._manager.wait_until_finished()
+    for existing in self.steps():
+      if existing >= step:
+        self._manager.delete(existing)
 
   def restore(self, step: int, abstract_state):
     """(state, meta) of a saved step, laid out like `abstract_state` (shapes and shardings)."""

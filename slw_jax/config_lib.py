@@ -26,8 +26,8 @@ def base_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0  # PRNG seed for parameters, data order and dropout.
   c.batch_size = 512  # Global batch size in sequences (the final one under batch warmup).
-  c.train_tokens = config_dict.placeholder(int)  # Stop at the first step with >= this many tokens consumed.
-  c.train_steps = config_dict.placeholder(int)  # Or stop after this many steps (whichever comes first).
+  c.train_tokens = config_dict.placeholder(int)  # Stop once this many tokens are consumed.
+  c.train_steps = config_dict.placeholder(int)  # Or after this many steps (first reached wins).
 
   c.model = m = config_dict.ConfigDict()
   m.n_layer = 12  # Transformer blocks.
@@ -82,7 +82,7 @@ def base_config() -> config_dict.ConfigDict:
   mon.action = "log"  # log | skip (drop bad updates in the step) | rollback (restore, skip data).
   mon.skip_ratio = 2.0  # A bad step: non-finite loss or loss ratio above this (skip, rollback).
   mon.max_rollbacks = 3  # Rollbacks allowed before the run stops with an error.
-  mon.spike_window = 100  # Steps in the rolling median that adam_nu_max spikes are measured against.
+  mon.spike_window = 100  # Steps in the rolling median adam_nu_max spikes are measured against.
   mon.spike_factor = 2.0  # adam_nu_max above this times its rolling median counts as a spike.
 
   c.compile = cc = config_dict.ConfigDict()

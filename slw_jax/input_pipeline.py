@@ -207,24 +207,28 @@ class Loader:
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item) -> bool:
+      """Waits for room unless the consumer has gone; False when it has."""
+      while not stop.is_set():
+        try:
+          ready.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
     def produce():
       position = self.position
       try:
         for batch_size, seqlen in shapes:
           item = (self.batch_at(position, batch_size, seqlen), batch_size, seqlen)
           position += self.advance(batch_size, seqlen)
-          while not stop.is_set():
-            try:
-              ready.put(item, timeout=0.1)
-              break
-            except queue.Full:
-              continue
-          if stop.is_set():
+          if not put(item):
             return
       except BaseException as error:  # Re-raised in the consumer.
-        ready.put(error)
+        put(error)
         return
-      ready.put(None)
+      put(None)
 
     worker = threading.Thread(target=produce, name="slw-prefetch", daemon=True)
     worker.start()

@@ -28,7 +28,9 @@ def _write_jsonl(f, row: dict):
 
 
 def truncate_jsonl(path: str, before_step: int):
-  """Drops rows with step >= before_step (a resumed run redoes them identically)."""
+  """Drops what a run resumed at `before_step` will write again: step rows and events from
+  that step on, evaluations after it (the evaluation at the resume step itself is not redone).
+  Rollback events are kept: they record a trajectory the resumed run will not repeat."""
   if not os.path.isfile(path):
     return
   with open(path) as f:
@@ -36,10 +38,13 @@ def truncate_jsonl(path: str, before_step: int):
   kept = []
   for line in lines:
     try:
-      if json.loads(line).get("step", -1) < before_step:
-        kept.append(line)
+      row = json.loads(line)
     except json.JSONDecodeError:
       continue  # A line cut off by a kill.
+    step = row.get("step", -1)
+    if (step < before_step or ("val_loss" in row and step == before_step) or
+        row.get("event") == "rollback"):
+      kept.append(line)
   with open(path, "w") as f:
     f.writelines(kept)
 
@@ -57,7 +62,8 @@ class RunLog:
       return
     os.makedirs(workdir, exist_ok=True)
     paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("metrics", "events")}
-    truncate_jsonl(paths["metrics"], start_step)
+    for path in paths.values():
+      truncate_jsonl(path, start_step)
     self.metrics = open(paths["metrics"], "a")
     self.events_file = open(paths["events"], "a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top

@@ -176,5 +176,6 @@ class BucketedStep:
   def num_compiled(self) -> int:
     return len(self.stats)
 
-  def close(self):
-    self._executor.shutdown(wait=True, cancel_futures=True)
+  def close(self, wait: bool = True):
+    """Stops the compile thread; queued compiles are cancelled (a running one completes)."""
+    self._executor.shutdown(wait=wait, cancel_futures=True)

@@ -88,7 +88,10 @@ class Trainer:
       return
     saved_model = self.checkpoints.read_meta(latest)["config"]["model"]
     if saved_model != self.c.model.to_dict():
-      changed = sorted(k for k in saved_model if saved_model[k] != self.c.model.get(k))
+      current = self.c.model.to_dict()
+      changed = sorted(k for k in set(saved_model) | set(current)
+                       if saved_model.get(k) != current.get(k))
+      saved_model = {k: saved_model.get(k) for k in changed}
       raise StopTraining(
           f"--workdir={self.workdir} holds checkpoints of another model (model."
           f"{changed[0]}={saved_model[changed[0]]!r} there, {self.c.model.get(changed[0])!r} "
@@ -115,14 +118,9 @@ class Trainer:
     return self.loader.prefetch(shapes, self.c.data.prefetch)
 
   def _upcoming_buckets(self, step: int) -> list[tuple[int, int]]:
-    """The current bucket and the next `compile.ahead` distinct ones after it."""
-    upcoming = []
-    for bucket in self.schedule.buckets():
-      if bucket.first_step + bucket.num_steps > step:
-        upcoming.append((bucket.batch_size, bucket.seqlen))
-      if len(upcoming) > self.c.compile.ahead:
-        break
-    return upcoming
+    """The next `compile.ahead` buckets first used after `step` (compiled in the background)."""
+    later = [(b.batch_size, b.seqlen) for b in self.schedule.buckets() if b.first_step > step]
+    return later[:self.c.compile.ahead]
 
   def setup(self):
     """Checks memory and restores or initializes the state: everything before step 0."""
@@ -139,9 +137,22 @@ class Trainer:
                   f"({self.schedule.total_tokens:,} tokens) in {len(self.schedule.buckets())} "
                   f"buckets; MFU against {self.peak_flops:.3g} FLOP/s ({self.peak_source})")
     self.started = time.time()
-    with _StopOnSignal(self):
-      self._loop()
+    try:
+      with _StopOnSignal(self):
+        self._loop()
+    except BaseException:
+      self._abort()
+      raise
     return self._finish()
+
+  def _abort(self):
+    """On an error: stop the data and compile threads, let started saves finish."""
+    iterator = getattr(self, "_batch_iter", None)
+    if iterator is not None:
+      iterator.close()
+    self.steps.close(wait=False)
+    self.checkpoints.close()
+    self.log.close()
 
   def _loop(self):
     self._stall_before_loop = None
@@ -173,13 +184,14 @@ class Trainer:
     self.state, metrics = executable(
         self.state, {"inputs": batch.inputs, "targets": batch.targets}, np.float32(self.lrs[t]))
     self.step = t + 1
-    return t, metrics
+    return t, metrics, self.loader.position  # The position just after step t's batch.
 
   def _settle(self, pending) -> bool:
     """Finishes a launched step; returns True when it triggered a rollback."""
-    if self._finish_step(*pending) != "rollback":
+    step, metrics, position_after = pending
+    if self._finish_step(step, metrics) != "rollback":
       return False
-    self._rollback(pending[0])
+    self._rollback(step, position_after)
     return True
 
   def _periodic(self):
@@ -214,27 +226,31 @@ class Trainer:
     self.log.events(self.monitor.pop_events())
     return action
 
-  def _rollback(self, bad_step: int):
-    """Restores the newest checkpoint before `bad_step` and skips the batches up to it."""
+  def _rollback(self, bad_step: int, position_after_bad: int):
+    """Restores the newest checkpoint at or before `bad_step` and skips the data up to and
+    including the bad step's batch.
+
+    Checkpoints after the target belong to the abandoned trajectory and are deleted; the
+    target is saved again at once with the new data position and rollback count, so a crash
+    right after a rollback neither replays the bad batch nor forgets the rollback.
+    """
     if self.monitor.rollbacks >= self.c.monitor.max_rollbacks:
       raise StopTraining(f"step {bad_step} is unstable again after monitor.max_rollbacks="
                          f"{self.c.monitor.max_rollbacks} rollbacks: lower optim.lr or lengthen "
                          "pacing.duration_steps, then resume from the checkpoints")
     self.checkpoints.wait()
-    saved = self.checkpoints.steps()
-    older = [k for k in saved if k < bad_step] or [k for k in saved if k <= bad_step]
-    target = max(older)
+    target = max(k for k in self.checkpoints.steps() if k <= bad_step)
     self.state, meta = self.checkpoints.restore(target, self.state_spec)
-    position = meta["loader"]["position"]
-    for s in range(target, bad_step + 1):
-      position += self.loader.advance(*self._shape(s))
-    self.loader.restore({**meta["loader"], "position": position})
+    self.checkpoints.delete_from(target)
+    self.loader.restore({**meta["loader"], "position": position_after_bad})
     self.monitor.rollbacks += 1
     self.monitor.event(bad_step, "rollback", to_step=target,
                        skipped_batches=bad_step + 1 - target)
     self.log.events(self.monitor.pop_events())
     self._batch_iter.close()
     self.step = target
+    self.save()
+    self.checkpoints.wait()
     self._batch_iter = self._batches()
     self._last_done = time.perf_counter()
 
@@ -276,9 +292,10 @@ class Trainer:
     if self.primary:
       reporting.write_json(os.path.join(self.workdir, "summary.json"), summary)
       reporting.write_json(os.path.join(self.workdir, "stability.json"), summary["stability"])
+    w = self.workdir
     self.log.info(f"{'finished' if completed else 'stopped'} at step {self.step}; waited "
-                  f"{self.steps.stall_s:.1f} s on compilation; metrics {self.workdir}/metrics.jsonl, TensorBoard {self.workdir}/tb, "
-                  f"checkpoints {self.workdir}/checkpoints, summary {self.workdir}/summary.json")
+                  f"{self.steps.stall_s:.1f} s on compilation; metrics {w}/metrics.jsonl, "
+                  f"TensorBoard {w}/tb, checkpoints {w}/checkpoints, summary {w}/summary.json")
     self.log.close()
     return summary
 

@@ -102,6 +102,7 @@ def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
   assert [r["step"] for r in b] == list(range(12))
   assert [r["loss"] for r in a] == [r["loss"] for r in b]  # Bitwise equal floats.
   assert [r["adam_nu_max"] for r in a] == [r["adam_nu_max"] for r in b]
+  assert [e["step"] for e in _rows(tmp_path / "b", "val_loss")] == [6, 12]  # None lost.
   other_model = trainer.Trainer(make_config(model__n_layer=2), str(tmp_path / "b"))
   with pytest.raises(trainer.StopTraining, match=r"another model \(model.n_layer=1 there, 2 here"):
     other_model.setup()
@@ -169,11 +170,32 @@ def test_rollback_recovers_from_an_injected_spike(make_config, tmp_path, monkeyp
   summary = trainer.Trainer(c, str(tmp_path)).run()
   assert summary["completed"] and summary["stability"]["rollbacks"] == 1
   rollback = [e for e in _events(tmp_path) if e["event"] == "rollback"]
-  assert len(rollback) == 1 and rollback[0]["step"] == 6 and rollback[0]["to_step"] == 4
-  assert rollback[0]["skipped_batches"] == 3
+  # Checkpoint 6 holds the state before the bad update: restore it, skip step 6's batch.
+  assert len(rollback) == 1 and rollback[0]["step"] == 6 and rollback[0]["to_step"] == 6
+  assert rollback[0]["skipped_batches"] == 1
   rows = _rows(tmp_path)
   assert sum(r["loss"] == "nan" for r in rows) == 1  # The poisoned batch is never seen again.
   assert rows[-1]["step"] == 11 and np.isfinite(rows[-1]["loss"])
+
+
+def test_repeated_rollbacks_never_replay_skipped_data(make_config, tmp_path, monkeypatch):
+  original = input_pipeline.Loader.batch_at
+  poisoned = {5 * 4, 6 * 4}  # The batches of steps 5 and 6.
+
+  def batch_at(self, at, batch_size, seqlen):
+    batch = original(self, at, batch_size, seqlen)
+    if at in poisoned:
+      batch.inputs[0, 0] = 10**6
+    return batch
+  monkeypatch.setattr(input_pipeline.Loader, "batch_at", batch_at)
+  c = make_config(monitor__action="rollback", checkpoint__every_steps=4)
+  summary = trainer.Trainer(c, str(tmp_path)).run()
+  assert summary["completed"] and summary["stability"]["rollbacks"] == 2
+  rollbacks = [e for e in _events(tmp_path) if e["event"] == "rollback"]
+  assert [(e["step"], e["to_step"]) for e in rollbacks] == [(5, 4), (4, 4)]
+  assert sum(r["loss"] == "nan" for r in _rows(tmp_path)) == 2  # Each bad batch seen once.
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert saved[-1] == 12 and all(k % 4 == 0 for k in saved)
 
 
 def test_memory_check_stops_before_step_0(make_config, tmp_path, monkeypatch):
