@@ -31,6 +31,7 @@ class Trainer:
     self.c, self.workdir = c, workdir
     self.schedule = pacing.run_schedule(c)
     self.lrs = schedules.learning_rates(c, self.schedule)
+    self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
     self.primary = jax.process_index() == 0
     self.loader, self.val_index = input_pipeline.open_training_data(
         c, jax.process_index(), jax.process_count(), log=self._print)
@@ -67,7 +68,7 @@ class Trainer:
 
   def check_memory(self):
     """Compiles the largest bucket first and stops if it cannot fit in device memory."""
-    largest = max(self.schedule.buckets(), key=lambda b: b.batch_size * b.seqlen)
+    largest = max(self.buckets, key=lambda b: b.batch_size * b.seqlen)
     shape = (largest.batch_size, largest.seqlen)
     self.steps.get(shape)
     need = self.steps.stats[shape].memory_bytes
@@ -119,7 +120,7 @@ class Trainer:
 
   def _upcoming_buckets(self, step: int) -> list[tuple[int, int]]:
     """The next `compile.ahead` buckets first used after `step` (compiled in the background)."""
-    later = [(b.batch_size, b.seqlen) for b in self.schedule.buckets() if b.first_step > step]
+    later = [(b.batch_size, b.seqlen) for b in self.buckets if b.first_step > step]
     return later[:self.c.compile.ahead]
 
   def setup(self):
@@ -134,7 +135,7 @@ class Trainer:
                                 self.step, int(self.schedule.tokens_before[self.step]),
                                 self.c.log.print_every_steps, self.primary)
     self.log.info(f"training {self.num_params:,} parameters for {self.schedule.num_steps:,} steps "
-                  f"({self.schedule.total_tokens:,} tokens) in {len(self.schedule.buckets())} "
+                  f"({self.schedule.total_tokens:,} tokens) in {len(self.buckets)} "
                   f"buckets; MFU against {self.peak_flops:.3g} FLOP/s ({self.peak_source})")
     self.started = time.time()
     try:
