@@ -37,7 +37,7 @@ class Trainer:
         c, jax.process_index(), jax.process_count(), log=self._print)
     hardware.enable_compilation_cache(c.compile.cache_dir)
     self.optimizer = schedules.make_optimizer(c.optim)
-    self.graphdef, _ = train_step.build_model(c)
+    self.graphdef, abstract_params = train_step.build_model(c)
     self.init_fn = jax.jit(train_step.make_init_fn(c, self.optimizer))
     self.state_spec = jax.eval_shape(self.init_fn)
     self.steps = train_step.BucketedStep(
@@ -48,7 +48,7 @@ class Trainer:
                                               c.checkpoint.keep, c.checkpoint.async_save)
     self.monitor = monitor.StabilityMonitor(c.monitor)
     self.model_cfg = models.GPTConfig.from_config(c.model)
-    self.num_params = models.num_params(self.model_cfg)
+    self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))  # No 2nd trace.
     self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
     self.stop_signal = None
     self.state, self.step = None, 0

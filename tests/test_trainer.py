@@ -51,7 +51,7 @@ def _rows(workdir, key="loss"):
     return [r for r in map(json.loads, f) if key in r]
 
 
-def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path):
+def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path, cache_dir):
   c = make_config()
   run = trainer.Trainer(c, str(tmp_path))
   summary = run.run()
@@ -59,6 +59,8 @@ def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path):
   buckets = run.schedule.buckets()
   assert [b.seqlen for b in buckets] == [8, 16, 24, 32]
   assert run.steps.num_compiled == len(buckets) == len(summary["buckets"])
+  assert run.num_params == 22_080
+  assert os.listdir(cache_dir)  # The persistent compilation cache received executables.
   rows = _rows(tmp_path)
   assert [r["step"] for r in rows] == list(range(12))
   for row in rows:
