@@ -14,6 +14,7 @@ import os
 from ml_collections import config_dict
 
 PACING_KINDS = ("none", "linear", "root", "discrete")
+ATTENTION_KINDS = ("auto", "dot_product", "blockwise")
 DTYPES = ("float32", "bfloat16")
 DATA_MODES = ("truncate", "reshape")
 MONITOR_ACTIONS = ("log", "skip", "rollback")
@@ -38,6 +39,8 @@ def base_config() -> config_dict.ConfigDict:
   m.max_seqlen = 1024  # Context length: size of the position embedding.
   m.dtype = "float32"  # Compute dtype (parameters are always float32): float32 | bfloat16.
   m.dropout = 0.0  # Dropout on embeddings and residual branches.
+  m.attention = "auto"  # auto | dot_product | blockwise (auto: blockwise on CPU, else dot_product).
+  m.attention_block = 128  # Query block of blockwise attention (keys after a block are skipped).
 
   c.pacing = p = config_dict.ConfigDict()
   p.kind = "linear"  # none | linear | root | discrete.
@@ -138,6 +141,10 @@ def _validate_model(m):
          f"must divide model.d_model={m.d_model}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+  _check(m.attention in ATTENTION_KINDS, "model.attention", m.attention,
+         f"must be one of {', '.join(ATTENTION_KINDS)}")
+  _check(_is_int(m.attention_block) and m.attention_block >= 1, "model.attention_block",
+         m.attention_block, "must be an integer >= 1")
 
 
 def _validate_stages(p, seqlen_end):

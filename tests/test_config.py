@@ -49,6 +49,8 @@ BAD = [
     (dict(model__dtype="float16"), "config.model.dtype='float16'"),
     (dict(model__dropout=1.0), "config.model.dropout=1.0"),
     (dict(model__n_layer=0), "config.model.n_layer=0"),
+    (dict(model__attention="flash"), "config.model.attention='flash'"),
+    (dict(model__attention_block=0), "config.model.attention_block=0"),
     (dict(data__source="tfds:lm1b"), "config.data.source='tfds:lm1b'"),
     (dict(data__source="web:x"), "config.data.source='web:x'"),
     (dict(data__vocab="gpt2"), "config.data.vocab='gpt2'"),

@@ -1,5 +1,6 @@
 """GPT model: published parameter counts, causality, bucket lengths, dtypes, axis names, init."""
 
+import dataclasses
 import math
 
 import jax
@@ -76,6 +77,29 @@ def test_prefix_of_longer_sequence_gives_same_logits(tiny_model):
 def test_too_long_sequence_is_a_clear_error(tiny_model):
   with pytest.raises(ValueError, match="exceeds model.max_seqlen=64"):
     tiny_model(jnp.zeros((1, 72), jnp.int32))
+
+
+@pytest.mark.parametrize("seqlen,block", [(64, 16), (64, 24), (40, 128), (8, 8), (1, 4)])
+def test_blockwise_attention_equals_dot_product_attention(seqlen, block):
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, seqlen, 3, 16)) for i in range(3))
+  reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa
+  blockwise = lambda q, k, v: models.blockwise_causal_attention(q, k, v, block)  # noqa
+  np.testing.assert_allclose(blockwise(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-5)
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)  # noqa
+  for ours, theirs in zip(grads(blockwise), grads(reference)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_model_attention_kinds_agree():
+  cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=64,
+                         attention="dot_product")
+  assert dataclasses.replace(cfg, attention="auto").attention_kind() == "blockwise"
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 259)
+  reference = forward(build(cfg), tokens)
+  for block in (16, 128):
+    blockwise = dataclasses.replace(cfg, attention="blockwise", attention_block=block)
+    np.testing.assert_allclose(forward(build(blockwise), tokens), reference, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():
