@@ -14,6 +14,9 @@ import os
 from ml_collections import config_dict
 
 PACING_KINDS = ("none", "linear", "root", "discrete")
+MESH_AXES = ("data", "fsdp", "tensor")
+# Logical axes of the model's parameters (models.py) plus the batch.
+LOGICAL_AXES = ("batch", "embed", "heads", "kv", "mlp", "vocab")
 ATTENTION_KINDS = ("auto", "dot_product", "blockwise")
 DTYPES = ("float32", "bfloat16")
 DATA_MODES = ("truncate", "reshape")
@@ -96,6 +99,14 @@ def base_config() -> config_dict.ConfigDict:
   c.log = lg = config_dict.ConfigDict()
   lg.every_steps = 1  # metrics.jsonl / TensorBoard row every this many steps.
   lg.print_every_steps = 10  # Plain log line every this many steps when not on a terminal.
+
+  c.mesh = mesh = config_dict.ConfigDict()
+  mesh.data = -1  # Data-parallel size; -1 = the devices left over by the other two axes.
+  mesh.fsdp = 1  # Parameter/optimizer-state sharding (ZeRO-3 style) size; the batch too.
+  mesh.tensor = 1  # Tensor-parallel size (heads, MLP hidden and vocabulary are split).
+  # Logical axis -> mesh axes (a name, a tuple of names, or None = replicated); see README.
+  mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
+                ("kv", None), ("mlp", "tensor"), ("vocab", "tensor"))
 
   c.hardware = h = config_dict.ConfigDict()
   h.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0 = known default or measured (CPU).
@@ -272,8 +283,32 @@ def _validate_runtime(c):
          "must be an integer >= 0")
   _check(c.hardware.peak_flops >= 0, "hardware.peak_flops", c.hardware.peak_flops,
          "must be >= 0 (0 = known default or measured)")
+  _validate_mesh(c.mesh)
   _check(m.action != "rollback" or c.checkpoint.keep >= 2, "checkpoint.keep", c.checkpoint.keep,
          "must be >= 2 with monitor.action='rollback' (a checkpoint older than the spike)")
+
+
+def _validate_mesh(mesh):
+  sizes = {axis: mesh[axis] for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    _check(_is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size,
+           "must be an integer >= 1, or -1 (fill with the remaining devices)")
+  _check(list(sizes.values()).count(-1) <= 1, "mesh", sizes, "at most one axis may be -1")
+  rules = mesh.rules
+  ok = isinstance(rules, (tuple, list)) and all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in rules)
+  _check(ok, "mesh.rules", rules, "must be a list of (logical_axis, mesh_axes) pairs")
+  logical_names = [r[0] for r in rules]
+  for logical, target in rules:
+    _check(logical in LOGICAL_AXES, "mesh.rules", (logical, target),
+           f"the logical axis must be one of {', '.join(LOGICAL_AXES)}")
+    _check(logical_names.count(logical) == 1, "mesh.rules", (logical, target),
+           "each logical axis may have one rule only")
+    names = target if isinstance(target, (tuple, list)) else (target,)
+    _check(all(n is None or n in MESH_AXES for n in names), "mesh.rules", (logical, target),
+           f"mesh axes must be among {', '.join(MESH_AXES)} (or None)")
+    _check(len(set(names)) == len(names), "mesh.rules", (logical, target),
+           "a mesh axis may appear once per rule")
 
 
 def _validate_optim(c):

@@ -267,6 +267,14 @@ def ensure_prepared(c, log=print) -> dict:
   return read_metadata(c.data.dir)
 
 
+def check_prepared_here(data_dir: str, process_index: int):
+  """After process 0 prepared `data_dir`: every other process must see it too."""
+  if not os.path.isfile(os.path.join(data_dir, METADATA)):
+    raise CorpusError(f"data.dir={data_dir!r} is not prepared as process {process_index} sees "
+                      "it (process 0 prepared it): put it on storage every process shares, or "
+                      "prepare it on every host")
+
+
 def open_training_data(c, process_index: int = 0, process_count: int = 1,
                        log=print) -> tuple[Loader, WindowIndex]:
   """The train loader and validation windows of a validated config, checked before training."""

@@ -1,4 +1,8 @@
-"""`python -m slw_jax.main --config=configs/<name>.py --workdir=DIR [--config.a.b=v ...]`"""
+"""`python -m slw_jax.main --config=configs/<name>.py --workdir=DIR [--config.a.b=v ...]`
+
+Several processes (launch/*): add --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I (or the SLW_* variables), or run under SLURM / a TPU pod, which are detected.
+"""
 
 import sys
 
@@ -8,6 +12,11 @@ from slw_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, TensorBoard, "
                                "checkpoints; a directory with checkpoints resumes.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's "
+                                   "coordinator (multi-process runs); env SLW_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run; env "
+                                      "SLW_NUM_PROCESSES.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index; env SLW_PROCESS_ID.")
 
 
 def main(argv=None):
@@ -16,9 +25,10 @@ def main(argv=None):
     config = cli.parse_config(argv)
     if not _WORKDIR.value:
       raise cli.UsageError("--workdir is required: the run directory, e.g. --workdir=runs/tiny")
-    from slw_jax import trainer  # pylint: disable=g-import-not-at-top
+    from slw_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-      run = trainer.Trainer(config, _WORKDIR.value)  # Checks data and config ...
+      run = trainer.Trainer(config, _WORKDIR.value)  # Checks mesh, data and config ...
       run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
     except trainer.StopTraining as error:
       raise cli.UsageError(str(error)) from None

@@ -12,6 +12,8 @@ metadata) that `sharding.py` maps to mesh axes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 
@@ -21,6 +23,26 @@ import numpy as np
 from flax import nnx
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon.
+
+# Layouts pinned while a step is traced (set by `pinned_shardings`): "activation" for [B, L, D]
+# activations at block boundaries, "embedding_lookup" for the token table as the lookup reads
+# it. Empty, the default: no constraints (one device, or not under jit).
+_PINNED = contextvars.ContextVar("pinned_shardings", default={})
+
+
+@contextlib.contextmanager
+def pinned_shardings(**shardings):
+  """Within this context, traced models pin the named values to these shardings."""
+  token = _PINNED.set(shardings)
+  try:
+    yield
+  finally:
+    _PINNED.reset(token)
+
+
+def _constrain(x, name: str = "activation"):
+  sharding = _PINNED.get().get(name)
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,11 +208,15 @@ class GPT(nnx.Module):
     wte_vd = self.wte_vd[...]
     # take() fills NaN for ids outside the table (plain indexing would clamp them silently):
     # corrupt data then shows up as a non-finite loss that the stability monitor acts on.
-    x_bld = jnp.take(wte_vd, tokens_bl, axis=0) + self.wpe_ld[:seqlen]
+    # The lookup reads the table whole along d (gathered over fsdp once): a gather from a
+    # d-sharded table would come out sharded along d, and XLA would replicate it to re-split it
+    # by batch.
+    lookup_vd = _constrain(wte_vd, "embedding_lookup")
+    x_bld = jnp.take(lookup_vd, tokens_bl, axis=0) + self.wpe_ld[:seqlen]
     x_bld = x_bld.astype(cfg.compute_dtype)
-    x_bld = self.drop(x_bld, deterministic=deterministic, rngs=rngs)
+    x_bld = _constrain(self.drop(x_bld, deterministic=deterministic, rngs=rngs))
     for block in self.blocks:
-      x_bld = block(x_bld, deterministic, rngs)
+      x_bld = _constrain(block(x_bld, deterministic, rngs))
     x_bld = self.ln_f(x_bld)
     logits_blv = jnp.einsum("bld,vd->blv", x_bld, wte_vd.astype(cfg.compute_dtype))
     return logits_blv[..., :cfg.vocab_size]  # Padded vocabulary rows never score.

@@ -102,7 +102,27 @@ def batch_spec(batch_size: int, seqlen: int, sharding=None) -> dict:
   return {"inputs": shape, "targets": shape}
 
 
-LR_SPEC = jax.ShapeDtypeStruct((), jnp.float32)
+@dataclasses.dataclass
+class ShardedSteps:
+  """Everything that runs on the devices, laid out on one mesh (`sharding.Layout`)."""
+  init: object  # () -> train state, created directly in its sharded layout.
+  state_spec: object  # ShapeDtypeStructs with shardings: compile and restore targets.
+  steps: "BucketedStep"
+  eval: object  # (params, batch) -> (loss sum, token count), replicated.
+
+
+def sharded_steps(c, layout, graphdef, optimizer, *, skip_bad: bool, background: bool = True,
+                  on_compiled=None) -> ShardedSteps:
+  """Init, per-bucket train steps and the eval step, all with `layout`'s shardings: the state
+  is never materialized on one device, and every bucket uses the same shardings."""
+  init = jax.jit(make_init_fn(c, optimizer), out_shardings=layout.state)
+  state_spec = layout.abstract(jax.eval_shape(init))
+  step_fn = layout.traced(make_train_step(c, graphdef, optimizer, skip_bad))
+  steps = BucketedStep(step_fn, state_spec, background=background, batch_sharding=layout.batch,
+                       scalar_sharding=layout.replicated, on_compiled=on_compiled,
+                       jit_kwargs={"out_shardings": (layout.state, layout.replicated)})
+  eval_fn = jax.jit(layout.traced(make_eval_step(graphdef)), out_shardings=layout.replicated)
+  return ShardedSteps(init, state_spec, steps, eval_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +147,11 @@ class BucketedStep:
   """One AOT-compiled executable per (batch_size, seqlen), compiled ahead in a thread."""
 
   def __init__(self, step_fn, state_spec, *, background: bool = True, batch_sharding=None,
-               jit_kwargs: dict | None = None, on_compiled=None):
+               scalar_sharding=None, jit_kwargs: dict | None = None, on_compiled=None):
     self._jitted = jax.jit(step_fn, donate_argnums=0, **(jit_kwargs or {}))
     self._state_spec = state_spec
     self._batch_sharding = batch_sharding
+    self._lr_spec = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar_sharding)
     self._background = background
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slw-compile")
     self._futures: dict[tuple[int, int], concurrent.futures.Future] = {}
@@ -142,7 +163,7 @@ class BucketedStep:
   def _compile(self, shape: tuple[int, int], background: bool):
     start = time.perf_counter()
     lowered = self._jitted.lower(self._state_spec, batch_spec(*shape, self._batch_sharding),
-                                 LR_SPEC)
+                                 self._lr_spec)
     compiled = lowered.compile()
     self.stats[shape] = BucketStats(shape[0], shape[1], time.perf_counter() - start,
                                     memory_bytes(compiled), background)

@@ -15,9 +15,14 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from slw_jax import (checkpoint, hardware, input_pipeline, models, monitor, pacing, reporting,
-                     schedules, train_step)
+from slw_jax import (checkpoint, distributed, hardware, input_pipeline, models, monitor, pacing, reporting,
+                     schedules, sharding, train_step)
+
+
+PARAM_SHAPING = ("n_layer", "d_model", "n_head", "vocab_size", "max_seqlen",
+                 "vocab_pad_multiple")
 
 
 class StopTraining(RuntimeError):
@@ -27,31 +32,46 @@ class StopTraining(RuntimeError):
 class Trainer:
   """One run in `workdir`. `run()` trains to the end (or to a stop signal)."""
 
-  def __init__(self, c, workdir: str):
+  def __init__(self, c, workdir: str, devices=None):
     self.c, self.workdir = c, workdir
     self.schedule = pacing.run_schedule(c)
     self.lrs = schedules.learning_rates(c, self.schedule)
     self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
     self.primary = jax.process_index() == 0
-    self.loader, self.val_index = input_pipeline.open_training_data(
-        c, jax.process_index(), jax.process_count(), log=self._print)
-    hardware.enable_compilation_cache(c.compile.cache_dir)
     self.optimizer = schedules.make_optimizer(c.optim)
     self.graphdef, abstract_params = train_step.build_model(c)
-    self.init_fn = jax.jit(train_step.make_init_fn(c, self.optimizer))
-    self.state_spec = jax.eval_shape(self.init_fn)
-    self.steps = train_step.BucketedStep(
-        train_step.make_train_step(c, self.graphdef, self.optimizer, c.monitor.action == "skip"),
-        self.state_spec, background=c.compile.background, on_compiled=self._log_compiled)
-    self.eval_fn = jax.jit(train_step.make_eval_step(self.graphdef))
+    # The mesh and batch checks come before the data is prepared: bad input fails fast.
+    state_shapes = jax.eval_shape(train_step.make_init_fn(c, self.optimizer))
+    self.layout = sharding.make_layout(c, state_shapes, abstract_params, self.optimizer, devices)
+    sharding.check_batch_sizes(self.layout, self._batch_sizes())
+    if jax.process_count() > 1:  # One process prepares missing data; the others wait for it.
+      if self.primary:
+        input_pipeline.ensure_prepared(c, log=self._print)
+      multihost_utils.sync_global_devices("slw_jax: data prepared")
+      input_pipeline.check_prepared_here(c.data.dir, jax.process_index())
+    self.loader, self.val_index = input_pipeline.open_training_data(
+        c, *self.layout.process_rows(), log=self._print)
+    hardware.enable_compilation_cache(c.compile.cache_dir)
+    self.device = train_step.sharded_steps(
+        c, self.layout, self.graphdef, self.optimizer, skip_bad=c.monitor.action == "skip",
+        background=c.compile.background, on_compiled=self._log_compiled)
+    self.state_spec, self.steps = self.device.state_spec, self.device.steps
     self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                               c.checkpoint.keep, c.checkpoint.async_save)
     self.monitor = monitor.StabilityMonitor(c.monitor)
     self.model_cfg = models.GPTConfig.from_config(c.model)
     self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))  # No 2nd trace.
     self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
-    self.stop_signal = None
+    self.stop_signal, self._stop_before = None, None
     self.state, self.step = None, 0
+
+  def _batch_sizes(self) -> dict[str, int]:
+    sizes = {"config.batch_size": self.c.batch_size, "config.eval.batch_size":
+             self.c.eval.batch_size}
+    for b in self.buckets:
+      sizes.setdefault(f"the batch size at step {b.first_step} (config.batch_warmup.start and "
+                       ".multiple)", b.batch_size)
+    return sizes
 
   def _print(self, message: str):
     if self.primary:
@@ -84,18 +104,19 @@ class Trainer:
   def restore_or_init(self):
     latest = self.checkpoints.latest_step()
     if latest is None:
-      self.state, self.step = self.init_fn(), 0
+      self.state, self.step = self.device.init(), 0
       self.save()  # A step-0 checkpoint: rollback always has a state older than any spike.
       return
-    saved_model = self.checkpoints.read_meta(latest)["config"]["model"]
-    if saved_model != self.c.model.to_dict():
-      current = self.c.model.to_dict()
+    # Only what shapes the parameters must match; attention, dtype and dropout may change.
+    saved_model = {k: v for k, v in self.checkpoints.read_meta(latest)["config"]["model"].items()
+                   if k in PARAM_SHAPING}
+    current = {k: v for k, v in self.c.model.to_dict().items() if k in PARAM_SHAPING}
+    if saved_model != current:
       changed = sorted(k for k in set(saved_model) | set(current)
                        if saved_model.get(k) != current.get(k))
-      saved_model = {k: saved_model.get(k) for k in changed}
       raise StopTraining(
           f"--workdir={self.workdir} holds checkpoints of another model (model."
-          f"{changed[0]}={saved_model[changed[0]]!r} there, {self.c.model.get(changed[0])!r} "
+          f"{changed[0]}={saved_model.get(changed[0])!r} there, {self.c.model.get(changed[0])!r} "
           "here): use a new --workdir or the same model config")
     self.state, meta = self.checkpoints.restore(latest, self.state_spec)
     self.loader.restore(meta["loader"])
@@ -137,6 +158,11 @@ class Trainer:
     self.log.info(f"training {self.num_params:,} parameters for {self.schedule.num_steps:,} steps "
                   f"({self.schedule.total_tokens:,} tokens) in {len(self.buckets)} "
                   f"buckets; MFU against {self.peak_flops:.3g} FLOP/s ({self.peak_source})")
+    mesh = " x ".join(f"{k}={v}" for k, v in self.layout.mesh.shape.items())
+    self.log.info(f"mesh {mesh} over {self.layout.mesh.size} devices in {jax.process_count()} "
+                  f"process(es); this one loads batch rows block {self.layout.process_rows()}")
+    for note in self.layout.replicated_dims:
+      self.log.info(f"replicated, not sharded: {note}")
     self.started = time.time()
     try:
       with _StopOnSignal(self):
@@ -160,7 +186,7 @@ class Trainer:
     self._batch_iter, pending = self._batches(), None
     self._last_done = time.perf_counter()
     while True:
-      running = self.step < self.schedule.num_steps and self.stop_signal is None
+      running = self.step < self.schedule.num_steps and not self._stop_agreed()
       launched = self._launch() if running else None
       if pending is not None and self._settle(pending):
         pending = None  # Rolled back: the step just launched belonged to the discarded past.
@@ -174,6 +200,21 @@ class Trainer:
           self._periodic()
     self._batch_iter.close()
 
+  def _stop_agreed(self) -> bool:
+    """Whether to stop before launching `self.step`. With several processes, all stop before the
+    same step, so a signal that reached any one of them stops every one."""
+    if jax.process_count() == 1:
+      return self.stop_signal is not None
+    if self._stop_before is None:
+      # Two steps ahead: a process launches step s only after step s - 2 finished everywhere,
+      # and this process has not launched self.step yet.
+      asked = self.step + 2 if self.stop_signal is not None else None
+      self._stop_before = distributed.agree_stop_step(asked)
+    if self._stop_before is None or self.step < self._stop_before:
+      return False
+    self.stop_signal = self.stop_signal or "signal to another process"
+    return True
+
   def _launch(self):
     """Dispatches step `self.step` (asynchronously) and returns (step, device metrics)."""
     t = self.step
@@ -182,8 +223,9 @@ class Trainer:
     if self._stall_before_loop is None:  # The first bucket always compiles before step 0.
       self._stall_before_loop = self.steps.stall_s
     batch = next(self._batch_iter)
-    self.state, metrics = executable(
-        self.state, {"inputs": batch.inputs, "targets": batch.targets}, np.float32(self.lrs[t]))
+    batch = self.layout.global_batch({"inputs": batch.inputs, "targets": batch.targets},
+                                     self._shape(t)[0])
+    self.state, metrics = executable(self.state, batch, np.float32(self.lrs[t]))
     self.step = t + 1
     return t, metrics, self.loader.position  # The position just after step t's batch.
 
@@ -207,7 +249,7 @@ class Trainer:
 
   def _finish_step(self, t: int, metrics) -> str | None:
     """Reads step t's metrics (waits for the device), logs them, asks the monitor."""
-    values = jax.device_get(metrics)
+    values = sharding.fetch(metrics)
     now = time.perf_counter()
     step_time, self._last_done = now - self._last_done, now
     batch_size, seqlen = self._shape(t)
@@ -218,7 +260,7 @@ class Trainer:
            **{k: float(values[k]) for k in ("loss", "loss_ratio", "grad_norm", "adam_nu_l1",
                                             "adam_nu_max")},
            "step_time_s": step_time, "tokens_per_s": tokens / step_time,
-           "mfu": flops / step_time / (self.peak_flops * jax.device_count())}
+           "mfu": flops / step_time / (self.peak_flops * self.layout.mesh.size)}
     if bool(values["skipped"]):
       row["skipped"] = True
     if t % self.c.log.every_steps == 0 or t == self.schedule.num_steps - 1 or row.get("skipped"):
@@ -260,9 +302,10 @@ class Trainer:
     loss_sum = count = 0.0
     for number in range(self.c.eval.batches):
       batch = input_pipeline.validation_batch(self.val_index, number, self.c.eval.batch_size,
-                                              jax.process_index(), jax.process_count())
-      s, n = self.eval_fn(self.state["params"], {"inputs": batch.inputs,
-                                                 "targets": batch.targets})
+                                              *self.layout.process_rows())
+      batch = self.layout.global_batch({"inputs": batch.inputs, "targets": batch.targets},
+                                       self.c.eval.batch_size)
+      s, n = sharding.fetch(self.device.eval(self.state["params"], batch))
       loss_sum, count = loss_sum + float(s), count + float(n)
     loss = loss_sum / count
     row = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),

@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,3 +26,53 @@ def load_config():
     return config_lib.load_config_file(str(REPO / "configs" / f"{name}.py"), dotted)
 
   return load
+
+
+# A 1-layer, 32-wide run of configs/tiny.py: 12 steps through 4 buckets (seqlen 8..32), on all
+# 8 test devices (data=4 x tensor=2), so every trainer test also runs the sharded path.
+TEST_RUN = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.max_seqlen": 32,
+            "batch_size": 4, "train_tokens": None, "train_steps": 12, "mesh.data": 4,
+            "mesh.tensor": 2, "pacing.seqlen_start": 8, "pacing.multiple": 8,
+            "pacing.duration_steps": 6, "optim.warmup_steps": 2, "optim.lr": 3e-3,
+            "eval.every_steps": 6, "eval.batches": 2, "checkpoint.every_steps": 4,
+            "log.print_every_steps": 1, "data.val_fraction": 0.1, "hardware.peak_flops": 1e11}
+
+
+def metric_rows(workdir, key="loss"):
+  """The metrics.jsonl rows of a run that have `key` (a run still writing may have left a
+  partial last line: it is not a row yet)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = f.read().split("\n")[:-1]  # After the last newline: nothing, or a partial line.
+  return [r for r in map(json.loads, lines) if key in r]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+  """A small prepared corpus: 40 standard-library files, byte vocabulary."""
+  from slw_jax import prepare  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("corpus")
+  for path in prepare.stdlib_files()[:40]:
+    (root / (os.path.basename(path) + ".txt")).write_bytes(open(path, "rb").read())
+  return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))  # Shared: later runs reuse executables.
+
+
+@pytest.fixture
+def make_config(corpus_dir, cache_dir, tmp_path_factory):
+  from slw_jax import config_lib  # pylint: disable=g-import-not-at-top
+  """make_config(**overrides) -> the validated test-run config (TEST_RUN + data + cache)."""
+  data_dir = str(tmp_path_factory.getbasetemp() / "prepared")
+
+  def make(**overrides):
+    values = {**TEST_RUN, "data.source": f"files:{corpus_dir}/*.txt", "data.dir": data_dir,
+              "compile.cache_dir": cache_dir}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return config_lib.validate(config_lib.load_config_file(str(REPO / "configs/tiny.py"),
+                                                           values))
+  return make
+
+

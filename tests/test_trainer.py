@@ -10,45 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TEST_RUN, metric_rows as _rows
 from slw_jax import config_lib, hardware, input_pipeline, prepare, reporting, trainer
 
 
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory):
-  """A small prepared corpus: 40 standard-library files, byte vocabulary."""
-  root = tmp_path_factory.mktemp("corpus")
-  for path in prepare.stdlib_files()[:40]:
-    (root / (os.path.basename(path) + ".txt")).write_bytes(open(path, "rb").read())
-  return root
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))  # Shared: later runs reuse executables.
-
-
-@pytest.fixture
-def make_config(corpus_dir, cache_dir, tmp_path_factory):
-  data_dir = str(tmp_path_factory.getbasetemp() / "prepared")
-
-  def make(**overrides):
-    values = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.max_seqlen": 32,
-              "batch_size": 4, "train_tokens": None, "train_steps": 12,
-              "pacing.seqlen_start": 8, "pacing.multiple": 8, "pacing.duration_steps": 6,
-              "optim.warmup_steps": 2, "optim.lr": 3e-3, "eval.every_steps": 6,
-              "eval.batches": 2, "checkpoint.every_steps": 4, "log.print_every_steps": 1,
-              "data.source": f"files:{corpus_dir}/*.txt", "data.val_fraction": 0.1,
-              "data.dir": data_dir, "compile.cache_dir": cache_dir, "hardware.peak_flops": 1e11}
-    values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return config_lib.validate(config_lib.load_config_file(str(REPO / "configs/tiny.py"),
-                                                           values))
-  return make
-
-
-def _rows(workdir, key="loss"):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if key in r]
 
 
 def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path, cache_dir):
@@ -114,12 +79,9 @@ def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
   c = make_config(train_steps=400, checkpoint__every_steps=1000, eval__every_steps=1000)
   workdir = tmp_path / "run"
   overrides = [f"--config.{k}={v}" for k, v in {
-      "model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.max_seqlen": 32,
-      "batch_size": 4, "train_steps": 400, "pacing.seqlen_start": 8,
-      "pacing.duration_steps": 6, "optim.warmup_steps": 2, "eval.every_steps": 1000,
-      "checkpoint.every_steps": 1000, "data.source": c.data.source, "data.dir": c.data.dir,
-      "data.val_fraction": 0.1, "compile.cache_dir": c.compile.cache_dir,
-      "hardware.peak_flops": 1e11}.items()]
+      **TEST_RUN, "train_steps": 400, "eval.every_steps": 1000, "checkpoint.every_steps": 1000,
+      "data.source": c.data.source, "data.dir": c.data.dir,
+      "compile.cache_dir": c.compile.cache_dir}.items() if v is not None]
   process = subprocess.Popen(
       [sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
        *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
