@@ -1,7 +1,8 @@
 """Joining a multi-process run: `jax.distributed` setup, before anything touches a device.
 
 A process is one of several when it is told so (flags, or the SLW_* environment variables the
-launch scripts set), when SLW_DISTRIBUTED=auto asks JAX to detect the cluster itself (TPU VM
+launch scripts set; in a Kubernetes Indexed Job the process id defaults to the pod's
+JOB_COMPLETION_INDEX), when SLW_DISTRIBUTED=auto asks JAX to detect the cluster itself (TPU VM
 slices: launch/tpu_vm.sh), or when it runs under a cluster detected here: a SLURM job step with
 more than one task, or a TPU slice with several workers. Anything else is a single-process run
 and starts no coordinator.
@@ -30,6 +31,8 @@ def _explicit(coordinator_address, num_processes, process_id) -> dict:
       given[key] = os.environ[env]
   if all(v in (None, "") for v in given.values()):
     return {}
+  if given["process_id"] in (None, "") and os.environ.get("JOB_COMPLETION_INDEX"):
+    given["process_id"] = os.environ["JOB_COMPLETION_INDEX"]  # A Kubernetes Indexed Job's pod.
   missing = [f"--{k} (or {ENV[k]})" for k, v in given.items() if v in (None, "")]
   if missing:
     raise DistributedError(f"multi-process run needs {', '.join(missing)} as well")

@@ -140,7 +140,7 @@ def test_uneven_rows_replicate_and_are_reported():
 def test_distributed_settings(monkeypatch):
   for env in list(distributed.ENV.values()) + [
       "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE",
-      "SLURM_GPUS_ON_NODE", "TPU_WORKER_HOSTNAMES", "SLW_DISTRIBUTED"]:
+      "SLURM_GPUS_ON_NODE", "TPU_WORKER_HOSTNAMES", "SLW_DISTRIBUTED", "JOB_COMPLETION_INDEX"]:
     monkeypatch.delenv(env, raising=False)
   assert distributed.initialize() == "single"
   assert distributed.initialize("127.0.0.1:1234", 1, 0) == "single"
@@ -154,6 +154,12 @@ def test_distributed_settings(monkeypatch):
     distributed.initialize("127.0.0.1:1234")
   with pytest.raises(distributed.DistributedError, match="must be HOST:PORT"):
     distributed.initialize("node0", 2, 0)
+  monkeypatch.delenv("SLW_NUM_PROCESSES")
+  monkeypatch.delenv("SLW_PROCESS_ID")
+  monkeypatch.setenv("JOB_COMPLETION_INDEX", "5")  # A Kubernetes Indexed Job's pod.
+  with pytest.raises(distributed.DistributedError, match=r"--process_id=5 must be in \[0, "):
+    distributed.initialize("slw-jax-0.slw-jax:1234", 2)
+  monkeypatch.delenv("JOB_COMPLETION_INDEX")
   monkeypatch.setenv("SLURM_JOB_ID", "7")
   monkeypatch.setenv("SLURM_NTASKS", "16")  # A 16-task allocation, but not inside srun.
   assert distributed.detected_cluster() is None
