@@ -23,6 +23,11 @@ CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 
 
+WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: metrics, TensorBoard, checkpoints; a directory with "
+    "checkpoints resumes (main) or is evaluated (evaluate).")
+
+
 class UsageError(ValueError):
   """A bad flag or file given on the command line."""
 

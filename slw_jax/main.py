@@ -10,8 +10,6 @@ from absl import flags
 
 from slw_jax import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, TensorBoard, "
-                               "checkpoints; a directory with checkpoints resumes.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's "
                                    "coordinator (multi-process runs); env SLW_COORDINATOR_ADDRESS.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run; env "
@@ -23,12 +21,12 @@ def main(argv=None):
   argv = sys.argv if argv is None else argv
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
-    if not _WORKDIR.value:
+    if not cli.WORKDIR.value:
       raise cli.UsageError("--workdir is required: the run directory, e.g. --workdir=runs/tiny")
     from slw_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-      run = trainer.Trainer(config, _WORKDIR.value)  # Checks mesh, data and config ...
+      run = trainer.Trainer(config, cli.WORKDIR.value)  # Checks mesh, data and config ...
       run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
     except trainer.StopTraining as error:
       raise cli.UsageError(str(error)) from None

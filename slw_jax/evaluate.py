@@ -1,0 +1,253 @@
+"""`python -m slw_jax.evaluate --workdir=DIR --task=val|wikitext103|lambada [--data=PATH]`
+
+Zero-shot evaluation of a run's newest (or `--step`) checkpoint, as the paper reports it,
+following Megatron-LM's GPT-2 evaluation:
+- `wikitext103`: perplexity of the raw test file. The WikiText markup is detokenized, the text
+  is scored in windows of the model's context that advance by `--overlap` tokens (each window
+  scores only its last `--overlap` targets, so every token is predicted from a long context),
+  and both the token-level perplexity and the perplexity adjusted to the original word count
+  (`exp(loss * (tokens - 1) / (words - 1))`) are reported.
+- `lambada`: last-word accuracy over a JSONL file of {"text": ...}: correct only when every
+  token of the final word is the greedy prediction (Megatron's strict evaluation).
+- `val`: loss and perplexity over every full-length window of the prepared validation split.
+Results go to DIR/eval/<task>.json and are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+from absl import flags
+
+from slw_jax import cli, reporting
+
+_TASK = flags.DEFINE_enum("task", None, ["val", "wikitext103", "lambada"], "What to evaluate.")
+_DATA = flags.DEFINE_string("data", None, "wikitext103: the raw test file (wiki.test.raw); "
+                            "lambada: a JSONL file of {\"text\": ...}; val: a prepared data "
+                            "directory (default: the run's data.dir).")
+_VOCAB = flags.DEFINE_string("vocab", None, "byte, spm:PATH or gpt2:PATH (default: the run's "
+                             "data.vocab).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+_OVERLAP = flags.DEFINE_integer("overlap", 32, "wikitext103: targets scored per window (the "
+                                "window advances by this many tokens).")
+
+
+# ----- WikiText -------------------------------------------------------------------------------
+
+_WIKITEXT_RULES = [  # (pattern, replacement, is_regex), in order: the markup of WikiText-103.
+    ("s '", "s'", False), (r"/' [0-9]/", r"/'[0-9]/", True),
+    (" @-@ ", "-", False), (" @,@ ", ",", False), (" @.@ ", ".", False),
+    (" : ", ": ", False), (" ; ", "; ", False), (" . ", ". ", False), (" ! ", "! ", False),
+    (" ? ", "? ", False), (" , ", ", ", False),
+    (r"\(\s*([^\)]*?)\s*\)", r"(\1)", True), (r"\[\s*([^\]]*?)\s*\]", r"[\1]", True),
+    (r"{\s*([^}]*?)\s*}", r"{\1}", True), (r"\"\s*([^\"]*?)\s*\"", r'"\1"', True),
+    (r"'\s*([^']*?)\s*'", r"'\1'", True),
+    ("= = = =", "====", False), ("= = =", "===", False), ("= =", "==", False),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}", False), (" \n", "\n", False), ("\n ", "\n", False),
+    (" N ", " 1 ", False), (" 's", "'s", False),
+]
+
+
+def wikitext_detokenize(text: str) -> str:
+  """WikiText's tokenized text back to plain text (Megatron-LM's GPT-2 evaluation rules)."""
+  for pattern, replacement, is_regex in _WIKITEXT_RULES:
+    text = re.sub(pattern, replacement, text) if is_regex else text.replace(pattern, replacement)
+  return text
+
+
+def lm_windows(tokens, seq_len: int, overlap: int):
+  """(inputs, targets, mask) [N, seq_len]: window i starts at i * overlap; the first scores all
+  its targets, each later one only its last `overlap`, so every target is scored exactly once."""
+  tokens = np.asarray(tokens, np.int64)
+  total_targets = len(tokens) - 1
+  count = max(math.ceil((total_targets - seq_len) / overlap) + 1, 1)
+  inputs = np.zeros((count, seq_len), np.int32)
+  targets = np.zeros((count, seq_len), np.int32)
+  mask = np.zeros((count, seq_len), bool)
+  for i in range(count):
+    chunk = tokens[i * overlap:i * overlap + seq_len + 1]
+    n = len(chunk) - 1
+    inputs[i, :n], targets[i, :n], mask[i, :n] = chunk[:-1], chunk[1:], True
+    if i > 0:
+      mask[i, :seq_len - overlap] = False
+  return inputs, targets, mask
+
+
+def wikitext_result(total_loss: float, num_tokens: int, num_words: int) -> dict:
+  """Megatron's figures: loss per target token, its perplexity, and the perplexity adjusted to
+  the original whitespace-separated word count."""
+  loss = total_loss / (num_tokens - 1)
+  ratio = (num_tokens - 1) / (num_words - 1)
+  return {"loss": loss, "ppl": math.exp(min(20.0, loss)),
+          "adjusted_ppl": math.exp(min(20.0, loss * ratio)), "tokens": num_tokens,
+          "original_words": num_words, "token_ratio": ratio}
+
+
+def wikitext103(path: str, tokenizer, scorer, seq_len: int, overlap: int) -> dict:
+  with open(path, encoding="utf-8") as f:
+    raw = f.read()
+  tokens = tokenizer.encode(wikitext_detokenize(raw))
+  if len(tokens) < 2:
+    raise ValueError(f"--data={path} has fewer than two tokens: nothing to score")
+  inputs, targets, mask = lm_windows(tokens, seq_len, overlap)
+  nll, _ = scorer(inputs, targets)
+  return wikitext_result(float((nll * mask).sum()), len(tokens), len(raw.strip().split(" ")))
+
+
+# ----- LAMBADA --------------------------------------------------------------------------------
+
+def lambada_example(text: str, tokenizer, seq_len: int):
+  """(inputs, targets, mask) of one example: the mask covers the final word's tokens."""
+  text = text.strip()
+  last = text.split()[-1]
+  start = text.rfind(last)
+  context, word = tokenizer.encode(text[:start].strip()), tokenizer.encode(" " + last)
+  sequence = (context + word)[-(seq_len + 1):]
+  n = len(sequence) - 1
+  inputs, targets = np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int32)
+  mask = np.zeros(seq_len, bool)
+  inputs[:n], targets[:n] = sequence[:-1], sequence[1:]
+  mask[max(0, n - len(word)):n] = True
+  return inputs, targets, mask
+
+
+def lambada(path: str, tokenizer, scorer, seq_len: int) -> dict:
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if line.strip():
+        try:
+          text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+          raise ValueError(f"--data={path}:{number} is not a JSON object with a \"text\" "
+                           "field") from None
+        examples.append(lambada_example(text, tokenizer, seq_len))
+  if not examples:
+    raise ValueError(f"--data={path} has no examples")
+  inputs, targets, mask = (np.stack(x) for x in zip(*examples))
+  _, argmax = scorer(inputs, targets)
+  correct = ((argmax == targets) | ~mask).all(axis=1)
+  return {"accuracy": float(correct.mean()), "correct": int(correct.sum()),
+          "examples": len(examples)}
+
+
+# ----- the model ------------------------------------------------------------------------------
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """(config, graphdef, params) of a run's checkpoint, on this process's first device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from slw_jax import (checkpoint, config_lib, schedules, sharding,  # pylint: disable=g-import-not-at-top
+                       train_step)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"--workdir={workdir} has no checkpoints/ (a run directory of slw_jax.main)")
+  checkpoints = checkpoint.Checkpoints(directory, keep=1_000_000, async_save=False)
+  saved = checkpoints.steps()
+  step = saved[-1] if step is None and saved else step
+  if step not in saved:
+    raise ValueError(f"--step={step} is not a checkpoint in {directory} (saved: {saved})")
+  config = checkpoints.read_meta(step)["config"]
+  config["mesh"].update(data=1, fsdp=1, tensor=1)  # Evaluation runs on one device.
+  c = config_lib.validate(config_lib.config_dict.ConfigDict(config))
+  optimizer = schedules.make_optimizer(c.optim)
+  graphdef, abstract = train_step.build_model(c)
+  shapes = jax.eval_shape(train_step.make_init_fn(c, optimizer))
+  layout = sharding.make_layout(c, shapes, abstract, optimizer, jax.devices()[:1])
+  state, _ = checkpoints.restore(step, layout.abstract(shapes))
+  checkpoints.close()
+  return c, step, graphdef, state["params"]
+
+
+def make_scorer(graphdef, params, batch_size: int):
+  """(inputs, targets) [N, L] -> (per-token negative log-likelihood, greedy prediction)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def score(params, inputs, targets):
+    logits = nnx.merge(graphdef, params)(inputs, deterministic=True).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return nll, jnp.argmax(logits, axis=-1)
+
+  def scorer(inputs, targets):
+    count = len(inputs)
+    padded = -(-count // batch_size) * batch_size  # Whole batches: one compiled shape.
+    inputs = np.concatenate([inputs, np.zeros((padded - count,) + inputs.shape[1:], np.int32)])
+    targets = np.concatenate([targets, np.zeros_like(inputs[:padded - count])])
+    outs = [jax.device_get(score(params, inputs[i:i + batch_size], targets[i:i + batch_size]))
+            for i in range(0, padded, batch_size)]
+    return (np.concatenate([o[0] for o in outs])[:count],
+            np.concatenate([o[1] for o in outs])[:count])
+  return scorer
+
+
+def validation(c, data_dir: str, scorer) -> dict:
+  """Loss and perplexity over every full-length window of the validation split."""
+  from slw_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  tokens = input_pipeline.open_split(data_dir, "validation", c.data.verify_max_bytes)
+  length = c.pacing.seqlen_end
+  count = (len(tokens) - 1) // length
+  if count < 1:
+    raise ValueError(f"the validation split of {data_dir} has {len(tokens)} tokens: too few "
+                     f"for one window of {length + 1}")
+  windows = np.stack([tokens[i * length:(i + 1) * length + 1] for i in range(count)])
+  windows = windows.astype(np.int32)
+  nll, _ = scorer(windows[:, :-1], windows[:, 1:])
+  loss = float(nll.mean())
+  return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "windows": count,
+          "tokens": int(nll.size)}
+
+
+def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int | None,
+        batch_size: int, overlap: int) -> dict:
+  from slw_jax import tokenizers_lib  # pylint: disable=g-import-not-at-top
+  if task != "val" and not data:
+    raise ValueError(f"--task={task} needs --data=PATH (see --help)")
+  if data and not os.path.exists(data):
+    raise ValueError(f"--data={data} does not exist")
+  if batch_size < 1 or overlap < 1:
+    raise ValueError(f"--batch_size={batch_size} and --overlap={overlap} must be >= 1")
+  c, step, graphdef, params = load_checkpoint(workdir, step)
+  if overlap > c.model.max_seqlen:
+    raise ValueError(f"--overlap={overlap} must be <= model.max_seqlen={c.model.max_seqlen}")
+  scorer = make_scorer(graphdef, params, batch_size)
+  if task == "val":
+    result = validation(c, data or c.data.dir, scorer)
+  else:
+    tokenizer = tokenizers_lib.make_tokenizer(vocab or c.data.vocab)
+    if task == "wikitext103":
+      result = wikitext103(data, tokenizer, scorer, c.model.max_seqlen, overlap)
+    else:
+      result = lambada(data, tokenizer, scorer, c.model.max_seqlen)
+  result = {"task": task, "step": step, "data": data, **result}
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  reporting.write_json(os.path.join(workdir, "eval", f"{task}.json"), result)
+  return result
+
+
+def main(argv=None):
+  argv = sys.argv if argv is None else argv
+  with cli.exit_on_bad_input():
+    try:
+      flags.FLAGS(argv)
+    except flags.Error as error:
+      raise cli.UsageError(str(error)) from None
+    if not cli.WORKDIR.value or not _TASK.value:
+      raise cli.UsageError("--workdir and --task are required, e.g. --workdir=runs/tiny "
+                           "--task=val")
+    result = run(cli.WORKDIR.value, _TASK.value, _DATA.value, _VOCAB.value, _STEP.value,
+                 _BATCH.value, _OVERLAP.value)
+  print(json.dumps(result, indent=1))
+  print(f"written to {os.path.join(cli.WORKDIR.value, 'eval', _TASK.value + '.json')}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,230 @@
+"""`python -m slw_jax.report DIR [DIR ...] --out=OUT`: plots and a Markdown report of runs.
+
+Reads each run's `metrics.jsonl` (a run still going, or killed mid-write, is fine: a partial
+last line is ignored), and its `eval/*.json` results when present. Writes PNG plots overlaying
+the runs (the paper's Figures 1, 4, 5 and 6 for our runs) and `OUT/report.md`: per run the
+stability statistics (Tables 1 and 3, recomputed from the metrics by the same monitor the
+trainer uses) and the tokens and wall-clock each run took to reach the best validation loss all
+runs reach (Table 2 style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+
+from absl import flags
+
+from slw_jax import cli, config_lib, monitor
+
+_OUT = flags.DEFINE_string("out", None, "Output directory for the PNG plots and report.md.")
+_RATIO = flags.DEFINE_float("ratio_threshold", 1.2, "Loss ratio above which a step counts as "
+                            "unstable (the paper's 1.2).")
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  workdir: str
+  steps: list[dict]  # Training rows, in file order (a rollback repeats step numbers).
+  evals: list[dict]  # Validation rows.
+  results: dict  # eval/<task>.json contents by task.
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Rows of a metrics.jsonl; a partial last line (a run killed mid-write) is dropped."""
+  with open(path) as f:
+    lines = f.read().split("\n")
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines):  # Last line, not newline-terminated: still being written.
+        break
+      raise ValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}") from None
+  return rows
+
+
+def read_run(workdir: str) -> Run:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise ValueError(f"{workdir!r} has no metrics.jsonl: pass run directories written by "
+                     "python -m slw_jax.main --workdir=DIR")
+  rows = read_metrics(path)
+  wall = 0.0
+  steps = []
+  for row in rows:
+    if "loss" in row:
+      wall += float(row["step_time_s"])
+      steps.append({**row, "train_time_s": wall})
+  results = {}
+  for result in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
+    with open(result) as f:
+      results[os.path.splitext(os.path.basename(result))[0]] = json.load(f)
+  name = os.path.basename(os.path.normpath(workdir))
+  return Run(name, workdir, steps, [r for r in rows if "val_loss" in r], results)
+
+
+def stability(run: Run, ratio_threshold: float) -> dict:
+  """The trainer's stability summary, recomputed by replaying the run's rows."""
+  cfg = config_lib.base_config().monitor
+  cfg.ratio_threshold = ratio_threshold
+  replay = monitor.StabilityMonitor(cfg)
+  for row in run.steps:
+    replay.observe(row["step"], row)
+  return replay.summary()
+
+
+def time_to_target(runs: list[Run]) -> tuple[float | None, dict]:
+  """The best validation loss every run reaches, and per run the first (tokens, elapsed_s)
+  at which it does (None for a run without evaluations)."""
+  bests = [min(float(e["val_loss"]) for e in r.evals) for r in runs if r.evals]
+  if not bests:
+    return None, {}
+  target = max(bests)
+  reached = {}
+  for run in runs:
+    first = next((e for e in run.evals if float(e["val_loss"]) <= target), None)
+    reached[run.name] = None if first is None else (first["tokens"], first.get("elapsed_s"))
+  return target, reached
+
+
+def _series(rows, x, y):
+  points = [(float(r[x]), float(r[y])) for r in rows if x in r and y in r]
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+PLOTS = {  # file -> (title, [(x key, y key, y label, log y)], rows: "steps" or "evals")
+    "loss_vs_tokens.png": ("Training loss", [("tokens", "loss", "loss", False)], "steps"),
+    "loss_vs_time.png": ("Training loss vs training time (sum of step times, s)",
+                         [("train_time_s", "loss", "loss", False)], "steps"),
+    "loss_ratio.png": ("Loss ratio (loss / min previous loss)",
+                       [("step", "loss_ratio", "loss ratio", False)], "steps"),
+    "adam_variance.png": ("Adam variance state", [("step", "adam_nu_l1", "l1 norm of sqrt(nu)",
+                                                   True),
+                                                  ("step", "adam_nu_max", "max of sqrt(nu)",
+                                                   True)], "steps"),
+    "seqlen_lr.png": ("Pacing", [("step", "seqlen", "sequence length", False),
+                                 ("step", "lr", "learning rate", False)], "steps"),
+    "val_ppl.png": ("Validation perplexity", [("tokens", "val_ppl", "perplexity", True)],
+                    "evals"),
+}
+
+
+def plot(runs: list[Run], out: str) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+  written = []
+  for filename, (title, panels, which) in PLOTS.items():
+    figure, axes = pyplot.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
+    for ax, (x, y, label, log) in zip(axes[:, 0], panels):
+      for run in runs:
+        xs, ys = _series(getattr(run, which), x, y)
+        ax.plot(xs, ys, label=run.name, linewidth=1)
+      ax.set_xlabel(x)
+      ax.set_ylabel(label)
+      if log:
+        ax.set_yscale("log")
+      ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title)
+    axes[0, 0].legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, filename), dpi=100)
+    pyplot.close(figure)
+    written.append(filename)
+  return written
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "n/a" if value is None else str(value)
+  return format(value, spec)
+
+
+def _ratio(value, first) -> str:
+  return "n/a" if value is None or not first else f"{value / first:.2f}x"
+
+
+def markdown(runs: list[Run], stats: dict, target, reached, plots: list[str],
+             ratio_threshold: float) -> str:
+  lines = ["# Run report", "", f"Runs: {', '.join(f'`{r.workdir}`' for r in runs)}.", "",
+           f"## Stability (loss ratio > {ratio_threshold}: the paper's Tables 1 and 3)", "",
+           "| run | steps | steps with ratio > threshold | % | max loss ratio | r (ratio vs "
+           "adam_nu_l1) | p | r (ratio vs adam_nu_max) | p |", "| --- " * 9 + "|"]
+  for run in runs:
+    s = stats[run.name]
+    l1, mx = s["pearson_loss_ratio_vs_adam_nu_l1"], s["pearson_loss_ratio_vs_adam_nu_max"]
+    lines.append(f"| {run.name} | {s['steps']} | {s['unstable_steps']} | "
+                 f"{100 * s['unstable_fraction']:.2f} | {_fmt(s['max_loss_ratio'])} | "
+                 f"{_fmt(l1['r'], '.3f')} | {_fmt(l1['p'], '.2g')} | {_fmt(mx['r'], '.3f')} | "
+                 f"{_fmt(mx['p'], '.2g')} |")
+  lines += ["", "## Time to the best validation loss all runs reach (Table 2 style)", ""]
+  if target is None:
+    lines.append("No run has validation results yet.")
+  else:
+    first = reached.get(runs[0].name) or (None, None)
+    lines += [f"Target: validation loss {target:.4f}.", "",
+              "| run | tokens | tokens vs first run | wall-clock s | wall-clock vs first run |",
+              "| --- | --- | --- | --- | --- |"]
+    for run in runs:
+      tokens, seconds = reached.get(run.name) or (None, None)
+      lines.append(f"| {run.name} | {_fmt(tokens, ',')} | {_ratio(tokens, first[0])} | "
+                   f"{_fmt(seconds, '.1f')} | {_ratio(seconds, first[1])} |")
+  lines += ["", "## Final evaluation", ""]
+  for run in runs:
+    last = run.evals[-1] if run.evals else None
+    summary = ("no validation yet" if last is None else
+               f"step {last['step']}: val_loss {_fmt(last['val_loss'])}, "
+               f"val_ppl {_fmt(last['val_ppl'])}")
+    lines.append(f"- {run.name}: {summary}")
+    for task, result in run.results.items():
+      lines.append(f"  - {task}: {json.dumps(result, sort_keys=True)}")
+  lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2) -> str:
+  """Writes the plots and report.md into `out`; returns the report's path."""
+  runs = [read_run(w) for w in workdirs]
+  names = [r.name for r in runs]
+  for run in runs:
+    if names.count(run.name) > 1:
+      run.name = os.path.normpath(run.workdir)  # Same basename: tell them apart by path.
+  os.makedirs(out, exist_ok=True)
+  stats = {r.name: stability(r, ratio_threshold) for r in runs}
+  target, reached = time_to_target(runs)
+  plots = plot(runs, out)
+  path = os.path.join(out, "report.md")
+  with open(path, "w") as f:
+    f.write(markdown(runs, stats, target, reached, plots, ratio_threshold))
+  return path
+
+
+def main(argv=None):
+  argv = sys.argv if argv is None else argv
+  with cli.exit_on_bad_input():
+    try:
+      workdirs = flags.FLAGS(argv)[1:]
+    except flags.Error as error:
+      raise cli.UsageError(str(error)) from None
+    if not workdirs:
+      raise cli.UsageError("pass one or more run directories: python -m slw_jax.report DIR "
+                           "[DIR ...] --out=OUT")
+    if not _OUT.value:
+      raise cli.UsageError("--out is required: the directory for the plots and report.md")
+    if _RATIO.value <= 1:
+      raise cli.UsageError(f"--ratio_threshold={_RATIO.value} must be > 1")
+    path = build(workdirs, _OUT.value, _RATIO.value)  # Reads every run before plotting.
+  print(f"wrote {path} and {len(PLOTS)} plots in {_OUT.value}")
+
+
+if __name__ == "__main__":
+  main()
