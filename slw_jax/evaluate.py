@@ -84,17 +84,17 @@ def wikitext_result(total_loss: float, num_tokens: int, num_words: int) -> dict:
   the original whitespace-separated word count."""
   loss = total_loss / (num_tokens - 1)
   ratio = (num_tokens - 1) / (num_words - 1)
-  return {"loss": loss, "ppl": math.exp(min(20.0, loss)),
-          "adjusted_ppl": math.exp(min(20.0, loss * ratio)), "tokens": num_tokens,
-          "original_words": num_words, "token_ratio": ratio}
+  capped_exp = lambda x: math.exp(min(20.0, x)) if math.isfinite(x) else math.nan  # noqa: E731
+  return {"loss": loss, "ppl": capped_exp(loss), "adjusted_ppl": capped_exp(loss * ratio),
+          "tokens": num_tokens, "original_words": num_words, "token_ratio": ratio}
 
 
 def wikitext103(path: str, tokenizer, scorer, seq_len: int, overlap: int) -> dict:
   with open(path, encoding="utf-8") as f:
     raw = f.read()
   tokens = tokenizer.encode(wikitext_detokenize(raw))
-  if len(tokens) < 2:
-    raise ValueError(f"--data={path} has fewer than two tokens: nothing to score")
+  if len(tokens) < 2 or len(raw.strip().split(" ")) < 2:
+    raise ValueError(f"--data={path} has fewer than two tokens or words: nothing to score")
   inputs, targets, mask = lm_windows(tokens, seq_len, overlap)
   nll, _ = scorer(inputs, targets)
   return wikitext_result(float((nll * mask).sum()), len(tokens), len(raw.strip().split(" ")))
@@ -103,9 +103,15 @@ def wikitext103(path: str, tokenizer, scorer, seq_len: int, overlap: int) -> dic
 # ----- LAMBADA --------------------------------------------------------------------------------
 
 def lambada_example(text: str, tokenizer, seq_len: int):
-  """(inputs, targets, mask) of one example: the mask covers the final word's tokens."""
+  """(inputs, targets, mask) of one example: the mask covers the final word's tokens.
+
+  Raises ValueError for a text without a context before its last word.
+  """
+  words = text.split() if isinstance(text, str) else []
+  if len(words) < 2:
+    raise ValueError(f"needs a string \"text\" with at least two words, got {text!r:.60}")
   text = text.strip()
-  last = text.split()[-1]
+  last = words[-1]
   start = text.rfind(last)
   context, word = tokenizer.encode(text[:start].strip()), tokenizer.encode(" " + last)
   sequence = (context + word)[-(seq_len + 1):]
@@ -123,11 +129,10 @@ def lambada(path: str, tokenizer, scorer, seq_len: int) -> dict:
     for number, line in enumerate(f, start=1):
       if line.strip():
         try:
-          text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-          raise ValueError(f"--data={path}:{number} is not a JSON object with a \"text\" "
-                           "field") from None
-        examples.append(lambada_example(text, tokenizer, seq_len))
+          examples.append(lambada_example(json.loads(line)["text"], tokenizer, seq_len))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+          raise ValueError(f"--data={path}:{number} is not a LAMBADA example (a JSON object "
+                           f"with a \"text\" of two or more words): {error}") from None
   if not examples:
     raise ValueError(f"--data={path} has no examples")
   inputs, targets, mask = (np.stack(x) for x in zip(*examples))
@@ -140,7 +145,10 @@ def lambada(path: str, tokenizer, scorer, seq_len: int) -> dict:
 # ----- the model ------------------------------------------------------------------------------
 
 def load_checkpoint(workdir: str, step: int | None = None):
-  """(config, graphdef, params) of a run's checkpoint, on this process's first device."""
+  """(config, step, graphdef, params) of a run's checkpoint, on this process's first device.
+
+  The whole train state is restored (optimizer included: about 3x the parameters' memory).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from slw_jax import (checkpoint, config_lib, schedules, sharding,  # pylint: disable=g-import-not-at-top
                        train_step)
@@ -149,6 +157,8 @@ def load_checkpoint(workdir: str, step: int | None = None):
     raise ValueError(f"--workdir={workdir} has no checkpoints/ (a run directory of slw_jax.main)")
   checkpoints = checkpoint.Checkpoints(directory, keep=1_000_000, async_save=False)
   saved = checkpoints.steps()
+  if not saved:
+    raise ValueError(f"--workdir={workdir} has no checkpoint saved yet")
   step = saved[-1] if step is None and saved else step
   if step not in saved:
     raise ValueError(f"--step={step} is not a checkpoint in {directory} (saved: {saved})")
@@ -223,6 +233,7 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
     result = validation(c, data or c.data.dir, scorer)
   else:
     tokenizer = tokenizers_lib.make_tokenizer(vocab or c.data.vocab)
+    tokenizer = tokenizers_lib.checked(tokenizer, c.model.vocab_size, vocab or c.data.vocab)
     if task == "wikitext103":
       result = wikitext103(data, tokenizer, scorer, c.model.max_seqlen, overlap)
     else:

@@ -57,19 +57,30 @@ def read_run(workdir: str) -> Run:
   if not os.path.isfile(path):
     raise ValueError(f"{workdir!r} has no metrics.jsonl: pass run directories written by "
                      "python -m slw_jax.main --workdir=DIR")
-  rows = read_metrics(path)
-  wall = 0.0
-  steps = []
+  rows = [{k: _number(v) for k, v in row.items()} for row in read_metrics(path)]
+  # Training time: the sum of step times, which (unlike an evaluation's elapsed_s) keeps
+  # counting across a resume.
+  wall, steps, evals = 0.0, [], []
   for row in rows:
     if "loss" in row:
-      wall += float(row["step_time_s"])
+      wall += row["step_time_s"]
       steps.append({**row, "train_time_s": wall})
+    elif "val_loss" in row:
+      evals.append({**row, "train_time_s": wall})
   results = {}
   for result in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
-    with open(result) as f:
-      results[os.path.splitext(os.path.basename(result))[0]] = json.load(f)
+    try:
+      with open(result) as f:
+        results[os.path.splitext(os.path.basename(result))[0]] = json.load(f)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{result} is not valid JSON ({error})") from None
   name = os.path.basename(os.path.normpath(workdir))
-  return Run(name, workdir, steps, [r for r in rows if "val_loss" in r], results)
+  return Run(name, workdir, steps, evals, results)
+
+
+def _number(value):
+  """The trainer writes non-finite numbers as the strings "nan" / "inf" / "-inf"."""
+  return float(value) if value in ("nan", "inf", "-inf") else value
 
 
 def stability(run: Run, ratio_threshold: float) -> dict:
@@ -83,16 +94,17 @@ def stability(run: Run, ratio_threshold: float) -> dict:
 
 
 def time_to_target(runs: list[Run]) -> tuple[float | None, dict]:
-  """The best validation loss every run reaches, and per run the first (tokens, elapsed_s)
-  at which it does (None for a run without evaluations)."""
-  bests = [min(float(e["val_loss"]) for e in r.evals) for r in runs if r.evals]
+  """The best validation loss every run reaches, and per run the first (tokens, training
+  seconds) at which it does (None for a run without finite evaluations)."""
+  finite = {r.name: [e for e in r.evals if math.isfinite(e["val_loss"])] for r in runs}
+  bests = [min(e["val_loss"] for e in evals) for evals in finite.values() if evals]
   if not bests:
     return None, {}
   target = max(bests)
   reached = {}
   for run in runs:
-    first = next((e for e in run.evals if float(e["val_loss"]) <= target), None)
-    reached[run.name] = None if first is None else (first["tokens"], first.get("elapsed_s"))
+    first = next((e for e in finite[run.name] if e["val_loss"] <= target), None)
+    reached[run.name] = None if first is None else (first["tokens"], first["train_time_s"])
   return target, reached
 
 
@@ -144,8 +156,10 @@ def plot(runs: list[Run], out: str) -> list[str]:
 
 
 def _fmt(value, spec: str = ".4g") -> str:
-  if value is None or (isinstance(value, float) and not math.isfinite(value)):
-    return "n/a" if value is None else str(value)
+  if value is None:
+    return "n/a"
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
   return format(value, spec)
 
 
@@ -155,7 +169,14 @@ def _ratio(value, first) -> str:
 
 def markdown(runs: list[Run], stats: dict, target, reached, plots: list[str],
              ratio_threshold: float) -> str:
-  lines = ["# Run report", "", f"Runs: {', '.join(f'`{r.workdir}`' for r in runs)}.", "",
+  lines = ["# Run report", "", f"Runs: {', '.join(f'`{r.workdir}`' for r in runs)}.", ""]
+  for run in runs:
+    numbers = sorted({r["step"] for r in run.steps})
+    if numbers and len(numbers) < numbers[-1] - numbers[0] + 1:
+      lines += [f"Note: {run.name} logged {len(numbers)} of steps {numbers[0]}-{numbers[-1]} "
+                "(log.every_steps > 1): its statistics below use those steps only; its "
+                "stability.json counts every step.", ""]
+  lines += [
            f"## Stability (loss ratio > {ratio_threshold}: the paper's Tables 1 and 3)", "",
            "| run | steps | steps with ratio > threshold | % | max loss ratio | r (ratio vs "
            "adam_nu_l1) | p | r (ratio vs adam_nu_max) | p |", "| --- " * 9 + "|"]
@@ -172,7 +193,9 @@ def markdown(runs: list[Run], stats: dict, target, reached, plots: list[str],
   else:
     first = reached.get(runs[0].name) or (None, None)
     lines += [f"Target: validation loss {target:.4f}.", "",
-              "| run | tokens | tokens vs first run | wall-clock s | wall-clock vs first run |",
+              "Training time: the sum of step times (compilation stalls included; evaluation "
+              "and checkpoint time not; it keeps counting across a resume).", "",
+              "| run | tokens | tokens vs first run | training s | training time vs first run |",
               "| --- | --- | --- | --- | --- |"]
     for run in runs:
       tokens, seconds = reached.get(run.name) or (None, None)

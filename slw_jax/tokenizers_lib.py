@@ -48,7 +48,9 @@ def make_tokenizer(spec: str) -> Tokenizer:
   """The tokenizer of a vocabulary spec: byte, spm:PATH or gpt2:PATH."""
   kind, arg = config_lib.split_spec(spec, "byte")
   if kind == "byte":
-    return Tokenizer("byte", lambda text: (b + BYTE_OFFSET for b in text.encode("utf-8")))
+    # errors="ignore", as seqio's encoder: lone surrogates (valid in JSON) are dropped.
+    return Tokenizer("byte", lambda text: (b + BYTE_OFFSET
+                                           for b in text.encode("utf-8", errors="ignore")))
   if kind == "spm" and arg:
     if not os.path.isfile(arg):
       raise ValueError(f"vocabulary spm:{arg} does not exist (a SentencePiece .model file)")
@@ -58,3 +60,15 @@ def make_tokenizer(spec: str) -> Tokenizer:
   if kind == "gpt2" and arg:
     return Tokenizer("gpt2", _gpt2(arg))
   raise ValueError(f"vocabulary {spec!r} is invalid: use byte, spm:PATH or gpt2:PATH")
+
+
+def checked(tokenizer: Tokenizer, vocab_size: int, spec: str) -> Tokenizer:
+  """`tokenizer`, raising on an id the model has no embedding for (a vocabulary mismatch would
+  otherwise show up only as a NaN loss)."""
+  def encode(text):
+    ids = tokenizer.encode(text)
+    if ids and max(ids) >= vocab_size:
+      raise ValueError(f"vocabulary {spec!r} produced token id {max(ids)} but the model has "
+                       f"model.vocab_size={vocab_size}: pass the run's vocabulary (--vocab)")
+    return ids
+  return Tokenizer(tokenizer.kind, encode)

@@ -39,11 +39,14 @@ def test_wikitext_perplexities(tmp_path):
   path.write_text(raw)
   constant = lambda inputs, targets: (np.ones(inputs.shape), targets)  # nll 1 per token.  # noqa
   result = evaluate.wikitext103(str(path), BYTES, constant, seq_len=8, overlap=2)
-  tokens = len(evaluate.wikitext_detokenize(raw).encode())
-  words = len(raw.strip().split(" "))  # Megatron counts the raw file's space-separated words.
-  assert result["tokens"] == tokens and result["original_words"] == words
+  # By hand: the detokenized text " = Title =\nthe 2,000 cats sat.\n" is 31 bytes; the raw
+  # file has 11 space-separated words ("=", "Title", "=", "\n", "the", "2", "@,@", "000",
+  # "cats", "sat", "."). Loss 1 per target: ppl e, adjusted exp(30 / 10) = e^3.
+  assert result["tokens"] == 31 and result["original_words"] == 11
   assert result["loss"] == pytest.approx(1.0) and result["ppl"] == pytest.approx(math.e)
-  assert result["adjusted_ppl"] == pytest.approx(math.exp((tokens - 1) / (words - 1)))
+  assert result["token_ratio"] == 3.0 and result["adjusted_ppl"] == pytest.approx(math.e ** 3)
+  nan = evaluate.wikitext_result(math.nan, 31, 11)
+  assert math.isnan(nan["ppl"]) and math.isnan(nan["adjusted_ppl"])  # Not a capped e^20.
 
 
 def test_lambada_is_strict_about_the_last_word_only(tmp_path):
@@ -67,6 +70,17 @@ def _last_word(text):
   return np.flatnonzero(mask)
 
 
+def test_lambada_bad_examples_are_clear_errors(tmp_path):
+  path = tmp_path / "lambada.jsonl"
+  path.write_text(json.dumps({"text": "fine example here"}) + "\n" + json.dumps({"text": "one"}))
+  with pytest.raises(ValueError, match=r"lambada.jsonl:2 is not a LAMBADA example"):
+    evaluate.lambada(str(path), BYTES, None, seq_len=32)
+  big = tokenizers_lib.checked(BYTES, vocab_size=100, spec="byte")
+  with pytest.raises(ValueError, match="produced token id 119 but the model has "
+                                       "model.vocab_size=100"):
+    big.encode("abt")
+
+
 def test_lambada_example_layout():
   inputs, targets, mask = evaluate.lambada_example("the cat sat", BYTES, 32)
   assert bytes(int(t) - 3 for t in targets[mask]) == b" sat"
@@ -79,7 +93,8 @@ def test_evaluate_a_trained_run(make_config, tmp_path):
   trainer.Trainer(make_config(train_steps=4, checkpoint__every_steps=2), workdir).run()
   val = evaluate.run(workdir, "val", None, None, None, batch_size=4, overlap=8)
   assert val["step"] == 4 and val["windows"] >= 1
-  assert val["ppl"] == pytest.approx(math.exp(val["loss"])) and 0 < val["loss"] < 10
+  assert math.isfinite(val["loss"]) and 0 < val["loss"] < 10
+  assert val["ppl"] == pytest.approx(math.exp(val["loss"]))
   assert json.load(open(tmp_path / "run" / "eval" / "val.json"))["loss"] == val["loss"]
   raw = tmp_path / "wiki.raw"
   raw.write_text(" = Title = \n some text , here @-@ and there . \n" * 5)

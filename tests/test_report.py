@@ -51,10 +51,10 @@ def test_report_from_crafted_runs(tmp_path):
   assert f"{r_max:.3f} | {p_max:.2g} |" in text
   assert "| baseline | 10 | 0 | 0.00 |" in text  # The partial last line is not a step.
   # Target: 2.8, the best loss of the worse run. slw reaches it at its 2nd eval (1,000 tokens,
-  # 20 s), the baseline at its 2nd too.
+  # after 10 steps of 0.5 s), the baseline at its 2nd too.
   assert "Target: validation loss 2.8000." in text
-  assert "| slw | 1,000 | 1.00x | 20.0 | 1.00x |" in text
-  assert "| baseline | 1,000 | 1.00x | 20.0 | 1.00x |" in text
+  assert "| slw | 1,000 | 1.00x | 5.0 | 1.00x |" in text
+  assert "| baseline | 1,000 | 1.00x | 5.0 | 1.00x |" in text
   assert "- slw: step 10: val_loss 2.35" in text
   for name in report.PLOTS:
     assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -67,9 +67,24 @@ def test_time_to_target_ratio_against_the_first_run(tmp_path):
   runs = [str(tmp_path / d) for d in ("fast", "slow")]
   target, reached = report.time_to_target([report.read_run(d) for d in runs])
   assert target == 2.6
-  assert reached == {"fast": (500, 10.0), "slow": (1000, 20.0)}
+  assert reached == {"fast": (500, 2.5), "slow": (1000, 5.0)}
   text = open(report.build(runs, str(tmp_path / "out"))).read()
-  assert "| slow | 1,000 | 2.00x | 20.0 | 2.00x |" in text
+  assert "| slow | 1,000 | 2.00x | 5.0 | 2.00x |" in text
+
+
+def test_non_finite_values_and_sampled_steps(tmp_path):
+  rows = _write_run(tmp_path / "diverged", LOSSES_B, [1.0] * 10, [3.0, 2.9])
+  rows[2].update(loss="nan", loss_ratio="nan", adam_nu_max="inf")  # As the trainer writes them.
+  rows[5]["val_loss"] = rows[5]["val_ppl"] = "nan"
+  del rows[7]  # A step that was not logged.
+  (tmp_path / "diverged" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                               for r in rows))
+  _write_run(tmp_path / "ok", LOSSES_B, [1.0] * 10, [3.1, 2.95])
+  runs = [str(tmp_path / d) for d in ("diverged", "ok")]
+  target, reached = report.time_to_target([report.read_run(d) for d in runs])
+  assert target == 2.95 and reached["diverged"] == (1000, 4.5)  # The NaN eval is ignored.
+  text = open(report.build(runs, str(tmp_path / "out"))).read()
+  assert "diverged logged 9 of steps 0-9" in text
 
 
 def test_corrupt_middle_line_and_missing_metrics_are_clear_errors(tmp_path):
