@@ -18,7 +18,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slw_jax import config_lib, models, schedules, sharding, train_step  # noqa: E402
+from slw_jax import config_lib, train_step  # noqa: E402
 
 CONFIGS = {
     "tiny": {},
@@ -30,13 +30,9 @@ MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
 def step_seconds(c, mesh, seqlen, steps):
   c = config_lib.validate(config_lib.load_config_file(
       "configs/tiny.py", {**c, "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]}))
-  devices = jax.devices()[:int(np.prod(mesh))]
-  optimizer = schedules.make_optimizer(c.optim)
-  graphdef, params = train_step.build_model(c)
-  layout = sharding.make_layout(c, jax.eval_shape(train_step.make_init_fn(c, optimizer)), params,
-                                optimizer, devices)
-  device = train_step.sharded_steps(c, layout, graphdef, optimizer, skip_bad=False,
-                                    background=False)
+  placed = train_step.on_mesh(c, jax.devices()[:int(np.prod(mesh))])
+  layout = placed.layout
+  device = train_step.sharded_steps(c, placed, skip_bad=False, background=False)
   state, shape = device.init(), (c.batch_size, seqlen)
   executable = device.steps.get(shape)
   tokens = np.random.default_rng(0).integers(0, 259, (c.batch_size, seqlen + 1)).astype(np.int32)
@@ -47,8 +43,7 @@ def step_seconds(c, mesh, seqlen, steps):
     state, metrics = executable(state, batch, np.float32(1e-4))
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  n_params = models.num_params(models.GPTConfig.from_config(c.model))
-  return statistics.median(times[1:]), device.steps.stats[shape].compile_s, n_params
+  return statistics.median(times[1:]), device.steps.stats[shape].compile_s, placed.num_params
 
 
 def main():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -66,9 +65,3 @@ class Checkpoints:
     self._manager.wait_until_finished()
     self._manager.close()
 
-
-def abstract_like(state):
-  """ShapeDtypeStructs (with shardings) of a concrete state, as restore targets."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      state)

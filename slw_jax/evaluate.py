@@ -150,8 +150,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
   The whole train state is restored (optimizer included: about 3x the parameters' memory).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from slw_jax import (checkpoint, config_lib, schedules, sharding,  # pylint: disable=g-import-not-at-top
-                       train_step)
+  from slw_jax import checkpoint, config_lib, train_step  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"--workdir={workdir} has no checkpoints/ (a run directory of slw_jax.main)")
@@ -159,19 +158,16 @@ def load_checkpoint(workdir: str, step: int | None = None):
   saved = checkpoints.steps()
   if not saved:
     raise ValueError(f"--workdir={workdir} has no checkpoint saved yet")
-  step = saved[-1] if step is None and saved else step
+  step = saved[-1] if step is None else step
   if step not in saved:
     raise ValueError(f"--step={step} is not a checkpoint in {directory} (saved: {saved})")
   config = checkpoints.read_meta(step)["config"]
   config["mesh"].update(data=1, fsdp=1, tensor=1)  # Evaluation runs on one device.
   c = config_lib.validate(config_lib.config_dict.ConfigDict(config))
-  optimizer = schedules.make_optimizer(c.optim)
-  graphdef, abstract = train_step.build_model(c)
-  shapes = jax.eval_shape(train_step.make_init_fn(c, optimizer))
-  layout = sharding.make_layout(c, shapes, abstract, optimizer, jax.devices()[:1])
-  state, _ = checkpoints.restore(step, layout.abstract(shapes))
+  placed = train_step.on_mesh(c, jax.devices()[:1])
+  state, _ = checkpoints.restore(step, placed.state_spec)
   checkpoints.close()
-  return c, step, graphdef, state["params"]
+  return c, step, placed.graphdef, state["params"]
 
 
 def make_scorer(graphdef, params, batch_size: int):
@@ -203,16 +199,12 @@ def validation(c, data_dir: str, scorer) -> dict:
   """Loss and perplexity over every full-length window of the validation split."""
   from slw_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   tokens = input_pipeline.open_split(data_dir, "validation", c.data.verify_max_bytes)
-  length = c.pacing.seqlen_end
-  count = (len(tokens) - 1) // length
-  if count < 1:
-    raise ValueError(f"the validation split of {data_dir} has {len(tokens)} tokens: too few "
-                     f"for one window of {length + 1}")
-  windows = np.stack([tokens[i * length:(i + 1) * length + 1] for i in range(count)])
-  windows = windows.astype(np.int32)
-  nll, _ = scorer(windows[:, :-1], windows[:, 1:])
+  index = input_pipeline.WindowIndex(tokens, c.pacing.seqlen_end, c.seed, "validation")
+  # The trainer's validation windows (file order), all of them in one batch.
+  every = input_pipeline.validation_batch(index, 0, index.num_windows)
+  nll, _ = scorer(every.inputs, every.targets)
   loss = float(nll.mean())
-  return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "windows": count,
+  return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "windows": index.num_windows,
           "tokens": int(nll.size)}
 
 

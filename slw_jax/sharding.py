@@ -14,6 +14,7 @@ to shard it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -106,9 +107,10 @@ class Layout:
         return fn(*args)
     return wrapped
 
+  @functools.cached_property
   def process_rows(self) -> tuple[int, int]:
     """(index, count): this process holds the index-th of `count` equal blocks of batch rows."""
-    shards = math.prod(self.mesh.shape[a] for a in _batch_axes(self.batch))
+    shards = self.batch_shards
     rows = sorted({idx[0].indices(shards)[:2] for idx in
                    self.batch.addressable_devices_indices_map((shards, 1)).values()})
     start, stop = rows[0][0], rows[-1][1]
@@ -124,7 +126,9 @@ class Layout:
     return {k: jax.make_array_from_process_local_data(self.batch, v, (batch_size, v.shape[1]))
             for k, v in local.items()}
 
+  @property
   def batch_shards(self) -> int:
+    """How many ways every batch is split (the data-parallel size)."""
     return math.prod(self.mesh.shape[a] for a in _batch_axes(self.batch))
 
 
@@ -175,7 +179,7 @@ def check_batch_sizes(layout: Layout, sizes: dict[str, int]):
 
   `sizes` maps a description of where the size comes from (e.g. "config.batch_size") to it.
   """
-  shards = layout.batch_shards()
+  shards = layout.batch_shards
   for name, size in sizes.items():
     if size % shards:
       axes = " x ".join(f"{a}={layout.mesh.shape[a]}" for a in _batch_axes(layout.batch))
@@ -186,7 +190,9 @@ def check_batch_sizes(layout: Layout, sizes: dict[str, int]):
 
 def fetch(tree):
   """Host (numpy) values of replicated arrays: reads this process's first shard, so it works
-  when other processes hold devices too (where jax.device_get would refuse)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))
-                      if isinstance(x, jax.Array) else np.asarray(x), tree)
+  when other processes hold devices too (where jax.device_get would refuse). One batched
+  transfer for the whole tree."""
+  leaves, treedef = jax.tree.flatten(tree)
+  local = [x.addressable_data(0) if isinstance(x, jax.Array) else x for x in leaves]
+  return jax.tree.unflatten(treedef, [np.asarray(x) for x in jax.device_get(local)])
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from slw_jax import models, schedules
+from slw_jax import models, schedules, sharding
 
 
 def cross_entropy_sums(logits_blv, targets_bl):
@@ -102,27 +102,50 @@ def batch_spec(batch_size: int, seqlen: int, sharding=None) -> dict:
   return {"inputs": shape, "targets": shape}
 
 
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+  """The model, its optimizer and where the train state lives on the mesh."""
+  graphdef: object
+  optimizer: object
+  layout: "sharding.Layout"
+  state_spec: object  # ShapeDtypeStructs with shardings: compile and restore targets.
+
+  @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.state_spec["params"]))
+
+
+def on_mesh(c, devices=None) -> OnMesh:
+  """Builds the model and optimizer abstractly (nothing allocated) and lays the train state out
+  on the config's mesh over `devices` (default: all). Raises ConfigError for a bad mesh."""
+  optimizer = schedules.make_optimizer(c.optim)
+  graphdef, abstract_params = build_model(c)
+  shapes = jax.eval_shape(make_init_fn(c, optimizer))
+  layout = sharding.make_layout(c, shapes, abstract_params, optimizer, devices)
+  return OnMesh(graphdef, optimizer, layout, layout.abstract(shapes))
+
+
 @dataclasses.dataclass
 class ShardedSteps:
   """Everything that runs on the devices, laid out on one mesh (`sharding.Layout`)."""
   init: object  # () -> train state, created directly in its sharded layout.
-  state_spec: object  # ShapeDtypeStructs with shardings: compile and restore targets.
   steps: "BucketedStep"
   eval: object  # (params, batch) -> (loss sum, token count), replicated.
 
 
-def sharded_steps(c, layout, graphdef, optimizer, *, skip_bad: bool, background: bool = True,
+def sharded_steps(c, placed: OnMesh, *, skip_bad: bool, background: bool = True,
                   on_compiled=None) -> ShardedSteps:
-  """Init, per-bucket train steps and the eval step, all with `layout`'s shardings: the state
-  is never materialized on one device, and every bucket uses the same shardings."""
+  """Init, per-bucket train steps and the eval step, all with the layout's shardings: the
+  state is never materialized on one device, and every bucket uses the same shardings."""
+  layout, graphdef, optimizer = placed.layout, placed.graphdef, placed.optimizer
   init = jax.jit(make_init_fn(c, optimizer), out_shardings=layout.state)
-  state_spec = layout.abstract(jax.eval_shape(init))
   step_fn = layout.traced(make_train_step(c, graphdef, optimizer, skip_bad))
-  steps = BucketedStep(step_fn, state_spec, background=background, batch_sharding=layout.batch,
-                       scalar_sharding=layout.replicated, on_compiled=on_compiled,
+  steps = BucketedStep(step_fn, placed.state_spec, background=background,
+                       batch_sharding=layout.batch, scalar_sharding=layout.replicated,
+                       on_compiled=on_compiled,
                        jit_kwargs={"out_shardings": (layout.state, layout.replicated)})
   eval_fn = jax.jit(layout.traced(make_eval_step(graphdef)), out_shardings=layout.replicated)
-  return ShardedSteps(init, state_spec, steps, eval_fn)
+  return ShardedSteps(init, steps, eval_fn)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,11 +38,9 @@ class Trainer:
     self.lrs = schedules.learning_rates(c, self.schedule)
     self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
     self.primary = jax.process_index() == 0
-    self.optimizer = schedules.make_optimizer(c.optim)
-    self.graphdef, abstract_params = train_step.build_model(c)
     # The mesh and batch checks come before the data is prepared: bad input fails fast.
-    state_shapes = jax.eval_shape(train_step.make_init_fn(c, self.optimizer))
-    self.layout = sharding.make_layout(c, state_shapes, abstract_params, self.optimizer, devices)
+    placed = train_step.on_mesh(c, devices)
+    self.layout, self.state_spec = placed.layout, placed.state_spec
     sharding.check_batch_sizes(self.layout, self._batch_sizes())
     if jax.process_count() > 1:  # One process prepares missing data; the others wait for it.
       if self.primary:
@@ -50,17 +48,17 @@ class Trainer:
       multihost_utils.sync_global_devices("slw_jax: data prepared")
       input_pipeline.check_prepared_here(c.data.dir, jax.process_index())
     self.loader, self.val_index = input_pipeline.open_training_data(
-        c, *self.layout.process_rows(), log=self._print)
+        c, *self.layout.process_rows, log=self._print)
     hardware.enable_compilation_cache(c.compile.cache_dir)
     self.device = train_step.sharded_steps(
-        c, self.layout, self.graphdef, self.optimizer, skip_bad=c.monitor.action == "skip",
-        background=c.compile.background, on_compiled=self._log_compiled)
-    self.state_spec, self.steps = self.device.state_spec, self.device.steps
+        c, placed, skip_bad=c.monitor.action == "skip", background=c.compile.background,
+        on_compiled=self._log_compiled)
+    self.steps = self.device.steps
     self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                               c.checkpoint.keep, c.checkpoint.async_save)
     self.monitor = monitor.StabilityMonitor(c.monitor)
     self.model_cfg = models.GPTConfig.from_config(c.model)
-    self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))  # No 2nd trace.
+    self.num_params = placed.num_params
     self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
     self.stop_signal, self._stop_before = None, None
     self.state, self.step = None, 0
@@ -160,7 +158,7 @@ class Trainer:
                   f"buckets; MFU against {self.peak_flops:.3g} FLOP/s ({self.peak_source})")
     mesh = " x ".join(f"{k}={v}" for k, v in self.layout.mesh.shape.items())
     self.log.info(f"mesh {mesh} over {self.layout.mesh.size} devices in {jax.process_count()} "
-                  f"process(es); this one loads batch rows block {self.layout.process_rows()}")
+                  f"process(es); this one loads batch rows block {self.layout.process_rows}")
     for note in self.layout.replicated_dims:
       self.log.info(f"replicated, not sharded: {note}")
     self.started = time.time()
@@ -302,7 +300,7 @@ class Trainer:
     loss_sum = count = 0.0
     for number in range(self.c.eval.batches):
       batch = input_pipeline.validation_batch(self.val_index, number, self.c.eval.batch_size,
-                                              *self.layout.process_rows())
+                                              *self.layout.process_rows)
       batch = self.layout.global_batch({"inputs": batch.inputs, "targets": batch.targets},
                                        self.c.eval.batch_size)
       s, n = sharding.fetch(self.device.eval(self.state["params"], batch))

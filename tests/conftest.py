@@ -7,7 +7,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -39,11 +38,10 @@ TEST_RUN = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.m
 
 
 def metric_rows(workdir, key="loss"):
-  """The metrics.jsonl rows of a run that have `key` (a run still writing may have left a
-  partial last line: it is not a row yet)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    lines = f.read().split("\n")[:-1]  # After the last newline: nothing, or a partial line.
-  return [r for r in map(json.loads, lines) if key in r]
+  """The metrics.jsonl rows of a run that have `key` (a partial last line, from a run still
+  writing, is not a row yet)."""
+  from slw_jax import report  # pylint: disable=g-import-not-at-top
+  return [r for r in report.read_metrics(os.path.join(workdir, "metrics.jsonl")) if key in r]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from slw_jax import config_lib, distributed, schedules, sharding, train_step
+from slw_jax import config_lib, distributed, sharding, train_step
 
 # Two layers, 8 heads of 8, vocabulary padded to 264: every rule has something to split.
 MODEL = {"model.n_layer": 2, "model.d_model": 64, "model.n_head": 8, "model.max_seqlen": 32,
@@ -23,18 +23,11 @@ def _config(mesh, **overrides):
   return config_lib.validate(config_lib.load_config_file(str(REPO / "configs/tiny.py"), values))
 
 
-def _layout(c, devices=None):
-  optimizer = schedules.make_optimizer(c.optim)
-  graphdef, params = train_step.build_model(c)
-  shapes = jax.eval_shape(train_step.make_init_fn(c, optimizer))
-  return sharding.make_layout(c, shapes, params, optimizer, devices), graphdef, optimizer
-
-
 def _three_steps(mesh, devices=None):
   c = _config(mesh)
-  layout, graphdef, optimizer = _layout(c, devices)
-  device = train_step.sharded_steps(c, layout, graphdef, optimizer, skip_bad=False,
-                                    background=False)
+  placed = train_step.on_mesh(c, devices)
+  layout = placed.layout
+  device = train_step.sharded_steps(c, placed, skip_bad=False, background=False)
   state, losses = device.init(), []
   for number, (batch_size, seqlen) in enumerate(SHAPES):
     tokens = np.random.default_rng(number).integers(0, 259, (batch_size, seqlen + 1))
@@ -77,13 +70,29 @@ def test_mesh_matches_single_device_and_shards_as_ruled(mesh, single_device_loss
   assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state))
 
 
+def test_activations_are_pinned_at_block_boundaries():
+  c = _config((2, 2, 2))
+  placed = train_step.on_mesh(c)
+  forward = placed.layout.traced(train_step.make_eval_step(placed.graphdef))
+  text = jax.jit(forward).lower(placed.state_spec["params"],
+                                train_step.batch_spec(8, 16, placed.layout.batch)).as_text()
+  pinned = [line for line in text.splitlines() if "sharding_constraint" in line]
+  by_batch = [line for line in pinned if '[{"data", "fsdp"}, {}, {}]' in line]
+  assert len(by_batch) == MODEL["model.n_layer"] + 1  # After the embedding and every block.
+  assert any('tensor<264x64xf32>' in line and '[{"tensor"}, {}]' in line for line in pinned)
+  # Without a layout (one device, plain jit) nothing is pinned.
+  plain = jax.jit(train_step.make_eval_step(placed.graphdef)).lower(
+      placed.state_spec["params"], train_step.batch_spec(8, 16)).as_text()
+  assert "sharding_constraint" not in plain
+
+
 def test_sharded_init_never_builds_the_state_on_one_device():
   c = _config((2, 2, 2))
-  layout, graphdef, optimizer = _layout(c)
-  device = train_step.sharded_steps(c, layout, graphdef, optimizer, skip_bad=False)
+  placed = train_step.on_mesh(c)
+  device = train_step.sharded_steps(c, placed, skip_bad=False)
   compiled = device.init.lower().compile()
   # Each device's output holds only its shard: far less than the whole state.
-  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(device.state_spec))
+  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(placed.state_spec))
   memory = compiled.memory_analysis()
   assert memory.output_size_in_bytes + memory.temp_size_in_bytes < 0.6 * whole
   device.steps.close()
@@ -96,7 +105,7 @@ def test_sharded_init_never_builds_the_state_on_one_device():
 ])
 def test_bad_mesh_is_a_clear_error(mesh, message):
   with pytest.raises(config_lib.ConfigError, match=message):
-    _layout(_config(mesh))
+    train_step.on_mesh(_config(mesh))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -113,7 +122,7 @@ def test_bad_mesh_config_fails_validation(overrides, message):
 
 
 def test_indivisible_batch_is_a_clear_error():
-  layout = _layout(_config((8, 1, 1)))[0]
+  layout = train_step.on_mesh(_config((8, 1, 1))).layout
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.batch_size is 12, not divisible by the data-parallel size 8 "
                            r"\(data=8\)"):
@@ -132,7 +141,7 @@ def test_main_reports_a_bad_mesh_in_one_line(tmp_path):
 
 def test_uneven_rows_replicate_and_are_reported():
   c = _config((1, 1, 8), **{"model.vocab_pad_multiple": 1, "model.n_head": 4})
-  layout = _layout(c)[0]
+  layout = train_step.on_mesh(c).layout
   assert any(n.startswith("wte_vd: dim 0 (259)") for n in layout.replicated_dims)
   assert any("attn/qkv_weight_dchk: dim 2 (4)" in n for n in layout.replicated_dims)
 
