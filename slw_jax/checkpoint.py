@@ -9,9 +9,13 @@ This module saves and restores; when to do so is the trainer's decision.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import jax
 import orbax.checkpoint as ocp
+
+from slw_jax import config_lib, train_step
 
 
 class Checkpoints:
@@ -52,6 +56,16 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_params(self, step: int, abstract_params):
+    """(params, meta) of a saved step: only the parameters are read (no optimizer state, which
+    is about twice their size)."""
+    item = {"params": abstract_params}
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"]["params"], restored["meta"]
+
   def read_meta(self, step: int) -> dict:
     """Only the JSON record of a saved step (cheap: no arrays are read)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -65,3 +79,37 @@ class Checkpoints:
     self._manager.wait_until_finished()
     self._manager.close()
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A run's parameters, for inference or conversion."""
+  config: object  # The run's config, on a one-device mesh.
+  step: int
+  graphdef: object  # nnx.merge(graphdef, params) is the model.
+  params: object
+  meta: dict  # The checkpoint's JSON record (see Trainer.save).
+
+
+def load_params(workdir: str, step: int | None = None) -> Loaded:
+  """The parameters of a run's newest (or `step`) checkpoint, on this process's first device.
+
+  Raises ValueError naming the directory or step when there is nothing to load.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"--workdir={workdir} has no checkpoints/ (a run directory of slw_jax.main)")
+  checkpoints = Checkpoints(directory, keep=1_000_000, async_save=False)
+  try:
+    saved = checkpoints.steps()
+    if not saved:
+      raise ValueError(f"--workdir={workdir} has no checkpoint saved yet")
+    step = saved[-1] if step is None else step
+    if step not in saved:
+      raise ValueError(f"--step={step} is not a checkpoint in {directory} (saved: {saved})")
+    c = config_lib.on_one_device(checkpoints.read_meta(step)["config"])
+    placed = train_step.on_mesh(c, jax.devices()[:1])
+    params, meta = checkpoints.restore_params(step, placed.state_spec["params"])
+  finally:
+    checkpoints.close()
+  return Loaded(c, step, placed.graphdef, params, meta)

@@ -28,6 +28,10 @@ WORKDIR = flags.DEFINE_string(
     "checkpoints resumes (main) or is evaluated (evaluate).")
 
 
+STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir to read (default: the "
+                            "newest).")
+
+
 class UsageError(ValueError):
   """A bad flag or file given on the command line."""
 
@@ -69,7 +73,16 @@ def _check_override_paths(config: config_dict.ConfigDict, paths: list[str]):
       node, walked = node[name], f"{walked}.{name}"
 
 
-def _config_path(argv) -> str | None:
+def parse_flags(argv) -> list[str]:
+  """Parses every flag in `argv` (entry points without a --config); returns the positional
+  arguments. Raises UsageError for an unknown or malformed flag."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    raise UsageError(_one_line(error)) from None
+
+
+def config_path(argv) -> str | None:
   """The value of --config=PATH (or --config PATH) in argv, if any."""
   for i, arg in enumerate(argv[1:], start=1):
     if arg in ("--config", "-config") and i + 1 < len(argv):
@@ -80,9 +93,12 @@ def _config_path(argv) -> str | None:
   return None
 
 
-def parse_config(argv) -> config_dict.FrozenConfigDict:
-  """Parses flags in `argv` and returns the validated config. Raises on bad input."""
-  path = _config_path(argv)
+def parse_config(argv, adjust=None) -> config_dict.FrozenConfigDict:
+  """Parses flags in `argv` and returns the validated config. Raises on bad input.
+
+  `adjust(config)`, if given, edits the loaded and overridden config before it is validated.
+  """
+  path = config_path(argv)
   if not path:
     raise UsageError("--config is required: pass a config file such as --config=configs/tiny.py")
   if not os.path.isfile(path):
@@ -93,8 +109,7 @@ def parse_config(argv) -> config_dict.FrozenConfigDict:
   except Exception as error:  # The config file itself failed to import or run.
     raise UsageError(f"--config={path} could not be loaded: {_one_line(error)}") from None
   _check_override_paths(plain, _override_paths(argv))
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as error:
-    raise UsageError(_one_line(error)) from None
+  parse_flags(argv)
+  if adjust is not None:
+    adjust(CONFIG.value)
   return config_lib.validate(CONFIG.value)

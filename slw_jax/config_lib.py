@@ -225,6 +225,14 @@ def _validate_stop(c):
          "must be an integer >= 1")
 
 
+def on_one_device(config: dict) -> config_dict.FrozenConfigDict:
+  """A run's config (as saved in its checkpoints) with a 1x1x1 mesh, validated: evaluation and
+  conversion run on one device whatever mesh the run trained on."""
+  config = config_dict.ConfigDict(config)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  return validate(config)
+
+
 def split_spec(spec: str, simple: str) -> tuple[str, str]:
   """'files:a/*.txt' -> ('files', 'a/*.txt'); 'pystdlib' -> ('pystdlib', '')."""
   if spec == simple:

@@ -31,8 +31,7 @@ _DATA = flags.DEFINE_string("data", None, "wikitext103: the raw test file (wiki.
                             "lambada: a JSONL file of {\"text\": ...}; val: a prepared data "
                             "directory (default: the run's data.dir).")
 _VOCAB = flags.DEFINE_string("vocab", None, "byte, spm:PATH or gpt2:PATH (default: the run's "
-                             "data.vocab).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+                             "data.vocab, or the tokenizer of an imported GPT-2).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _OVERLAP = flags.DEFINE_integer("overlap", 32, "wikitext103: targets scored per window (the "
                                 "window advances by this many tokens).")
@@ -144,32 +143,6 @@ def lambada(path: str, tokenizer, scorer, seq_len: int) -> dict:
 
 # ----- the model ------------------------------------------------------------------------------
 
-def load_checkpoint(workdir: str, step: int | None = None):
-  """(config, step, graphdef, params) of a run's checkpoint, on this process's first device.
-
-  The whole train state is restored (optimizer included: about 3x the parameters' memory).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from slw_jax import checkpoint, config_lib, train_step  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise ValueError(f"--workdir={workdir} has no checkpoints/ (a run directory of slw_jax.main)")
-  checkpoints = checkpoint.Checkpoints(directory, keep=1_000_000, async_save=False)
-  saved = checkpoints.steps()
-  if not saved:
-    raise ValueError(f"--workdir={workdir} has no checkpoint saved yet")
-  step = saved[-1] if step is None else step
-  if step not in saved:
-    raise ValueError(f"--step={step} is not a checkpoint in {directory} (saved: {saved})")
-  config = checkpoints.read_meta(step)["config"]
-  config["mesh"].update(data=1, fsdp=1, tensor=1)  # Evaluation runs on one device.
-  c = config_lib.validate(config_lib.config_dict.ConfigDict(config))
-  placed = train_step.on_mesh(c, jax.devices()[:1])
-  state, _ = checkpoints.restore(step, placed.state_spec)
-  checkpoints.close()
-  return c, step, placed.graphdef, state["params"]
-
-
 def make_scorer(graphdef, params, batch_size: int):
   """(inputs, targets) [N, L] -> (per-token negative log-likelihood, greedy prediction)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -210,22 +183,25 @@ def validation(c, data_dir: str, scorer) -> dict:
 
 def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int | None,
         batch_size: int, overlap: int) -> dict:
-  from slw_jax import tokenizers_lib  # pylint: disable=g-import-not-at-top
+  from slw_jax import checkpoint, tokenizers_lib  # pylint: disable=g-import-not-at-top
   if task != "val" and not data:
     raise ValueError(f"--task={task} needs --data=PATH (see --help)")
   if data and not os.path.exists(data):
     raise ValueError(f"--data={data} does not exist")
   if batch_size < 1 or overlap < 1:
     raise ValueError(f"--batch_size={batch_size} and --overlap={overlap} must be >= 1")
-  c, step, graphdef, params = load_checkpoint(workdir, step)
+  loaded = checkpoint.load_params(workdir, step)
+  c, step = loaded.config, loaded.step
   if overlap > c.model.max_seqlen:
     raise ValueError(f"--overlap={overlap} must be <= model.max_seqlen={c.model.max_seqlen}")
-  scorer = make_scorer(graphdef, params, batch_size)
+  scorer = make_scorer(loaded.graphdef, loaded.params, batch_size)
   if task == "val":
     result = validation(c, data or c.data.dir, scorer)
   else:
-    tokenizer = tokenizers_lib.make_tokenizer(vocab or c.data.vocab)
-    tokenizer = tokenizers_lib.checked(tokenizer, c.model.vocab_size, vocab or c.data.vocab)
+    # An imported GPT-2 records its own tokenizer (slw_jax.convert); a trained run, data.vocab.
+    vocab = vocab or loaded.meta.get("vocab") or c.data.vocab
+    tokenizer = tokenizers_lib.checked(tokenizers_lib.make_tokenizer(vocab), c.model.vocab_size,
+                                       vocab)
     if task == "wikitext103":
       result = wikitext103(data, tokenizer, scorer, c.model.max_seqlen, overlap)
     else:
@@ -239,14 +215,11 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
   with cli.exit_on_bad_input():
-    try:
-      flags.FLAGS(argv)
-    except flags.Error as error:
-      raise cli.UsageError(str(error)) from None
+    cli.parse_flags(argv)
     if not cli.WORKDIR.value or not _TASK.value:
       raise cli.UsageError("--workdir and --task are required, e.g. --workdir=runs/tiny "
                            "--task=val")
-    result = run(cli.WORKDIR.value, _TASK.value, _DATA.value, _VOCAB.value, _STEP.value,
+    result = run(cli.WORKDIR.value, _TASK.value, _DATA.value, _VOCAB.value, cli.STEP.value,
                  _BATCH.value, _OVERLAP.value)
   print(json.dumps(result, indent=1))
   print(f"written to {os.path.join(cli.WORKDIR.value, 'eval', _TASK.value + '.json')}")

@@ -140,6 +140,13 @@ class WindowIndex:
     return Batch(inputs, targets)
 
 
+def loader_state(position: int, mode: str, seed: int, seqlen_end: int, epoch: int) -> dict:
+  """The JSON record of a loader's position (`Loader.state`); `loader_state(0, c.data.mode,
+  c.seed, c.pacing.seqlen_end, 0)` is a run's start, before any data is opened."""
+  return {"position": int(position), "mode": mode, "seed": int(seed),
+          "seqlen_end": int(seqlen_end), "epoch": int(epoch)}
+
+
 class Loader:
   """Global batches by position; this process materializes only its own rows."""
 
@@ -176,9 +183,8 @@ class Loader:
 
   def state(self) -> dict:
     """Everything needed to continue exactly: saved in every checkpoint."""
-    return {"position": int(self.position), "mode": self.mode, "seed": int(self.index.seed),
-            "seqlen_end": int(self.index.seqlen_end),
-            "epoch": int(self._windows_used() // self.index.num_windows)}
+    return loader_state(self.position, self.mode, self.index.seed, self.index.seqlen_end,
+                        self._windows_used() // self.index.num_windows)
 
   def _windows_used(self) -> int:
     if self.mode == "truncate":

@@ -234,10 +234,7 @@ def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2) -> str:
 def main(argv=None):
   argv = sys.argv if argv is None else argv
   with cli.exit_on_bad_input():
-    try:
-      workdirs = flags.FLAGS(argv)[1:]
-    except flags.Error as error:
-      raise cli.UsageError(str(error)) from None
+    workdirs = cli.parse_flags(argv)[1:]
     if not workdirs:
       raise cli.UsageError("pass one or more run directories: python -m slw_jax.report DIR "
                            "[DIR ...] --out=OUT")

@@ -40,15 +40,19 @@ def build_model(c):
   return graphdef, params
 
 
+def state_from_params(params, optimizer) -> dict:
+  """The train state at step 0 around `params`: fresh optimizer state, no loss seen yet."""
+  return {"params": params, "opt_state": optimizer.init(params),
+          "step": jnp.zeros((), jnp.int32), "min_loss": jnp.full((), jnp.inf, jnp.float32),
+          "skipped": jnp.zeros((), jnp.int32)}
+
+
 def make_init_fn(c, optimizer):
   """A function of no arguments that builds the whole train state (jit it with shardings)."""
   cfg = models.GPTConfig.from_config(c.model)
 
   def init():
-    params = nnx.state(models.GPT(cfg, nnx.Rngs(c.seed)), nnx.Param)
-    return {"params": params, "opt_state": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32), "min_loss": jnp.full((), jnp.inf, jnp.float32),
-            "skipped": jnp.zeros((), jnp.int32)}
+    return state_from_params(nnx.state(models.GPT(cfg, nnx.Rngs(c.seed)), nnx.Param), optimizer)
   return init
 
 

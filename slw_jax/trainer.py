@@ -25,6 +25,11 @@ PARAM_SHAPING = ("n_layer", "d_model", "n_head", "vocab_size", "max_seqlen",
                  "vocab_pad_multiple")
 
 
+# What an imported checkpoint records (slw_jax.convert) and every later checkpoint keeps: where
+# the weights came from and the vocabulary evaluation should use.
+CARRIED_META = ("imported_from", "vocab")
+
+
 class StopTraining(RuntimeError):
   """The run cannot continue (e.g. too many rollbacks); checkpoints are kept."""
 
@@ -62,6 +67,7 @@ class Trainer:
     self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
     self.stop_signal, self._stop_before = None, None
     self.state, self.step = None, 0
+    self.carried_meta = {}  # Kept from the checkpoint resumed (CARRIED_META).
 
   def _batch_sizes(self) -> dict[str, int]:
     sizes = {"config.batch_size": self.c.batch_size, "config.eval.batch_size":
@@ -117,6 +123,7 @@ class Trainer:
           f"{changed[0]}={saved_model.get(changed[0])!r} there, {self.c.model.get(changed[0])!r} "
           "here): use a new --workdir or the same model config")
     self.state, meta = self.checkpoints.restore(latest, self.state_spec)
+    self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
     self.loader.restore(meta["loader"])
     self.monitor.load_state(meta["monitor"])
     self.step = latest
@@ -125,7 +132,7 @@ class Trainer:
   def save(self):
     meta = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),
             "loader": self.loader.state(), "monitor": self.monitor.state(),
-            "config": self.c.to_dict()}
+            "config": self.c.to_dict(), **self.carried_meta}
     self.checkpoints.save(self.step, self.state, meta)
 
   # ----- the loop ----------------------------------------------------------------------------

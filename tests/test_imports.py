@@ -9,7 +9,7 @@ TRAINING_MODULES = ["slw_jax.models", "slw_jax.pacing", "slw_jax.schedules", "sl
                     "slw_jax.config_lib", "slw_jax.cli", "slw_jax.input_pipeline",
                     "slw_jax.trainer", "slw_jax.main", "slw_jax.monitor", "slw_jax.checkpoint",
                     "slw_jax.sharding", "slw_jax.distributed", "slw_jax.evaluate",
-                    "slw_jax.tokenizers_lib", "slw_jax.report"]
+                    "slw_jax.tokenizers_lib", "slw_jax.report", "slw_jax.convert"]
 
 
 def test_training_modules_do_not_import_tensorflow():

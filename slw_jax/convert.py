@@ -1,0 +1,371 @@
+"""GPT-2 checkpoints between Hugging Face's layout and ours.
+
+  python -m slw_jax.convert --from_hf=HF_DIR --workdir=OUT --config=configs/gpt2_117m.py
+  python -m slw_jax.convert --to_hf=HF_DIR --workdir=RUN [--step=N]
+
+Import (`--from_hf`) reads `config.json` and `model.safetensors` (or a sharded
+`model.safetensors.index.json`, or `pytorch_model.bin` when torch is installed) and writes a
+step-0 checkpoint to OUT/checkpoints: the GPT-2 weights with a fresh optimizer state, under
+`--config` with the model's shape (layers, width, heads, vocabulary, context) taken from
+`config.json`. Tokenizer files found beside the weights are copied to OUT/tokenizer, and
+`slw_jax.evaluate --workdir=OUT` uses them. `slw_jax.main --config=... --workdir=OUT` trains on
+from the imported weights.
+
+Export (`--to_hf`) writes `config.json` and `model.safetensors` as `transformers` saves a
+GPT2LMHeadModel (`GPT2LMHeadModel.from_pretrained(HF_DIR)` loads it), plus the tokenizer files
+an import brought. Neither direction downloads anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+from absl import flags
+
+from slw_jax import cli, models
+
+_FROM_HF = flags.DEFINE_string("from_hf", None, "Import: a Hugging Face GPT-2 directory "
+                               "(config.json + model.safetensors or pytorch_model.bin).")
+_TO_HF = flags.DEFINE_string("to_hf", None, "Export: the directory to write config.json and "
+                             "model.safetensors to (new, or without a model in it).")
+
+# GPT-2's activation is the tanh approximation of GELU (our MLP's); "gelu" is the exact one.
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+GPT2_EOS = 50256  # <|endoftext|> in GPT-2's BPE vocabulary.
+# Causal-mask buffers that older GPT-2 checkpoints store next to the weights.
+_MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+class ConvertError(ValueError):
+  """A checkpoint that cannot be converted: the message names the file and the bad value."""
+
+
+# ----- the correspondence of tensors ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One parameter: its path in our params (a pure dict) and its name and shape in HF's.
+
+  The two shapes hold the same values in the same order (HF's Conv1D computes x @ W, as our
+  einsums do), so converting is a reshape; only the token table may carry `pad_rows` rows of
+  vocabulary padding on our side (`model.vocab_pad_multiple`).
+  """
+  ours: tuple
+  hf: str
+  hf_shape: tuple
+  our_shape: tuple
+  pad_rows: int = 0
+
+
+def tensor_table(cfg: models.GPTConfig) -> list[Tensor]:
+  """Every parameter of the model, in HF GPT-2 names (without the `transformer.` prefix)."""
+  d, h, k, f = cfg.d_model, cfg.n_head, cfg.head_dim, 4 * cfg.d_model
+
+  def same(ours, hf, shape):
+    return Tensor(ours, hf, shape, shape)
+
+  def norm(ours, hf):
+    return [same(ours + ("scale_d",), hf + ".weight", (d,)), same(ours + ("bias_d",), hf + ".bias",
+                                                                   (d,))]
+
+  table = [Tensor(("wte_vd",), "wte.weight", (cfg.vocab_size, d), (cfg.vocab_size, d),
+                  cfg.padded_vocab - cfg.vocab_size),
+           same(("wpe_ld",), "wpe.weight", (cfg.max_seqlen, d))]
+  for i in range(cfg.n_layer):
+    block, hf = ("blocks", i), f"h.{i}."
+    attn, mlp = block + ("attn",), block + ("mlp",)
+    table += norm(block + ("ln_1",), hf + "ln_1") + norm(block + ("ln_2",), hf + "ln_2") + [
+        Tensor(attn + ("qkv_weight_dchk",), hf + "attn.c_attn.weight", (d, 3 * d), (d, 3, h, k)),
+        Tensor(attn + ("qkv_bias_chk",), hf + "attn.c_attn.bias", (3 * d,), (3, h, k)),
+        Tensor(attn + ("out_weight_hkd",), hf + "attn.c_proj.weight", (d, d), (h, k, d)),
+        same(attn + ("out_bias_d",), hf + "attn.c_proj.bias", (d,)),
+        same(mlp + ("fc_weight_df",), hf + "mlp.c_fc.weight", (d, f)),
+        same(mlp + ("fc_bias_f",), hf + "mlp.c_fc.bias", (f,)),
+        same(mlp + ("proj_weight_fd",), hf + "mlp.c_proj.weight", (f, d)),
+        same(mlp + ("proj_bias_d",), hf + "mlp.c_proj.bias", (d,))]
+  return table + norm(("ln_f",), "ln_f")
+
+
+def params_from_hf(weights: dict, cfg: models.GPTConfig, source: str) -> dict:
+  """Our params (a pure nested dict of float32 arrays) from HF tensors named as in
+  `tensor_table`. Raises ConvertError for a missing, unexpected or misshapen tensor."""
+  table = tensor_table(cfg)
+  unexpected = sorted(set(weights) - {t.hf for t in table})
+  if unexpected:
+    raise ConvertError(f"{source} has tensor {unexpected[0]!r}, which a GPT-2 language model "
+                       f"of this config does not have ({len(unexpected)} such tensors)")
+  params = {}
+  for t in table:
+    if t.hf not in weights:
+      raise ConvertError(f"{source} has no tensor {t.hf!r} (config.json describes "
+                         f"{cfg.n_layer} layers)")
+    value = np.asarray(weights[t.hf], np.float32)
+    if value.shape != t.hf_shape:
+      raise ConvertError(f"{source}: tensor {t.hf!r} has shape {value.shape}, config.json "
+                         f"implies {t.hf_shape}")
+    value = value.reshape(t.our_shape)
+    if t.pad_rows:  # Padded vocabulary rows never score (models.GPT slices them off).
+      value = np.concatenate([value, np.zeros((t.pad_rows,) + value.shape[1:], np.float32)])
+    node = params
+    for key in t.ours[:-1]:
+      node = node.setdefault(key, {})
+    node[t.ours[-1]] = value
+  return params
+
+
+def hf_from_params(params: dict, cfg: models.GPTConfig) -> dict:
+  """HF tensors (names as in `tensor_table`) from our params (a pure nested dict)."""
+  weights = {}
+  for t in tensor_table(cfg):
+    value = params
+    for key in t.ours:
+      value = value[key]
+    value = np.asarray(value, np.float32)
+    if t.pad_rows:
+      value = value[:-t.pad_rows]
+    weights[t.hf] = np.ascontiguousarray(value.reshape(t.hf_shape))
+  return weights
+
+
+# ----- reading Hugging Face files -------------------------------------------------------------
+
+def _field(hf: dict, name: str, path: str, default=None):
+  value = hf.get(name, default)
+  if value is None:
+    raise ConvertError(f"{path} has no {name!r}: not a GPT-2 config")
+  return value
+
+
+def _require(ok: bool, path: str, name: str, value, allowed: str):
+  if not ok:
+    raise ConvertError(f"{path}: {name}={value!r} is not supported: slw_jax's GPT-2 needs "
+                       f"{allowed}")
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  """Our `model.*` shape fields from a HF GPT-2 `config.json`, after checking that the model
+  computes what ours does. Raises ConvertError naming the unsupported field."""
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ConvertError(f"--from_hf={hf_dir} has no config.json (expected a Hugging Face GPT-2 "
+                       "directory: config.json + model.safetensors or pytorch_model.bin)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise ConvertError(f"{path} is not readable JSON: {error}") from None
+  _require(hf.get("model_type") == "gpt2", path, "model_type", hf.get("model_type"), "'gpt2'")
+  d_model = _field(hf, "n_embd", path)
+  checks = [  # (field, value, supported, what is supported)
+      ("activation_function", hf.get("activation_function", "gelu_new"),
+       lambda v: v in TANH_GELUS, f"one of {', '.join(TANH_GELUS)} (tanh GELU)"),
+      ("n_inner", hf.get("n_inner"), lambda v: v in (None, 4 * d_model),
+       f"null or 4 * n_embd = {4 * d_model}"),
+      ("layer_norm_epsilon", hf.get("layer_norm_epsilon", models.LN_EPS),
+       lambda v: abs(v - models.LN_EPS) <= 1e-12, f"{models.LN_EPS}"),
+      ("scale_attn_weights", hf.get("scale_attn_weights", True), lambda v: v is True, "true"),
+      ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False),
+       lambda v: v is False, "false"),
+      ("tie_word_embeddings", hf.get("tie_word_embeddings", True), lambda v: v is True,
+       "true (the output head is the token embedding)"),
+      ("add_cross_attention", hf.get("add_cross_attention", False), lambda v: v is False,
+       "false (a decoder-only model)"),
+  ]
+  for name, value, ok, allowed in checks:
+    _require(ok(value), path, name, value, allowed)
+  return {"vocab_size": _field(hf, "vocab_size", path), "n_layer": _field(hf, "n_layer", path),
+          "d_model": d_model, "n_head": _field(hf, "n_head", path),
+          "max_seqlen": _field(hf, "n_positions", path)}
+
+
+def _read_torch(path: str) -> dict:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConvertError(f"{path} is a PyTorch file and torch is not installed: pip install torch, "
+                       "or convert a directory with model.safetensors") from None
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  return {name: value.detach().float().numpy() for name, value in state.items()
+          if value.is_floating_point()}
+
+
+def read_hf_weights(hf_dir: str) -> tuple[dict, str]:
+  """(tensors by HF name without the `transformer.` prefix, the file read); the causal-mask
+  buffers are dropped and a tied `lm_head.weight` is checked. Raises ConvertError."""
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  single = os.path.join(hf_dir, "model.safetensors")
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  binary = os.path.join(hf_dir, "pytorch_model.bin")
+  if os.path.isfile(single):
+    source, raw = single, safetensors_numpy.load_file(single)
+  elif os.path.isfile(index):
+    with open(index, encoding="utf-8") as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    source, raw = index, {}
+    for shard in shards:
+      raw.update(safetensors_numpy.load_file(os.path.join(hf_dir, shard)))
+  elif os.path.isfile(binary):
+    source, raw = binary, _read_torch(binary)
+  else:
+    raise ConvertError(f"--from_hf={hf_dir} has no model.safetensors, "
+                       "model.safetensors.index.json or pytorch_model.bin")
+  weights = {}
+  for name, value in raw.items():
+    name = name.removeprefix("transformer.")
+    if not _MASK_BUFFER.match(name):
+      weights[name] = value
+  head = weights.pop("lm_head.weight", None)
+  if head is not None and not np.array_equal(head, weights.get("wte.weight")):
+    raise ConvertError(f"{source}: lm_head.weight differs from wte.weight; slw_jax ties the "
+                       "output head to the token embedding (untied heads are not supported)")
+  return weights, source
+
+
+# ----- import ---------------------------------------------------------------------------------
+
+def take_model_shape(config, hf_model: dict, log=print):
+  """Sets `config.model`'s shape fields to the imported model's, saying what changed."""
+  for key, value in hf_model.items():
+    if config.model[key] != value:
+      log(f"model.{key}: {config.model[key]} -> {value} (from config.json)")
+      config.model[key] = value
+
+
+def _copy_tokenizer(hf_dir: str, workdir: str) -> str | None:
+  """Copies GPT-2 tokenizer files to WORKDIR/tokenizer; their vocab spec, or None if none."""
+  present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+  if "tokenizer.json" not in present and not {"vocab.json", "merges.txt"} <= set(present):
+    return None
+  target = os.path.join(os.path.abspath(workdir), "tokenizer")
+  os.makedirs(target, exist_ok=True)
+  for name in present:
+    shutil.copyfile(os.path.join(hf_dir, name), os.path.join(target, name))
+  return f"gpt2:{target}"
+
+
+def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
+  """Writes `hf_dir`'s GPT-2 as the step-0 checkpoint of a run of config `c` (whose model shape
+  must be the checkpoint's: `take_model_shape`) in `workdir`; returns the checkpoint's record.
+  Refuses a workdir that already holds checkpoints."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from slw_jax import (checkpoint, config_lib, input_pipeline, monitor,  # pylint: disable=g-import-not-at-top
+                       train_step)
+  directory = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise ConvertError(f"--workdir={workdir} already holds checkpoints: import into a new "
+                       "directory (nothing was overwritten)")
+  weights, source = read_hf_weights(hf_dir)
+  cfg = models.GPTConfig.from_config(c.model)
+  pure = params_from_hf(weights, cfg, source)
+  checkpoints = checkpoint.Checkpoints(directory, c.checkpoint.keep, async_save=False)
+  try:
+    placed = train_step.on_mesh(config_lib.on_one_device(c.to_dict()), jax.devices()[:1])
+    params = jax.tree.map(lambda x: x, placed.state_spec["params"])  # A copy to fill in.
+    nnx.replace_by_pure_dict(params, pure)
+    make_state = jax.jit(lambda p: train_step.state_from_params(p, placed.optimizer),
+                         out_shardings=placed.layout.state)
+    meta = {"step": 0, "tokens": 0, "config": c.to_dict(),
+            "loader": input_pipeline.loader_state(0, c.data.mode, c.seed, c.pacing.seqlen_end, 0),
+            "monitor": monitor.StabilityMonitor(c.monitor).state(),
+            "imported_from": os.path.abspath(source), "vocab": _copy_tokenizer(hf_dir, workdir)}
+    checkpoints.save(0, make_state(params), meta)
+  finally:
+    checkpoints.close()
+  log(f"imported {sum(x.size for x in weights.values()):,} parameters from {source} "
+      f"into {checkpoints.directory} (step 0)")
+  if meta["vocab"] is None:
+    log(f"{hf_dir} has no tokenizer files: evaluate with --vocab=gpt2:PATH")
+  return meta
+
+
+# ----- export ---------------------------------------------------------------------------------
+
+def hf_config(cfg: models.GPTConfig, dropout: float, vocab: str) -> dict:
+  """A `config.json` that `transformers`' GPT2LMHeadModel reads as this model."""
+  kind = vocab.partition(":")[0]
+  eos = {"byte": 1, "gpt2": GPT2_EOS if GPT2_EOS < cfg.vocab_size else None}.get(kind)
+  return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+          "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seqlen, "n_embd": cfg.d_model,
+          "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+          "activation_function": TANH_GELUS[0], "layer_norm_epsilon": models.LN_EPS,
+          "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": 0.0,
+          "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
+          "bos_token_id": eos, "eos_token_id": eos, "dtype": "float32"}
+
+
+def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
+  """Writes a run's checkpoint to `out_dir` in HF GPT-2 layout; returns the weights' path.
+  Refuses to overwrite a model already in `out_dir`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  from slw_jax import checkpoint, reporting  # pylint: disable=g-import-not-at-top
+  existing = [n for n in ("config.json", "model.safetensors") if
+              os.path.exists(os.path.join(out_dir, n))]
+  if existing:
+    raise ConvertError(f"--to_hf={out_dir} already has {existing[0]}: export into a new "
+                       "directory (nothing was overwritten)")
+  loaded = checkpoint.load_params(workdir, step)
+  cfg = models.GPTConfig.from_config(loaded.config.model)
+  pure = nnx.to_pure_dict(jax.device_get(loaded.params))
+  weights = {"transformer." + n: x for n, x in hf_from_params(pure, cfg).items()}
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "model.safetensors")
+  partial = os.path.join(out_dir, ".model.safetensors.partial")
+  safetensors_numpy.save_file(weights, partial, metadata={"format": "pt"})
+  os.replace(partial, path)  # Atomic: a killed export leaves no truncated model file.
+  vocab = loaded.meta.get("vocab") or loaded.config.data.vocab
+  reporting.write_json(os.path.join(out_dir, "config.json"),
+                       hf_config(cfg, loaded.config.model.dropout, vocab))
+  kind, _, tokenizer_dir = vocab.partition(":")
+  if kind == "gpt2" and os.path.isdir(tokenizer_dir):
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(tokenizer_dir, name)):
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+  log(f"exported step {loaded.step} of {workdir} ({sum(x.size for x in weights.values()):,} "
+      f"parameters) to {out_dir}")
+  return path
+
+
+# ----- command line ---------------------------------------------------------------------------
+
+_USAGE = ("pass --from_hf=HF_DIR --workdir=OUT --config=CONFIG (import) or --to_hf=HF_DIR "
+          "--workdir=RUN (export)")
+
+
+def _take_shape_from_flags(config):
+  if _FROM_HF.value:
+    take_model_shape(config, read_hf_config(_FROM_HF.value))
+
+
+def main(argv=None):
+  argv = sys.argv if argv is None else argv
+  with cli.exit_on_bad_input():
+    c = None
+    if cli.config_path(argv):
+      c = cli.parse_config(argv, adjust=_take_shape_from_flags)
+    else:
+      cli.parse_flags(argv)
+    if bool(_FROM_HF.value) == bool(_TO_HF.value) or not cli.WORKDIR.value:
+      raise cli.UsageError(_USAGE)
+    if _FROM_HF.value:
+      if c is None:
+        raise cli.UsageError("--from_hf needs --config=CONFIG: the recipe the imported model "
+                             "trains under (its shape comes from config.json)")
+      import_hf(_FROM_HF.value, cli.WORKDIR.value, c)
+    else:
+      if c is not None:
+        raise cli.UsageError("--to_hf exports with the run's own config: drop --config")
+      export_hf(cli.WORKDIR.value, cli.STEP.value, _TO_HF.value)
+
+
+if __name__ == "__main__":
+  main()

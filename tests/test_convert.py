@@ -1,0 +1,226 @@
+"""GPT-2 interop against `transformers`' own GPT-2 (random weights made here; nothing is
+downloaded): imported logits equal the original's, export loads back into transformers, training
+continues from imported weights, and bad checkpoints are refused with one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # Belt and braces: nothing here may reach a hub.
+
+import torch  # noqa: E402  (test-only dependencies, pinned in requirements.txt)
+import transformers  # noqa: E402
+
+from conftest import REPO, metric_rows  # noqa: E402
+from slw_jax import checkpoint, config_lib, convert, evaluate, trainer  # noqa: E402
+
+SHAPE = {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4}
+
+
+def hf_gpt2(seed=0, **shape):
+  """A random transformers GPT-2. Every tensor is perturbed (transformers initializes
+  LayerNorms to 1 and biases to 0), so each one's placement shows in the logits."""
+  torch.manual_seed(seed)
+  config = transformers.GPT2Config(**{**SHAPE, **shape}, bos_token_id=1, eos_token_id=1)
+  model = transformers.GPT2LMHeadModel(config).eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.1 * torch.randn_like(param))
+  return model
+
+
+def save_old_style(model, directory):
+  """pytorch_model.bin as older GPT-2 releases ship it: names without the `transformer.`
+  prefix, causal-mask buffers beside the weights, the tied head stored too."""
+  os.makedirs(directory, exist_ok=True)
+  model.config.to_json_file(os.path.join(directory, "config.json"))
+  state = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()}
+  n = model.config.n_positions
+  for i in range(model.config.n_layer):
+    state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, n, n))
+    state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+  state["lm_head.weight"] = state["wte.weight"]
+  torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+
+
+def hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def our_logits(workdir, tokens):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  loaded = checkpoint.load_params(str(workdir))
+  return np.asarray(nnx.merge(loaded.graphdef, loaded.params)(np.asarray(tokens, np.int32)))
+
+
+def relative_error(ours, reference):
+  return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def import_config(load_config, hf_dir, **overrides):
+  c = load_config("tiny", **overrides)
+  convert.take_model_shape(c, convert.read_hf_config(str(hf_dir)), log=lambda _: None)
+  return config_lib.validate(c)
+
+
+TOKENS = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (3, 32))
+
+
+@pytest.mark.parametrize("layout,overrides", [
+    ("safetensors", {"model__vocab_pad_multiple": 128}),  # 300 rows padded to 384.
+    ("old_pytorch_bin", {"model__attention": "dot_product"}),
+])
+def test_imported_logits_equal_transformers(tmp_path, load_config, layout, overrides):
+  model = hf_gpt2()
+  hf_dir = tmp_path / "hf"
+  if layout == "safetensors":
+    model.save_pretrained(hf_dir)
+  else:
+    save_old_style(model, hf_dir)
+  c = import_config(load_config, hf_dir, **overrides)
+  meta = convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
+  assert meta["step"] == 0 and meta["imported_from"].endswith(
+      "model.safetensors" if layout == "safetensors" else "pytorch_model.bin")
+  for tokens in (TOKENS, TOKENS[:1, :13]):  # Full context and a shorter one.
+    assert relative_error(our_logits(tmp_path / "run", tokens), hf_logits(model, tokens)) < 1e-4
+
+
+def test_export_loads_back_into_transformers(tmp_path, load_config):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  model = hf_gpt2(seed=1)
+  hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+  model.save_pretrained(hf_dir)
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(["the cat sat on the mat"] * 20, vocab_size=300, min_frequency=1)
+  bpe.save_model(str(hf_dir))  # vocab.json + merges.txt beside the weights, as GPT-2 ships.
+  c = import_config(load_config, hf_dir, model__vocab_pad_multiple=64)
+  meta = convert.import_hf(str(hf_dir), str(run), c, log=lambda _: None)
+  assert meta["vocab"] == f"gpt2:{run / 'tokenizer'}"
+
+  convert.export_hf(str(run), None, str(out), log=lambda _: None)
+  back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+  original = model.state_dict()
+  for name, value in back.state_dict().items():
+    torch.testing.assert_close(value, original[name], rtol=0, atol=0, msg=name)
+  np.testing.assert_array_equal(hf_logits(back, TOKENS), hf_logits(model, TOKENS))
+  assert back.config.n_layer == 2 and back.config.vocab_size == 300
+  assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors",
+                                     "vocab.json"]
+  with pytest.raises(convert.ConvertError, match="already has config.json"):
+    convert.export_hf(str(run), None, str(out), log=lambda _: None)
+
+  # Evaluation uses the imported tokenizer without --vocab.
+  lambada = tmp_path / "lambada.jsonl"
+  lambada.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+  result = evaluate.run(str(run), "lambada", str(lambada), None, None, 2, 8)
+  assert result["examples"] == 1 and result["correct"] in (0, 1)
+
+
+def test_training_continues_from_imported_weights(tmp_path, make_config):
+  c = make_config(train_steps=3, optim__warmup_steps=1)
+  m = c.model
+  model = hf_gpt2(vocab_size=m.vocab_size, n_positions=m.max_seqlen, n_embd=m.d_model,
+                  n_layer=m.n_layer, n_head=m.n_head)
+  model.save_pretrained(tmp_path / "hf")
+  workdir = str(tmp_path / "run")
+  convert.import_hf(str(tmp_path / "hf"), workdir, c, log=lambda _: None)
+  run = trainer.Trainer(c, workdir)
+  run.setup()
+  assert run.step == 0 and run.carried_meta["imported_from"].endswith("model.safetensors")
+  first = run.loader.batch_at(0, *run._shape(0))  # pylint: disable=protected-access
+  summary = run.run()
+  assert summary["completed"]
+  # The first step's loss is the GPT-2's own loss on that batch: training started from it.
+  with torch.no_grad():
+    logits = model(torch.as_tensor(first.inputs)).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                 torch.as_tensor(first.targets).flatten().long())
+  assert metric_rows(workdir)[0]["loss"] == pytest.approx(float(expected), rel=1e-4)
+  newest = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), 3, async_save=False)
+  assert newest.read_meta(newest.latest_step())["imported_from"].endswith("model.safetensors")
+  newest.close()
+
+
+def _broken(tmp_path, edit_config=None, edit_weights=None):
+  hf_dir = tmp_path / "hf"
+  hf_gpt2().save_pretrained(hf_dir)
+  if edit_config:
+    config = json.loads((hf_dir / "config.json").read_text())
+    edit_config(config)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+  if edit_weights:
+    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+    weights = safetensors_numpy.load_file(hf_dir / "model.safetensors")
+    edit_weights(weights)
+    safetensors_numpy.save_file(weights, hf_dir / "model.safetensors", {"format": "pt"})
+  return hf_dir
+
+
+def _untie(weights):
+  weights["lm_head.weight"] = weights["transformer.wte.weight"] + 1
+
+
+@pytest.mark.parametrize("edit_config,edit_weights,message", [
+    (lambda c: c.update(activation_function="gelu"), None,
+     "activation_function='gelu' is not supported: slw_jax's GPT-2 needs one of gelu_new"),
+    (lambda c: c.update(model_type="llama"), None, "model_type='llama' is not supported"),
+    (lambda c: c.update(n_inner=100), None, "n_inner=100 is not supported"),
+    (None, _untie, "lm_head.weight differs from wte.weight"),
+    (None, lambda w: w.pop("transformer.h.1.mlp.c_fc.bias"), "has no tensor 'h.1.mlp.c_fc.bias'"),
+    (None, lambda w: w.update(extra=np.zeros(3, np.float32)), "has tensor 'extra'"),
+    (lambda c: c.update(n_layer=1), None, "has tensor 'h.1.attn.c_attn.bias'"),
+    (lambda c: c.update(n_embd=64), None, "'wte.weight' has shape (300, 32), config.json "
+     "implies (300, 64)"),
+])
+def test_bad_checkpoints_are_refused(tmp_path, load_config, edit_config, edit_weights, message):
+  hf_dir = _broken(tmp_path, edit_config, edit_weights)
+  with pytest.raises(convert.ConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    c = import_config(load_config, hf_dir)
+    convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
+  assert not (tmp_path / "run").exists()  # Refused before anything was written.
+
+
+def test_import_never_overwrites_a_run(tmp_path, load_config):
+  hf_dir = tmp_path / "hf"
+  hf_gpt2().save_pretrained(hf_dir)
+  c = import_config(load_config, hf_dir)
+  convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
+  with pytest.raises(convert.ConvertError, match="already holds checkpoints"):
+    convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
+  with pytest.raises(convert.ConvertError, match="has no model.safetensors"):
+    os.remove(hf_dir / "model.safetensors")
+    convert.import_hf(str(hf_dir), str(tmp_path / "other"), c, log=lambda _: None)
+
+
+def _convert(*args):
+  return subprocess.run([sys.executable, "-m", "slw_jax.convert", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line(tmp_path):
+  hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+  hf_gpt2().save_pretrained(hf_dir)
+  imported = _convert(f"--from_hf={hf_dir}", f"--workdir={run}", "--config=configs/tiny.py")
+  assert imported.returncode == 0, imported.stderr
+  assert "model.n_layer: 4 -> 2 (from config.json)" in imported.stdout
+  assert "imported 36,096 parameters" in imported.stdout
+  exported = _convert(f"--to_hf={out}", f"--workdir={run}", "--step=0")
+  assert exported.returncode == 0, exported.stderr
+  assert (out / "model.safetensors").is_file()
+  for args, error in [
+      ((f"--workdir={run}",), "error: pass --from_hf=HF_DIR --workdir=OUT --config=CONFIG "
+       "(import) or --to_hf=HF_DIR --workdir=RUN (export)"),
+      ((f"--from_hf={hf_dir}", f"--workdir={tmp_path / 'new'}"), "error: --from_hf needs "
+       "--config=CONFIG: the recipe the imported model trains under (its shape comes from "
+       "config.json)"),
+      ((f"--from_hf={tmp_path}", f"--workdir={tmp_path / 'new'}", "--config=configs/tiny.py"),
+       f"error: --from_hf={tmp_path} has no config.json (expected a Hugging Face GPT-2 "
+       "directory: config.json + model.safetensors or pytorch_model.bin)"),
+  ]:
+    result = _convert(*args)
+    assert (result.returncode, result.stderr.strip()) == (2, error)
