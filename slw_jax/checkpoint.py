@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
-from slw_jax import config_lib, train_step
+from slw_jax import config_lib
 
 
 class Checkpoints:
@@ -89,6 +88,19 @@ class Loaded:
   graphdef: object  # nnx.merge(graphdef, params) is the model.
   params: object
   meta: dict  # The checkpoint's JSON record (see Trainer.save).
+  vocab: str | None  # The vocabulary its model reads; None: unknown (see `model_vocab`).
+
+
+def model_vocab(meta: dict, data_vocab: str, workdir: str) -> str | None:
+  """The vocabulary a checkpoint's model reads. An imported GPT-2 (slw_jax.convert) records
+  its own: a tokenizer directory inside the workdir, or None when no tokenizer came with the
+  weights. Any other checkpoint reads its run's `data.vocab`."""
+  if "vocab" not in meta:
+    return data_vocab
+  kind, _, path = (meta["vocab"] or "").partition(":")
+  if kind == "gpt2" and not os.path.isabs(path):
+    return f"gpt2:{os.path.join(workdir, path)}"  # Relative: the run directory may move.
+  return meta["vocab"]
 
 
 def load_params(workdir: str, step: int | None = None) -> Loaded:
@@ -96,6 +108,8 @@ def load_params(workdir: str, step: int | None = None) -> Loaded:
 
   Raises ValueError naming the directory or step when there is nothing to load.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+  from slw_jax import train_step  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"--workdir={workdir} has no checkpoints/ (a run directory of slw_jax.main)")
@@ -112,4 +126,4 @@ def load_params(workdir: str, step: int | None = None) -> Loaded:
     params, meta = checkpoints.restore_params(step, placed.state_spec["params"])
   finally:
     checkpoints.close()
-  return Loaded(c, step, placed.graphdef, params, meta)
+  return Loaded(c, step, placed.graphdef, params, meta, model_vocab(meta, c.data.vocab, workdir))

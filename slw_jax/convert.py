@@ -38,7 +38,9 @@ _TO_HF = flags.DEFINE_string("to_hf", None, "Export: the directory to write conf
 # GPT-2's activation is the tanh approximation of GELU (our MLP's); "gelu" is the exact one.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+TOKENIZER_DIR = "tokenizer"  # Inside the workdir: where an import keeps its tokenizer files.
 GPT2_EOS = 50256  # <|endoftext|> in GPT-2's BPE vocabulary.
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Causal-mask buffers that older GPT-2 checkpoints store next to the weights.
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -72,8 +74,8 @@ def tensor_table(cfg: models.GPTConfig) -> list[Tensor]:
     return Tensor(ours, hf, shape, shape)
 
   def norm(ours, hf):
-    return [same(ours + ("scale_d",), hf + ".weight", (d,)), same(ours + ("bias_d",), hf + ".bias",
-                                                                   (d,))]
+    return [same(ours + ("scale_d",), hf + ".weight", (d,)),
+            same(ours + ("bias_d",), hf + ".bias", (d,))]
 
   table = [Tensor(("wte_vd",), "wte.weight", (cfg.vocab_size, d), (cfg.vocab_size, d),
                   cfg.padded_vocab - cfg.vocab_size),
@@ -136,10 +138,14 @@ def hf_from_params(params: dict, cfg: models.GPTConfig) -> dict:
 
 # ----- reading Hugging Face files -------------------------------------------------------------
 
-def _field(hf: dict, name: str, path: str, default=None):
-  value = hf.get(name, default)
-  if value is None:
-    raise ConvertError(f"{path} has no {name!r}: not a GPT-2 config")
+def _load_json(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise ConvertError(f"{path} is not readable JSON: {error}") from None
+  if not isinstance(value, dict):
+    raise ConvertError(f"{path} holds a {type(value).__name__}, not a JSON object")
   return value
 
 
@@ -149,6 +155,13 @@ def _require(ok: bool, path: str, name: str, value, allowed: str):
                        f"{allowed}")
 
 
+def _size(hf: dict, name: str, path: str) -> int:
+  value = hf.get(name)
+  _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, path, name,
+           value, "an integer >= 1")
+  return value
+
+
 def read_hf_config(hf_dir: str) -> dict:
   """Our `model.*` shape fields from a HF GPT-2 `config.json`, after checking that the model
   computes what ours does. Raises ConvertError naming the unsupported field."""
@@ -156,20 +169,20 @@ def read_hf_config(hf_dir: str) -> dict:
   if not os.path.isfile(path):
     raise ConvertError(f"--from_hf={hf_dir} has no config.json (expected a Hugging Face GPT-2 "
                        "directory: config.json + model.safetensors or pytorch_model.bin)")
-  try:
-    with open(path, encoding="utf-8") as f:
-      hf = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise ConvertError(f"{path} is not readable JSON: {error}") from None
+  hf = _load_json(path)
   _require(hf.get("model_type") == "gpt2", path, "model_type", hf.get("model_type"), "'gpt2'")
-  d_model = _field(hf, "n_embd", path)
+  shape = {"vocab_size": _size(hf, "vocab_size", path), "n_layer": _size(hf, "n_layer", path),
+           "d_model": _size(hf, "n_embd", path), "n_head": _size(hf, "n_head", path),
+           "max_seqlen": _size(hf, "n_positions", path)}
+  d_model = shape["d_model"]
+  is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
   checks = [  # (field, value, supported, what is supported)
       ("activation_function", hf.get("activation_function", "gelu_new"),
        lambda v: v in TANH_GELUS, f"one of {', '.join(TANH_GELUS)} (tanh GELU)"),
       ("n_inner", hf.get("n_inner"), lambda v: v in (None, 4 * d_model),
        f"null or 4 * n_embd = {4 * d_model}"),
       ("layer_norm_epsilon", hf.get("layer_norm_epsilon", models.LN_EPS),
-       lambda v: abs(v - models.LN_EPS) <= 1e-12, f"{models.LN_EPS}"),
+       lambda v: is_number(v) and abs(v - models.LN_EPS) <= 1e-12, f"{models.LN_EPS}"),
       ("scale_attn_weights", hf.get("scale_attn_weights", True), lambda v: v is True, "true"),
       ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False),
        lambda v: v is False, "false"),
@@ -177,12 +190,17 @@ def read_hf_config(hf_dir: str) -> dict:
        "true (the output head is the token embedding)"),
       ("add_cross_attention", hf.get("add_cross_attention", False), lambda v: v is False,
        "false (a decoder-only model)"),
+      ("n_head", shape["n_head"], lambda v: d_model % v == 0, f"a divisor of n_embd={d_model}"),
   ]
   for name, value, ok, allowed in checks:
     _require(ok(value), path, name, value, allowed)
-  return {"vocab_size": _field(hf, "vocab_size", path), "n_layer": _field(hf, "n_layer", path),
-          "d_model": d_model, "n_head": _field(hf, "n_head", path),
-          "max_seqlen": _field(hf, "n_positions", path)}
+  return shape
+
+
+def special_tokens(hf_dir: str) -> dict:
+  """The bos/eos/pad token ids a HF `config.json` names (export writes them back)."""
+  hf = _load_json(os.path.join(hf_dir, "config.json"))
+  return {k: hf[k] for k in SPECIAL_TOKENS if isinstance(hf.get(k), int)}
 
 
 def _read_torch(path: str) -> dict:
@@ -192,37 +210,52 @@ def _read_torch(path: str) -> dict:
     raise ConvertError(f"{path} is a PyTorch file and torch is not installed: pip install torch, "
                        "or convert a directory with model.safetensors") from None
   state = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(state, dict):
+    raise ConvertError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
   return {name: value.detach().float().numpy() for name, value in state.items()
-          if value.is_floating_point()}
+          if isinstance(value, torch.Tensor) and value.is_floating_point()}
 
 
-def read_hf_weights(hf_dir: str) -> tuple[dict, str]:
-  """(tensors by HF name without the `transformer.` prefix, the file read); the causal-mask
-  buffers are dropped and a tied `lm_head.weight` is checked. Raises ConvertError."""
+def _read_files(hf_dir: str) -> tuple[dict, str]:
+  """(every tensor of the checkpoint by its stored name, the file read)."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   single = os.path.join(hf_dir, "model.safetensors")
   index = os.path.join(hf_dir, "model.safetensors.index.json")
   binary = os.path.join(hf_dir, "pytorch_model.bin")
   if os.path.isfile(single):
-    source, raw = single, safetensors_numpy.load_file(single)
-  elif os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    source, raw = index, {}
-    for shard in shards:
+    return safetensors_numpy.load_file(single), single
+  if os.path.isfile(index):
+    weight_map = _load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ConvertError(f"{index} has no \"weight_map\" object (shard file of each tensor)")
+    raw = {}
+    for shard in sorted(set(weight_map.values())):
       raw.update(safetensors_numpy.load_file(os.path.join(hf_dir, shard)))
-  elif os.path.isfile(binary):
-    source, raw = binary, _read_torch(binary)
-  else:
-    raise ConvertError(f"--from_hf={hf_dir} has no model.safetensors, "
-                       "model.safetensors.index.json or pytorch_model.bin")
+    return raw, index
+  if os.path.isfile(binary):
+    return _read_torch(binary), binary
+  raise ConvertError(f"--from_hf={hf_dir} has no model.safetensors, "
+                     "model.safetensors.index.json or pytorch_model.bin")
+
+
+def read_hf_weights(hf_dir: str) -> tuple[dict, str]:
+  """(tensors by HF name without the `transformer.` prefix, the file read); the causal-mask
+  buffers are dropped and a tied `lm_head.weight` is checked. Raises ConvertError."""
+  try:
+    raw, source = _read_files(hf_dir)
+  except ConvertError:
+    raise
+  except Exception as error:  # safetensors, torch and pickle raise their own types.
+    raise ConvertError(f"the weights in --from_hf={hf_dir} could not be read: "
+                       f"{type(error).__name__}: {error}") from None
   weights = {}
   for name, value in raw.items():
     name = name.removeprefix("transformer.")
     if not _MASK_BUFFER.match(name):
       weights[name] = value
   head = weights.pop("lm_head.weight", None)
-  if head is not None and not np.array_equal(head, weights.get("wte.weight")):
+  if head is not None and "wte.weight" in weights and not np.array_equal(head,
+                                                                           weights["wte.weight"]):
     raise ConvertError(f"{source}: lm_head.weight differs from wte.weight; slw_jax ties the "
                        "output head to the token embedding (untied heads are not supported)")
   return weights, source
@@ -230,24 +263,27 @@ def read_hf_weights(hf_dir: str) -> tuple[dict, str]:
 
 # ----- import ---------------------------------------------------------------------------------
 
-def take_model_shape(config, hf_model: dict, log=print):
-  """Sets `config.model`'s shape fields to the imported model's, saying what changed."""
+def take_model_shape(config, hf_model: dict, log=print) -> dict:
+  """Sets `config.model`'s shape fields to the imported model's; returns (and logs) the fields
+  that changed, with their new values."""
+  changed = {}
   for key, value in hf_model.items():
     if config.model[key] != value:
       log(f"model.{key}: {config.model[key]} -> {value} (from config.json)")
-      config.model[key] = value
+      config.model[key] = changed[key] = value
+  return changed
 
 
 def _copy_tokenizer(hf_dir: str, workdir: str) -> str | None:
-  """Copies GPT-2 tokenizer files to WORKDIR/tokenizer; their vocab spec, or None if none."""
+  """Copies GPT-2 tokenizer files to WORKDIR/tokenizer; their vocab spec (relative to the
+  workdir, so the run directory can move), or None if `hf_dir` has none."""
   present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
   if "tokenizer.json" not in present and not {"vocab.json", "merges.txt"} <= set(present):
     return None
-  target = os.path.join(os.path.abspath(workdir), "tokenizer")
-  os.makedirs(target, exist_ok=True)
+  os.makedirs(os.path.join(workdir, TOKENIZER_DIR), exist_ok=True)
   for name in present:
-    shutil.copyfile(os.path.join(hf_dir, name), os.path.join(target, name))
-  return f"gpt2:{target}"
+    shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, TOKENIZER_DIR, name))
+  return f"gpt2:{TOKENIZER_DIR}"
 
 
 def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
@@ -262,9 +298,11 @@ def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
   if os.path.isdir(directory) and os.listdir(directory):
     raise ConvertError(f"--workdir={workdir} already holds checkpoints: import into a new "
                        "directory (nothing was overwritten)")
+  tokens = special_tokens(hf_dir)
   weights, source = read_hf_weights(hf_dir)
-  cfg = models.GPTConfig.from_config(c.model)
-  pure = params_from_hf(weights, cfg, source)
+  count = sum(x.size for x in weights.values())
+  pure = params_from_hf(weights, models.GPTConfig.from_config(c.model), source)
+  del weights  # Only the converted copy is needed from here on.
   checkpoints = checkpoint.Checkpoints(directory, c.checkpoint.keep, async_save=False)
   try:
     placed = train_step.on_mesh(config_lib.on_one_device(c.to_dict()), jax.devices()[:1])
@@ -275,44 +313,56 @@ def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
     meta = {"step": 0, "tokens": 0, "config": c.to_dict(),
             "loader": input_pipeline.loader_state(0, c.data.mode, c.seed, c.pacing.seqlen_end, 0),
             "monitor": monitor.StabilityMonitor(c.monitor).state(),
-            "imported_from": os.path.abspath(source), "vocab": _copy_tokenizer(hf_dir, workdir)}
+            "imported_from": os.path.abspath(source), "special_tokens": tokens,
+            "vocab": _copy_tokenizer(hf_dir, workdir)}
     checkpoints.save(0, make_state(params), meta)
   finally:
     checkpoints.close()
-  log(f"imported {sum(x.size for x in weights.values()):,} parameters from {source} "
-      f"into {checkpoints.directory} (step 0)")
-  if meta["vocab"] is None:
-    log(f"{hf_dir} has no tokenizer files: evaluate with --vocab=gpt2:PATH")
+  log(f"imported {count:,} parameters from {source} into {checkpoints.directory} (step 0)")
   return meta
 
 
 # ----- export ---------------------------------------------------------------------------------
 
-def hf_config(cfg: models.GPTConfig, dropout: float, vocab: str) -> dict:
+def hf_config(cfg: models.GPTConfig, dropout: float, tokens: dict) -> dict:
   """A `config.json` that `transformers`' GPT2LMHeadModel reads as this model."""
-  kind = vocab.partition(":")[0]
-  eos = {"byte": 1, "gpt2": GPT2_EOS if GPT2_EOS < cfg.vocab_size else None}.get(kind)
   return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
           "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seqlen, "n_embd": cfg.d_model,
           "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
           "activation_function": TANH_GELUS[0], "layer_norm_epsilon": models.LN_EPS,
           "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": 0.0,
           "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
-          "bos_token_id": eos, "eos_token_id": eos, "dtype": "float32"}
+          "bos_token_id": None, "eos_token_id": None, **tokens, "dtype": "float32"}
+
+
+def _export_tokens(meta: dict, vocab: str | None, vocab_size: int) -> dict:
+  """The special token ids to export: an import's own, else the vocabulary's end of text."""
+  if "special_tokens" in meta:
+    return meta["special_tokens"]
+  kind = (vocab or "").partition(":")[0]
+  eos = {"byte": 1, "gpt2": GPT2_EOS if GPT2_EOS < vocab_size else None}.get(kind)
+  return {"bos_token_id": eos, "eos_token_id": eos}
+
+
+def _check_export_target(out_dir: str):
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConvertError(f"--to_hf={out_dir} is a file, not a directory")
+  existing = [n for n in ("config.json", "model.safetensors", "model.safetensors.index.json",
+                          "pytorch_model.bin") + TOKENIZER_FILES
+              if os.path.exists(os.path.join(out_dir, n))]
+  if existing:
+    raise ConvertError(f"--to_hf={out_dir} already has {existing[0]}: export into a new "
+                       "directory (nothing was overwritten)")
 
 
 def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
   """Writes a run's checkpoint to `out_dir` in HF GPT-2 layout; returns the weights' path.
-  Refuses to overwrite a model already in `out_dir`."""
+  Refuses to overwrite a model or tokenizer already in `out_dir`."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   from slw_jax import checkpoint, reporting  # pylint: disable=g-import-not-at-top
-  existing = [n for n in ("config.json", "model.safetensors") if
-              os.path.exists(os.path.join(out_dir, n))]
-  if existing:
-    raise ConvertError(f"--to_hf={out_dir} already has {existing[0]}: export into a new "
-                       "directory (nothing was overwritten)")
+  _check_export_target(out_dir)
   loaded = checkpoint.load_params(workdir, step)
   cfg = models.GPTConfig.from_config(loaded.config.model)
   pure = nnx.to_pure_dict(jax.device_get(loaded.params))
@@ -322,10 +372,10 @@ def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
   partial = os.path.join(out_dir, ".model.safetensors.partial")
   safetensors_numpy.save_file(weights, partial, metadata={"format": "pt"})
   os.replace(partial, path)  # Atomic: a killed export leaves no truncated model file.
-  vocab = loaded.meta.get("vocab") or loaded.config.data.vocab
+  tokens = _export_tokens(loaded.meta, loaded.vocab, cfg.vocab_size)
   reporting.write_json(os.path.join(out_dir, "config.json"),
-                       hf_config(cfg, loaded.config.model.dropout, vocab))
-  kind, _, tokenizer_dir = vocab.partition(":")
+                       hf_config(cfg, loaded.config.model.dropout, tokens))
+  kind, _, tokenizer_dir = (loaded.vocab or "").partition(":")
   if kind == "gpt2" and os.path.isdir(tokenizer_dir):
     for name in TOKENIZER_FILES:
       if os.path.isfile(os.path.join(tokenizer_dir, name)):
@@ -341,26 +391,41 @@ _USAGE = ("pass --from_hf=HF_DIR --workdir=OUT --config=CONFIG (import) or --to_
           "--workdir=RUN (export)")
 
 
-def _take_shape_from_flags(config):
-  if _FROM_HF.value:
-    take_model_shape(config, read_hf_config(_FROM_HF.value))
+def _next_steps(argv, workdir: str, meta: dict, changed: dict) -> list[str]:
+  """What to run after an import: evaluation, and training on with the model's shape."""
+  lines = [f"evaluate: python -m slw_jax.evaluate --workdir={workdir} --task=lambada "
+           f"--data=PATH" + ("" if meta["vocab"] else " --vocab=gpt2:PATH (no tokenizer files "
+                             "came with the weights)")]
+  if meta["vocab"]:
+    lines.append("training on needs data in this GPT-2 tokenizer's ids, which slw_jax.prepare "
+                 "does not make (data.vocab is byte or spm)")
+  else:
+    overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
+    overrides += [f"--config.model.{k}={v}" for k, v in changed.items()]
+    lines.append(f"train on: python -m slw_jax.main --config={cli.config_path(argv)} "
+                 f"--workdir={workdir} {' '.join(overrides)}".rstrip())
+  return lines
 
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  changed = {}
+
+  def take_shape(config):  # Between the overrides and validation (cli.parse_config).
+    if _FROM_HF.value and not _TO_HF.value:
+      changed.update(take_model_shape(config, read_hf_config(_FROM_HF.value)))
+
   with cli.exit_on_bad_input():
-    c = None
-    if cli.config_path(argv):
-      c = cli.parse_config(argv, adjust=_take_shape_from_flags)
-    else:
-      cli.parse_flags(argv)
-    if bool(_FROM_HF.value) == bool(_TO_HF.value) or not cli.WORKDIR.value:
+    c = cli.parse_config(argv, adjust=take_shape) if cli.config_path(argv) else None
+    positional = cli.parse_flags(argv)[1:] if c is None else []
+    if bool(_FROM_HF.value) == bool(_TO_HF.value) or not cli.WORKDIR.value or positional:
       raise cli.UsageError(_USAGE)
     if _FROM_HF.value:
       if c is None:
         raise cli.UsageError("--from_hf needs --config=CONFIG: the recipe the imported model "
                              "trains under (its shape comes from config.json)")
-      import_hf(_FROM_HF.value, cli.WORKDIR.value, c)
+      meta = import_hf(_FROM_HF.value, cli.WORKDIR.value, c)
+      print("\n".join(_next_steps(argv, cli.WORKDIR.value, meta, changed)))
     else:
       if c is not None:
         raise cli.UsageError("--to_hf exports with the run's own config: drop --config")

@@ -183,7 +183,7 @@ def validation(c, data_dir: str, scorer) -> dict:
 
 def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int | None,
         batch_size: int, overlap: int) -> dict:
-  from slw_jax import checkpoint, tokenizers_lib  # pylint: disable=g-import-not-at-top
+  from slw_jax import checkpoint, config_lib, tokenizers_lib  # pylint: disable=g-import-not-at-top
   if task != "val" and not data:
     raise ValueError(f"--task={task} needs --data=PATH (see --help)")
   if data and not os.path.exists(data):
@@ -196,10 +196,17 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
     raise ValueError(f"--overlap={overlap} must be <= model.max_seqlen={c.model.max_seqlen}")
   scorer = make_scorer(loaded.graphdef, loaded.params, batch_size)
   if task == "val":
+    kind = lambda spec: config_lib.split_spec(spec, "byte")[0]  # noqa: E731
+    if loaded.vocab is not None and kind(loaded.vocab) != kind(c.data.vocab):
+      raise ValueError(f"--task=val scores data prepared with data.vocab={c.data.vocab!r}, but "
+                       f"this model reads {loaded.vocab}: use --task=wikitext103 or lambada")
     result = validation(c, data or c.data.dir, scorer)
   else:
-    # An imported GPT-2 records its own tokenizer (slw_jax.convert); a trained run, data.vocab.
-    vocab = vocab or loaded.meta.get("vocab") or c.data.vocab
+    vocab = vocab or loaded.vocab
+    if vocab is None:
+      raise ValueError(f"--vocab is required: {workdir} holds a model imported from "
+                       f"{loaded.meta.get('imported_from')} without tokenizer files "
+                       "(pass --vocab=gpt2:PATH, spm:PATH or byte)")
     tokenizer = tokenizers_lib.checked(tokenizers_lib.make_tokenizer(vocab), c.model.vocab_size,
                                        vocab)
     if task == "wikitext103":

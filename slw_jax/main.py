@@ -23,6 +23,9 @@ def main(argv=None):
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:
       raise cli.UsageError("--workdir is required: the run directory, e.g. --workdir=runs/tiny")
+    if cli.STEP.value is not None:
+      raise cli.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
+                           "resumes from the newest checkpoint of --workdir")
     from slw_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from slw_jax import (checkpoint, distributed, hardware, input_pipeline, models, monitor, pacing, reporting,
-                     schedules, sharding, train_step)
+from slw_jax import (checkpoint, config_lib, distributed, hardware, input_pipeline, models,
+                     monitor, pacing, reporting, schedules, sharding, train_step)
 
 
 PARAM_SHAPING = ("n_layer", "d_model", "n_head", "vocab_size", "max_seqlen",
@@ -26,8 +26,8 @@ PARAM_SHAPING = ("n_layer", "d_model", "n_head", "vocab_size", "max_seqlen",
 
 
 # What an imported checkpoint records (slw_jax.convert) and every later checkpoint keeps: where
-# the weights came from and the vocabulary evaluation should use.
-CARRIED_META = ("imported_from", "vocab")
+# the weights came from and their special token ids (exported back to Hugging Face's config).
+CARRIED_META = ("imported_from", "special_tokens")
 
 
 class StopTraining(RuntimeError):
@@ -122,12 +122,23 @@ class Trainer:
           f"--workdir={self.workdir} holds checkpoints of another model (model."
           f"{changed[0]}={saved_model.get(changed[0])!r} there, {self.c.model.get(changed[0])!r} "
           "here): use a new --workdir or the same model config")
+    self._check_vocab(self.checkpoints.read_meta(latest))
     self.state, meta = self.checkpoints.restore(latest, self.state_spec)
     self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
     self.loader.restore(meta["loader"])
     self.monitor.load_state(meta["monitor"])
     self.step = latest
     self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
+
+  def _check_vocab(self, meta: dict):
+    """Refuses to train a model that reads another vocabulary than the data's ids."""
+    recorded = checkpoint.model_vocab(meta, self.c.data.vocab, self.workdir)
+    kind = lambda spec: config_lib.split_spec(spec, "byte")[0]  # noqa: E731  (not the path)
+    if recorded is not None and kind(recorded) != kind(self.c.data.vocab):
+      raise StopTraining(
+          f"--workdir={self.workdir} holds a model imported with the tokenizer {recorded} but "
+          f"config.data.vocab={self.c.data.vocab!r}: training would feed it other token ids "
+          "(slw_jax.prepare makes byte or spm data only)")
 
   def save(self):
     meta = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),

@@ -4,6 +4,8 @@ continues from imported weights, and bad checkpoints are refused with one line."
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -21,11 +23,11 @@ from slw_jax import checkpoint, config_lib, convert, evaluate, trainer  # noqa: 
 SHAPE = {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4}
 
 
-def hf_gpt2(seed=0, **shape):
+def hf_gpt2(seed=0, eos=1, **shape):
   """A random transformers GPT-2. Every tensor is perturbed (transformers initializes
   LayerNorms to 1 and biases to 0), so each one's placement shows in the logits."""
   torch.manual_seed(seed)
-  config = transformers.GPT2Config(**{**SHAPE, **shape}, bos_token_id=1, eos_token_id=1)
+  config = transformers.GPT2Config(**{**SHAPE, **shape}, bos_token_id=eos, eos_token_id=eos)
   model = transformers.GPT2LMHeadModel(config).eval()
   with torch.no_grad():
     for param in model.parameters():
@@ -71,28 +73,47 @@ def import_config(load_config, hf_dir, **overrides):
 TOKENS = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (3, 32))
 
 
-@pytest.mark.parametrize("layout,overrides", [
-    ("safetensors", {"model__vocab_pad_multiple": 128}),  # 300 rows padded to 384.
-    ("old_pytorch_bin", {"model__attention": "dot_product"}),
+def save_sharded_half(model, directory):
+  """float16 weights in two safetensors shards with an index, as large checkpoints ship."""
+  from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  model.config.to_json_file(os.path.join(directory, "config.json"))
+  state = {k: v.half().contiguous() for k, v in model.state_dict().items()
+           if k != "lm_head.weight"}
+  names = sorted(state)
+  shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+  for shard, keys in shards.items():
+    safetensors_torch.save_file({k: state[k] for k in keys}, os.path.join(directory, shard),
+                                metadata={"format": "pt"})
+  weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  with torch.no_grad():  # The reference: the same float16 values, computed in float32.
+    for name, param in model.named_parameters():
+      param.copy_(param.half().float())
+
+
+@pytest.mark.parametrize("layout,overrides,source", [
+    ("safetensors", {"model__vocab_pad_multiple": 128}, "model.safetensors"),  # 300 -> 384 rows.
+    ("old_pytorch_bin", {"model__attention": "dot_product"}, "pytorch_model.bin"),
+    ("sharded_float16", {}, "model.safetensors.index.json"),
 ])
-def test_imported_logits_equal_transformers(tmp_path, load_config, layout, overrides):
+def test_imported_logits_equal_transformers(tmp_path, load_config, layout, overrides, source):
   model = hf_gpt2()
   hf_dir = tmp_path / "hf"
-  if layout == "safetensors":
-    model.save_pretrained(hf_dir)
-  else:
-    save_old_style(model, hf_dir)
+  {"safetensors": model.save_pretrained, "old_pytorch_bin": lambda d: save_old_style(model, d),
+   "sharded_float16": lambda d: save_sharded_half(model, d)}[layout](hf_dir)
   c = import_config(load_config, hf_dir, **overrides)
   meta = convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
-  assert meta["step"] == 0 and meta["imported_from"].endswith(
-      "model.safetensors" if layout == "safetensors" else "pytorch_model.bin")
+  assert meta["step"] == 0 and meta["imported_from"] == str(hf_dir / source)
   for tokens in (TOKENS, TOKENS[:1, :13]):  # Full context and a shorter one.
     assert relative_error(our_logits(tmp_path / "run", tokens), hf_logits(model, tokens)) < 1e-4
 
 
 def test_export_loads_back_into_transformers(tmp_path, load_config):
   import tokenizers  # pylint: disable=g-import-not-at-top
-  model = hf_gpt2(seed=1)
+  model = hf_gpt2(seed=1, eos=7)
   hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
   model.save_pretrained(hf_dir)
   bpe = tokenizers.ByteLevelBPETokenizer()
@@ -100,25 +121,47 @@ def test_export_loads_back_into_transformers(tmp_path, load_config):
   bpe.save_model(str(hf_dir))  # vocab.json + merges.txt beside the weights, as GPT-2 ships.
   c = import_config(load_config, hf_dir, model__vocab_pad_multiple=64)
   meta = convert.import_hf(str(hf_dir), str(run), c, log=lambda _: None)
-  assert meta["vocab"] == f"gpt2:{run / 'tokenizer'}"
+  assert meta["vocab"] == "gpt2:tokenizer"  # Relative to the run directory, which may move.
+  moved = tmp_path / "moved"
+  shutil.move(run, moved)
 
-  convert.export_hf(str(run), None, str(out), log=lambda _: None)
+  convert.export_hf(str(moved), None, str(out), log=lambda _: None)
   back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
   original = model.state_dict()
   for name, value in back.state_dict().items():
     torch.testing.assert_close(value, original[name], rtol=0, atol=0, msg=name)
   np.testing.assert_array_equal(hf_logits(back, TOKENS), hf_logits(model, TOKENS))
-  assert back.config.n_layer == 2 and back.config.vocab_size == 300
+  for field in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "bos_token_id",
+                "eos_token_id", "activation_function", "layer_norm_epsilon"):
+    assert getattr(back.config, field) == getattr(model.config, field), field
   assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors",
                                      "vocab.json"]
   with pytest.raises(convert.ConvertError, match="already has config.json"):
-    convert.export_hf(str(run), None, str(out), log=lambda _: None)
+    convert.export_hf(str(moved), None, str(out), log=lambda _: None)
+  with pytest.raises(convert.ConvertError, match="is a file, not a directory"):
+    convert.export_hf(str(moved), None, str(out / "vocab.json"), log=lambda _: None)
 
-  # Evaluation uses the imported tokenizer without --vocab.
+  # The model reads its own tokenizer: evaluation needs no --vocab, and refuses the byte data.
+  assert checkpoint.load_params(str(moved)).vocab == f"gpt2:{moved / 'tokenizer'}"
   lambada = tmp_path / "lambada.jsonl"
   lambada.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
-  result = evaluate.run(str(run), "lambada", str(lambada), None, None, 2, 8)
-  assert result["examples"] == 1 and result["correct"] in (0, 1)
+  assert evaluate.run(str(moved), "lambada", str(lambada), None, None, 2, 8)["examples"] == 1
+  with pytest.raises(ValueError, match="--task=val scores data prepared with "
+                     "data.vocab='byte', but this model reads gpt2:"):
+    evaluate.run(str(moved), "val", None, None, None, 2, 8)
+
+
+def test_gpt2_tokenizer_model_is_not_trained_on_other_ids(tmp_path, make_config):
+  c = make_config()
+  hf_dir = tmp_path / "hf"
+  hf_gpt2(vocab_size=c.model.vocab_size, n_positions=32, n_layer=1, n_head=2).save_pretrained(
+      hf_dir)
+  (hf_dir / "tokenizer.json").write_text("{}")  # Any GPT-2 tokenizer: training is refused.
+  convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
+  run = trainer.Trainer(c, str(tmp_path / "run"))
+  with pytest.raises(trainer.StopTraining, match="imported with the tokenizer gpt2:.* but "
+                     "config.data.vocab='byte': training would feed it other token ids"):
+    run.restore_or_init()
 
 
 def test_training_continues_from_imported_weights(tmp_path, make_config):
@@ -143,7 +186,14 @@ def test_training_continues_from_imported_weights(tmp_path, make_config):
   assert metric_rows(workdir)[0]["loss"] == pytest.approx(float(expected), rel=1e-4)
   newest = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), 3, async_save=False)
   assert newest.read_meta(newest.latest_step())["imported_from"].endswith("model.safetensors")
+  assert newest.read_meta(newest.latest_step())["special_tokens"] == {"bos_token_id": 1,
+                                                                      "eos_token_id": 1}
   newest.close()
+  # Trained on byte ids, its checkpoints read the run's data.vocab; the import itself, unknown.
+  assert checkpoint.load_params(workdir).vocab == "byte"
+  with pytest.raises(ValueError, match="--vocab is required: .* holds a model imported from "
+                     ".*model.safetensors without tokenizer files"):
+    evaluate.run(workdir, "lambada", str(REPO / "README.md"), None, 0, 2, 8)
 
 
 def _broken(tmp_path, edit_config=None, edit_weights=None):
@@ -176,25 +226,48 @@ def _untie(weights):
     (lambda c: c.update(n_layer=1), None, "has tensor 'h.1.attn.c_attn.bias'"),
     (lambda c: c.update(n_embd=64), None, "'wte.weight' has shape (300, 32), config.json "
      "implies (300, 64)"),
+    (lambda c: c.update(n_layer="2"), None, "n_layer='2' is not supported: slw_jax's GPT-2 "
+     "needs an integer >= 1"),
+    (lambda c: c.update(layer_norm_epsilon=None), None, "layer_norm_epsilon=None is not "
+     "supported"),
+    (lambda c: c.update(n_head=5), None, "n_head=5 is not supported: slw_jax's GPT-2 needs a "
+     "divisor of n_embd=32"),
 ])
 def test_bad_checkpoints_are_refused(tmp_path, load_config, edit_config, edit_weights, message):
   hf_dir = _broken(tmp_path, edit_config, edit_weights)
-  with pytest.raises(convert.ConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(convert.ConvertError, match=re.escape(message)):
     c = import_config(load_config, hf_dir)
     convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
   assert not (tmp_path / "run").exists()  # Refused before anything was written.
 
 
 def test_import_never_overwrites_a_run(tmp_path, load_config):
+  hf_dir, run = tmp_path / "hf", tmp_path / "run"
+  hf_gpt2().save_pretrained(hf_dir)
+  c = import_config(load_config, hf_dir)
+  convert.import_hf(str(hf_dir), str(run), c, log=lambda _: None)
+  before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+  hf_gpt2(seed=5).save_pretrained(hf_dir)
+  with pytest.raises(convert.ConvertError, match="already holds checkpoints"):
+    convert.import_hf(str(hf_dir), str(run), c, log=lambda _: None)
+  assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: os.remove(d / "model.safetensors"), "has no model.safetensors, "
+     "model.safetensors.index.json or pytorch_model.bin"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"not a safetensors file"),
+     "could not be read: SafetensorError"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json holds a list, not a "
+     "JSON object"),
+])
+def test_unreadable_files_are_one_line_errors(tmp_path, load_config, damage, message):
   hf_dir = tmp_path / "hf"
   hf_gpt2().save_pretrained(hf_dir)
   c = import_config(load_config, hf_dir)
-  convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
-  with pytest.raises(convert.ConvertError, match="already holds checkpoints"):
+  damage(hf_dir)
+  with pytest.raises(convert.ConvertError, match=re.escape(message)):
     convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
-  with pytest.raises(convert.ConvertError, match="has no model.safetensors"):
-    os.remove(hf_dir / "model.safetensors")
-    convert.import_hf(str(hf_dir), str(tmp_path / "other"), c, log=lambda _: None)
 
 
 def _convert(*args):
@@ -209,9 +282,19 @@ def test_command_line(tmp_path):
   assert imported.returncode == 0, imported.stderr
   assert "model.n_layer: 4 -> 2 (from config.json)" in imported.stdout
   assert "imported 36,096 parameters" in imported.stdout
+  assert (f"train on: python -m slw_jax.main --config=configs/tiny.py --workdir={run} "
+          "--config.model.vocab_size=300 --config.model.n_layer=2 --config.model.d_model=32 "
+          "--config.model.max_seqlen=32") in imported.stdout
   exported = _convert(f"--to_hf={out}", f"--workdir={run}", "--step=0")
   assert exported.returncode == 0, exported.stderr
   assert (out / "model.safetensors").is_file()
+  trained_on = subprocess.run([sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py",
+                               f"--workdir={run}", "--step=0"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+  assert (trained_on.returncode, trained_on.stderr.strip()) == (2, "error: --step=0 is for "
+                                                                "evaluate and convert: main "
+                                                                "always resumes from the newest "
+                                                                "checkpoint of --workdir")
   for args, error in [
       ((f"--workdir={run}",), "error: pass --from_hf=HF_DIR --workdir=OUT --config=CONFIG "
        "(import) or --to_hf=HF_DIR --workdir=RUN (export)"),
