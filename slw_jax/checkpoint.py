@@ -103,6 +103,20 @@ def model_vocab(meta: dict, data_vocab: str, workdir: str) -> str | None:
   return meta["vocab"]
 
 
+def reads_other_ids(model_vocab_spec: str | None, data_vocab: str) -> bool:
+  """Whether a model reading `model_vocab_spec` (`model_vocab`) would be fed other token ids
+  by data prepared with `data_vocab`. Kinds are compared, not paths (spelled many ways)."""
+  kind = lambda spec: config_lib.split_spec(spec, "byte")[0]  # noqa: E731
+  return model_vocab_spec is not None and kind(model_vocab_spec) != kind(data_vocab)
+
+
+def record(step: int, tokens: int, loader: dict, monitor: dict, config: dict, **extra) -> dict:
+  """The JSON record saved with every checkpoint (`meta`): the position in the run (step,
+  tokens consumed, `Loader.state()`, `StabilityMonitor.state()`), the config, and `extra`."""
+  return {"step": step, "tokens": tokens, "loader": loader, "monitor": monitor,
+          "config": config, **extra}
+
+
 def load_params(workdir: str, step: int | None = None) -> Loaded:
   """The parameters of a run's newest (or `step`) checkpoint, on this process's first device.
 

@@ -296,6 +296,11 @@ def _validate_runtime(c):
          "must be >= 2 with monitor.action='rollback' (a checkpoint older than the spike)")
 
 
+def rule_axes(target) -> tuple:
+  """The mesh axes of a `mesh.rules` target: a name, a tuple of names, or None."""
+  return tuple(target) if isinstance(target, (tuple, list)) else (target,)
+
+
 def _validate_mesh(mesh):
   sizes = {axis: mesh[axis] for axis in MESH_AXES}
   for axis, size in sizes.items():
@@ -312,7 +317,7 @@ def _validate_mesh(mesh):
            f"the logical axis must be one of {', '.join(LOGICAL_AXES)}")
     _check(logical_names.count(logical) == 1, "mesh.rules", (logical, target),
            "each logical axis may have one rule only")
-    names = target if isinstance(target, (tuple, list)) else (target,)
+    names = rule_axes(target)
     _check(all(n is None or n in MESH_AXES for n in names), "mesh.rules", (logical, target),
            f"mesh axes must be among {', '.join(MESH_AXES)} (or None)")
     _check(len(set(names)) == len(names), "mesh.rules", (logical, target),

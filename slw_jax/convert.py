@@ -310,11 +310,11 @@ def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
     nnx.replace_by_pure_dict(params, pure)
     make_state = jax.jit(lambda p: train_step.state_from_params(p, placed.optimizer),
                          out_shardings=placed.layout.state)
-    meta = {"step": 0, "tokens": 0, "config": c.to_dict(),
-            "loader": input_pipeline.loader_state(0, c.data.mode, c.seed, c.pacing.seqlen_end, 0),
-            "monitor": monitor.StabilityMonitor(c.monitor).state(),
-            "imported_from": os.path.abspath(source), "special_tokens": tokens,
-            "vocab": _copy_tokenizer(hf_dir, workdir)}
+    meta = checkpoint.record(
+        0, 0, input_pipeline.loader_state(0, c.data.mode, c.seed, c.pacing.seqlen_end, 0),
+        monitor.StabilityMonitor(c.monitor).state(), c.to_dict(),
+        imported_from=os.path.abspath(source), special_tokens=tokens,
+        vocab=_copy_tokenizer(hf_dir, workdir))
     checkpoints.save(0, make_state(params), meta)
   finally:
     checkpoints.close()

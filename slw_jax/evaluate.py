@@ -92,11 +92,12 @@ def wikitext103(path: str, tokenizer, scorer, seq_len: int, overlap: int) -> dic
   with open(path, encoding="utf-8") as f:
     raw = f.read()
   tokens = tokenizer.encode(wikitext_detokenize(raw))
-  if len(tokens) < 2 or len(raw.strip().split(" ")) < 2:
+  num_words = len(raw.strip().split(" "))
+  if len(tokens) < 2 or num_words < 2:
     raise ValueError(f"--data={path} has fewer than two tokens or words: nothing to score")
   inputs, targets, mask = lm_windows(tokens, seq_len, overlap)
   nll, _ = scorer(inputs, targets)
-  return wikitext_result(float((nll * mask).sum()), len(tokens), len(raw.strip().split(" ")))
+  return wikitext_result(float((nll * mask).sum()), len(tokens), num_words)
 
 
 # ----- LAMBADA --------------------------------------------------------------------------------
@@ -148,21 +149,21 @@ def make_scorer(graphdef, params, batch_size: int):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from slw_jax import train_step  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def score(params, inputs, targets):
-    logits = nnx.merge(graphdef, params)(inputs, deterministic=True).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return nll, jnp.argmax(logits, axis=-1)
+    logits = nnx.merge(graphdef, params)(inputs, deterministic=True)
+    return train_step.token_losses(logits, targets), jnp.argmax(logits, axis=-1)
 
   def scorer(inputs, targets):
     count = len(inputs)
     padded = -(-count // batch_size) * batch_size  # Whole batches: one compiled shape.
     inputs = np.concatenate([inputs, np.zeros((padded - count,) + inputs.shape[1:], np.int32)])
     targets = np.concatenate([targets, np.zeros_like(inputs[:padded - count])])
-    outs = [jax.device_get(score(params, inputs[i:i + batch_size], targets[i:i + batch_size]))
-            for i in range(0, padded, batch_size)]
+    # Every batch is dispatched before any result is read: one transfer, no per-batch wait.
+    outs = jax.device_get([score(params, inputs[i:i + batch_size], targets[i:i + batch_size])
+                           for i in range(0, padded, batch_size)])
     return (np.concatenate([o[0] for o in outs])[:count],
             np.concatenate([o[1] for o in outs])[:count])
   return scorer
@@ -177,13 +178,13 @@ def validation(c, data_dir: str, scorer) -> dict:
   every = input_pipeline.validation_batch(index, 0, index.num_windows)
   nll, _ = scorer(every.inputs, every.targets)
   loss = float(nll.mean())
-  return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "windows": index.num_windows,
+  return {"loss": loss, "ppl": reporting.perplexity(loss), "windows": index.num_windows,
           "tokens": int(nll.size)}
 
 
 def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int | None,
         batch_size: int, overlap: int) -> dict:
-  from slw_jax import checkpoint, config_lib, tokenizers_lib  # pylint: disable=g-import-not-at-top
+  from slw_jax import checkpoint, tokenizers_lib  # pylint: disable=g-import-not-at-top
   if task != "val" and not data:
     raise ValueError(f"--task={task} needs --data=PATH (see --help)")
   if data and not os.path.exists(data):
@@ -196,8 +197,7 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
     raise ValueError(f"--overlap={overlap} must be <= model.max_seqlen={c.model.max_seqlen}")
   scorer = make_scorer(loaded.graphdef, loaded.params, batch_size)
   if task == "val":
-    kind = lambda spec: config_lib.split_spec(spec, "byte")[0]  # noqa: E731
-    if loaded.vocab is not None and kind(loaded.vocab) != kind(c.data.vocab):
+    if checkpoint.reads_other_ids(loaded.vocab, c.data.vocab):
       raise ValueError(f"--task=val scores data prepared with data.vocab={c.data.vocab!r}, but "
                        f"this model reads {loaded.vocab}: use --task=wikitext103 or lambada")
     result = validation(c, data or c.data.dir, scorer)

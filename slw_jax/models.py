@@ -58,6 +58,14 @@ class GPTConfig:
   attention: str = "auto"
   attention_block: int = 128
 
+  # Fields that change how the model computes but not its parameters' shapes: a checkpoint
+  # resumes under other values of these, and must match every other field.
+  RUNTIME_FIELDS = ("dtype", "dropout", "attention", "attention_block")
+
+  @classmethod
+  def param_shaping_fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.RUNTIME_FIELDS)
+
   @classmethod
   def from_config(cls, model_cfg) -> "GPTConfig":
     return cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)})

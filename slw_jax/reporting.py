@@ -140,6 +140,11 @@ def _duration(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def perplexity(loss: float) -> float:
+  """exp(loss), capped where float64 would overflow (a diverged run still logs a number)."""
+  return math.exp(min(loss, 700.0))
+
+
 def write_json(path: str, data: dict):
   """Writes atomically (temp file + rename): a reader never sees half a summary."""
   tmp = f"{path}.tmp"

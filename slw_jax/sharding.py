@@ -61,8 +61,7 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
 def _rule_table(rules) -> dict[str, tuple[str, ...]]:
   table = {}
   for logical, target in rules:
-    names = target if isinstance(target, (tuple, list)) else (target,)
-    table[logical] = tuple(n for n in names if n is not None)
+    table[logical] = tuple(n for n in config_lib.rule_axes(target) if n is not None)
   return table
 
 

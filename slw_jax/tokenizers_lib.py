@@ -16,10 +16,10 @@ BYTE_OFFSET = 3  # seqio.ByteVocabulary: ids 0-2 are pad, eos, unk.
 
 
 class Tokenizer:
-  """`encode(text) -> list[int]`; `kind` is byte, spm or gpt2."""
+  """`encode(text) -> list[int]`."""
 
-  def __init__(self, kind: str, encode):
-    self.kind, self._encode = kind, encode
+  def __init__(self, encode):
+    self._encode = encode
 
   def encode(self, text: str) -> list[int]:
     return list(self._encode(text))
@@ -49,16 +49,16 @@ def make_tokenizer(spec: str) -> Tokenizer:
   kind, arg = config_lib.split_spec(spec, "byte")
   if kind == "byte":
     # errors="ignore", as seqio's encoder: lone surrogates (valid in JSON) are dropped.
-    return Tokenizer("byte", lambda text: (b + BYTE_OFFSET
+    return Tokenizer(lambda text: (b + BYTE_OFFSET
                                            for b in text.encode("utf-8", errors="ignore")))
   if kind == "spm" and arg:
     if not os.path.isfile(arg):
       raise ValueError(f"vocabulary spm:{arg} does not exist (a SentencePiece .model file)")
     import sentencepiece  # pylint: disable=g-import-not-at-top
     processor = sentencepiece.SentencePieceProcessor(model_file=arg)
-    return Tokenizer("spm", processor.encode)
+    return Tokenizer(processor.encode)
   if kind == "gpt2" and arg:
-    return Tokenizer("gpt2", _gpt2(arg))
+    return Tokenizer(_gpt2(arg))
   raise ValueError(f"vocabulary {spec!r} is invalid: use byte, spm:PATH or gpt2:PATH")
 
 
@@ -71,4 +71,4 @@ def checked(tokenizer: Tokenizer, vocab_size: int, spec: str) -> Tokenizer:
       raise ValueError(f"vocabulary {spec!r} produced token id {max(ids)} but the model has "
                        f"model.vocab_size={vocab_size}: pass the run's vocabulary (--vocab)")
     return ids
-  return Tokenizer(tokenizer.kind, encode)
+  return Tokenizer(encode)

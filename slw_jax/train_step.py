@@ -25,11 +25,15 @@ from flax import nnx
 from slw_jax import models, schedules, sharding
 
 
+def token_losses(logits_blv, targets_bl):
+  """Each target's negative log-likelihood [B, L], in float32 whatever the logits' dtype."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32),
+                                                         targets_bl)
+
+
 def cross_entropy_sums(logits_blv, targets_bl):
   """(sum of token losses, token count): float32 whatever the logits' dtype."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32),
-                                                            targets_bl)
-  return losses.sum(), jnp.asarray(targets_bl.size, jnp.float32)
+  return token_losses(logits_blv, targets_bl).sum(), jnp.asarray(targets_bl.size, jnp.float32)
 
 
 def build_model(c):

@@ -8,7 +8,6 @@ never waits on the device just to log.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -17,12 +16,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from slw_jax import (checkpoint, config_lib, distributed, hardware, input_pipeline, models,
+from slw_jax import (checkpoint, distributed, hardware, input_pipeline, models,
                      monitor, pacing, reporting, schedules, sharding, train_step)
 
 
-PARAM_SHAPING = ("n_layer", "d_model", "n_head", "vocab_size", "max_seqlen",
-                 "vocab_pad_multiple")
+PARAM_SHAPING = models.GPTConfig.param_shaping_fields()  # Must match to resume.
 
 
 # What an imported checkpoint records (slw_jax.convert) and every later checkpoint keeps: where
@@ -111,9 +109,19 @@ class Trainer:
       self.state, self.step = self.device.init(), 0
       self.save()  # A step-0 checkpoint: rollback always has a state older than any spike.
       return
+    self._check_resumable(self.checkpoints.read_meta(latest))
+    self.state, meta = self.checkpoints.restore(latest, self.state_spec)
+    self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
+    self.loader.restore(meta["loader"])
+    self.monitor.load_state(meta["monitor"])
+    self.step = latest
+    self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
+
+  def _check_resumable(self, meta: dict):
+    """Refuses a checkpoint of another model shape, or whose model reads other token ids than
+    this run's data (an imported GPT-2 with its own tokenizer)."""
     # Only what shapes the parameters must match; attention, dtype and dropout may change.
-    saved_model = {k: v for k, v in self.checkpoints.read_meta(latest)["config"]["model"].items()
-                   if k in PARAM_SHAPING}
+    saved_model = {k: v for k, v in meta["config"]["model"].items() if k in PARAM_SHAPING}
     current = {k: v for k, v in self.c.model.to_dict().items() if k in PARAM_SHAPING}
     if saved_model != current:
       changed = sorted(k for k in set(saved_model) | set(current)
@@ -122,28 +130,17 @@ class Trainer:
           f"--workdir={self.workdir} holds checkpoints of another model (model."
           f"{changed[0]}={saved_model.get(changed[0])!r} there, {self.c.model.get(changed[0])!r} "
           "here): use a new --workdir or the same model config")
-    self._check_vocab(self.checkpoints.read_meta(latest))
-    self.state, meta = self.checkpoints.restore(latest, self.state_spec)
-    self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
-    self.loader.restore(meta["loader"])
-    self.monitor.load_state(meta["monitor"])
-    self.step = latest
-    self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
-
-  def _check_vocab(self, meta: dict):
-    """Refuses to train a model that reads another vocabulary than the data's ids."""
     recorded = checkpoint.model_vocab(meta, self.c.data.vocab, self.workdir)
-    kind = lambda spec: config_lib.split_spec(spec, "byte")[0]  # noqa: E731  (not the path)
-    if recorded is not None and kind(recorded) != kind(self.c.data.vocab):
+    if checkpoint.reads_other_ids(recorded, self.c.data.vocab):
       raise StopTraining(
           f"--workdir={self.workdir} holds a model imported with the tokenizer {recorded} but "
           f"config.data.vocab={self.c.data.vocab!r}: training would feed it other token ids "
           "(slw_jax.prepare makes byte or spm data only)")
 
   def save(self):
-    meta = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),
-            "loader": self.loader.state(), "monitor": self.monitor.state(),
-            "config": self.c.to_dict(), **self.carried_meta}
+    meta = checkpoint.record(self.step, int(self.schedule.tokens_before[self.step]),
+                             self.loader.state(), self.monitor.state(), self.c.to_dict(),
+                             **self.carried_meta)
     self.checkpoints.save(self.step, self.state, meta)
 
   # ----- the loop ----------------------------------------------------------------------------
@@ -315,17 +312,17 @@ class Trainer:
 
   def evaluate(self) -> dict:
     """Validation loss and perplexity at full length over `eval.batches` batches."""
-    loss_sum = count = 0.0
+    sums = []  # Device values: every batch is dispatched before one transfer reads them all.
     for number in range(self.c.eval.batches):
       batch = input_pipeline.validation_batch(self.val_index, number, self.c.eval.batch_size,
                                               *self.layout.process_rows)
       batch = self.layout.global_batch({"inputs": batch.inputs, "targets": batch.targets},
                                        self.c.eval.batch_size)
-      s, n = sharding.fetch(self.device.eval(self.state["params"], batch))
-      loss_sum, count = loss_sum + float(s), count + float(n)
-    loss = loss_sum / count
+      sums.append(self.device.eval(self.state["params"], batch))
+    fetched = sharding.fetch(sums)
+    loss = sum(float(s) for s, _ in fetched) / sum(float(n) for _, n in fetched)
     row = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),
-           "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+           "val_loss": loss, "val_ppl": reporting.perplexity(loss),
            "elapsed_s": time.time() - self.started}
     self.log.eval(row)
     self.last_eval = row

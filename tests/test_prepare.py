@@ -108,6 +108,10 @@ def test_sentencepiece_training_and_round_trip(load_config, tmp_path, corpus):
   assert vocab.decode(vocab.encode(text)) == text
   byte_vocab = seqio.ByteVocabulary()
   assert byte_vocab.decode(byte_vocab.encode(text)) == text
+  # Evaluation tokenizes without TensorFlow (tokenizers_lib): the same ids as the prepared data.
+  from slw_jax import tokenizers_lib  # pylint: disable=g-import-not-at-top
+  assert tokenizers_lib.make_tokenizer(f"spm:{path}").encode(text) == list(vocab.encode(text))
+  assert tokenizers_lib.make_tokenizer("byte").encode(text) == list(byte_vocab.encode(text))
   spm_cfg = _config(load_config, tmp_path, data__source=f"files:{corpus}/*",
                     data__val_fraction=0.2, data__vocab=f"spm:{path}",
                     data__dir=str(tmp_path / "spm_data"), model__vocab_size=300)
