@@ -1,32 +1,49 @@
 # `make train` and `make test` set everything up on a fresh machine (Python 3.10+ as python3).
+# On accelerator machines: `make setup ACCEL=cuda` (NVIDIA, CUDA 12 wheels) or `ACCEL=tpu`
+# installs the trainer with that JAX plugin and no TensorFlow; `make train ACCEL=cuda` trains.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
-TEST_STAMP := $(VENV)/.installed-test
-export JAX_PLATFORMS ?= cpu
+ACCEL ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+ACCELS := cpu cuda tpu
+ifeq ($(filter $(ACCEL),$(ACCELS)),)
+$(error ACCEL=$(ACCEL) is invalid: must be one of $(ACCELS))
+endif
+# cpu: everything (data preparation with TensorFlow, and the tests); cuda/tpu: the trainer.
+REQUIREMENTS_cpu := requirements.txt
+REQUIREMENTS_cuda := requirements-cuda.txt
+REQUIREMENTS_tpu := requirements-tpu.txt
+REQUIREMENTS := $(REQUIREMENTS_$(ACCEL))
+STAMP := $(VENV)/.installed-$(ACCEL)
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: setup test train plan clean
 
 setup: $(STAMP)
 
 # Reinstalls only when a requirements file or the package metadata changed.
-$(STAMP): requirements.txt requirements-train.txt pyproject.toml
+$(VENV)/.installed-%: requirements.txt requirements-train.txt requirements-cuda.txt \
+		requirements-tpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r $(REQUIREMENTS_$*)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	touch $@
 
 # The test-only packages (pytest, torch and transformers for the GPT-2 conversion tests).
-$(TEST_STAMP): $(STAMP) requirements-test.txt
+$(TEST_STAMP): $(VENV)/.installed-cpu requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $(TEST_STAMP)
 
+# Tests always run on the CPU backend (8 simulated devices, tests/conftest.py), even on a GPU
+# machine; only this target forces the CPU.
+test: export JAX_PLATFORMS := cpu
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 # Trains the tiny config on the default corpus (prepared on first use); resumes if interrupted.
+# Uses the accelerator JAX finds; with ACCEL=cpu wheels that is the CPU.
 RUN ?= runs/tiny
 train: setup
 	$(PY) -m slw_jax.main --config=configs/tiny.py --workdir=$(RUN)

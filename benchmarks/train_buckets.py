@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from slw_jax import config_lib, hardware, models, pacing, schedules, train_step
+from slw_jax import compile_cache, config_lib, hardware, models, pacing, schedules, train_step
 
 
 def parse_args():
@@ -43,8 +43,9 @@ def measure(c, shapes, steps):
   graphdef, _ = train_step.build_model(c)
   init = jax.jit(train_step.make_init_fn(c, optimizer))
   state = init()
-  bucketed = train_step.BucketedStep(train_step.make_train_step(c, graphdef, optimizer, False),
-                                     jax.eval_shape(init), background=False)
+  bucketed = compile_cache.BucketedStep(
+      lambda k: train_step.make_train_step(c, graphdef, optimizer, False, k),
+      jax.eval_shape(init), background=False)
   cfg = models.GPTConfig.from_config(c.model)
   n_params = models.num_params(cfg)
   rows = []

@@ -15,7 +15,10 @@ def get_config():
   c.model.n_head = 25
   c.model.vocab_size = 50257
   c.model.max_seqlen = 1024
-  c.model.dtype = "bfloat16"
+  c.model.vocab_pad_multiple = 128  # 50304 rows: shards over any power-of-two mesh, fast matmuls.
+  c.model.dtype = "bfloat16"  # bf16 compute, float32 parameters/optimizer (README: precision).
+  c.model.remat = "block"  # 48 blocks of activations would not fit: keep block inputs only.
+  c.optim.microbatches = "auto"  # The fewest that fit the device memory (checked before step 0).
   c.pacing.kind = "linear"
   c.pacing.seqlen_start = 64
   c.pacing.duration_steps = 270_000

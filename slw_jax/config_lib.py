@@ -17,7 +17,10 @@ PACING_KINDS = ("none", "linear", "root", "discrete")
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axes of the model's parameters (models.py) plus the batch.
 LOGICAL_AXES = ("batch", "embed", "heads", "kv", "mlp", "vocab")
-ATTENTION_KINDS = ("auto", "dot_product", "blockwise")
+# dot_product: jax.nn.dot_product_attention's XLA path; cudnn: its cuDNN fused kernel (GPU,
+# bfloat16); splash: the Pallas splash-attention kernel (TPU). models.resolve_attention.
+ATTENTION_KINDS = ("auto", "dot_product", "blockwise", "cudnn", "splash")
+REMAT_KINDS = ("none", "block", "dots")
 DTYPES = ("float32", "bfloat16")
 DATA_MODES = ("truncate", "reshape")
 MONITOR_ACTIONS = ("log", "skip", "rollback")
@@ -42,8 +45,9 @@ def base_config() -> config_dict.ConfigDict:
   m.max_seqlen = 1024  # Context length: size of the position embedding.
   m.dtype = "float32"  # Compute dtype (parameters are always float32): float32 | bfloat16.
   m.dropout = 0.0  # Dropout on embeddings and residual branches.
-  m.attention = "auto"  # auto | dot_product | blockwise (auto: blockwise on CPU, else dot_product).
+  m.attention = "auto"  # auto | dot_product | blockwise | cudnn | splash (auto: per backend+dtype).
   m.attention_block = 128  # Query block of blockwise attention (keys after a block are skipped).
+  m.remat = "none"  # Recompute in the backward pass: none | block (whole blocks) | dots.
 
   c.pacing = p = config_dict.ConfigDict()
   p.kind = "linear"  # none | linear | root | discrete.
@@ -107,9 +111,11 @@ def base_config() -> config_dict.ConfigDict:
   # Logical axis -> mesh axes (a name, a tuple of names, or None = replicated); see README.
   mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
                 ("kv", None), ("mlp", "tensor"), ("vocab", "tensor"))
+  mesh.allow_replicated = False  # Replicate a dimension its mesh axes do not divide (else error).
 
   c.hardware = h = config_dict.ConfigDict()
   h.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0 = known default or measured (CPU).
+  h.allow_cpu = False  # Train on the CPU even where accelerator wheels are installed.
 
   c.optim = o = config_dict.ConfigDict()
   o.lr = 6e-4  # Peak learning rate.
@@ -123,6 +129,10 @@ def base_config() -> config_dict.ConfigDict:
   o.eps = 1e-8  # Adam epsilon.
   o.weight_decay = 0.01  # Decoupled weight decay (matrices and embeddings only).
   o.clip_norm = 1.0  # Global-norm gradient clipping; 0 turns it off.
+  # Microbatches of the largest bucket (gradients accumulated in float32 inside the step);
+  # "auto": the fewest that fit the device memory. Shorter buckets use as few as keep tokens per
+  # microbatch at most the largest bucket's.
+  o.microbatches = config_dict.FieldReference(1, field_type=object)
 
   c.lock()
   return c
@@ -156,6 +166,10 @@ def _validate_model(m):
          f"must be one of {', '.join(ATTENTION_KINDS)}")
   _check(_is_int(m.attention_block) and m.attention_block >= 1, "model.attention_block",
          m.attention_block, "must be an integer >= 1")
+  _check(m.remat in REMAT_KINDS, "model.remat", m.remat, f"must be one of {', '.join(REMAT_KINDS)}")
+  _check(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention", m.attention,
+         f"cuDNN fused attention needs model.dtype=bfloat16 (not {m.dtype!r}); use auto, "
+         "dot_product or blockwise with float32")
 
 
 def _validate_stages(p, seqlen_end):
@@ -225,11 +239,23 @@ def _validate_stop(c):
          "must be an integer >= 1")
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved` with the keys it lacks (added by later releases) taken from `defaults`."""
+  merged = dict(defaults)
+  for key, value in saved.items():
+    merged[key] = (_with_defaults(value, defaults[key]) if isinstance(value, dict) and
+                   isinstance(defaults.get(key), dict) else value)
+  return merged
+
+
 def on_one_device(config: dict) -> config_dict.FrozenConfigDict:
   """A run's config (as saved in its checkpoints) with a 1x1x1 mesh, validated: evaluation and
-  conversion run on one device whatever mesh the run trained on."""
-  config = config_dict.ConfigDict(config)
+  conversion run on one device whatever mesh the run trained on, with the attention kernel
+  this machine has (a run trained with cuDNN's or splash's is evaluated on a CPU too)."""
+  config = config_dict.ConfigDict(_with_defaults(config, base_config().to_dict()))
   config.mesh.update(data=1, fsdp=1, tensor=1)
+  if config.model.attention in ("cudnn", "splash"):
+    config.model.attention = "auto"
   return validate(config)
 
 
@@ -345,6 +371,11 @@ def _validate_optim(c):
   _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
   _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 turns clipping off)")
+  k = o.microbatches
+  _check(k == "auto" or (_is_int(k) and k >= 1), "optim.microbatches", k,
+         "must be an integer >= 1 or 'auto'")
+  _check(k == "auto" or c.batch_size % k == 0, "optim.microbatches", k,
+         f"must divide batch_size={c.batch_size}")
 
 
 def _resolve_defaults(c: config_dict.ConfigDict):

@@ -26,7 +26,8 @@ def main(argv=None):
     if cli.STEP.value is not None:
       raise cli.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
                            "resumes from the newest checkpoint of --workdir")
-    from slw_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
+    from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
+    hardware.use_gpu_memory_fraction()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
       run = trainer.Trainer(config, cli.WORKDIR.value)  # Checks mesh, data and config ...

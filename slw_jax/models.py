@@ -1,9 +1,15 @@
 """GPT-2/GPT-3 style decoder in Flax NNX.
 
-Learned absolute position embeddings, pre-LayerNorm blocks, causal self-attention (through
-`jax.nn.dot_product_attention`, or blockwise einsums on CPU), a 4x GELU MLP, a final LayerNorm and an output head tied to the
-token embedding. GPT-2 initialization: normal(0.02), residual output projections scaled by
-1/sqrt(2 * n_layer). Parameters are float32; matmuls run in `dtype`.
+Learned absolute position embeddings, pre-LayerNorm blocks, causal self-attention (one dispatch,
+`attend`: cuDNN's fused kernel on GPUs, Pallas splash attention on TPUs, blockwise einsums on
+CPUs, XLA's otherwise), a 4x GELU MLP, a final LayerNorm and an output head tied to the token
+embedding. GPT-2 initialization: normal(0.02), residual output projections scaled by
+1/sqrt(2 * n_layer).
+
+Mixed precision: parameters are float32 and matmuls run in `dtype` (bfloat16 on accelerators).
+Where precision matters the model computes in float32 whatever `dtype`: LayerNorm statistics,
+attention scores and their softmax, and the output head, whose logits come out float32 (the
+matmul accumulates in float32: `preferred_element_type`), so the loss never sees bf16 logits.
 
 Axis letters in names: b batch, l sequence, d model width, h heads, k head dim, f MLP hidden,
 v vocabulary, c the q/k/v triple. Every parameter carries logical axis names (`out_sharding`
@@ -22,11 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from slw_jax import config_lib
+
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon.
 
 # Layouts pinned while a step is traced (set by `pinned_shardings`): "activation" for [B, L, D]
 # activations at block boundaries, "embedding_lookup" for the token table as the lookup reads
-# it. Empty, the default: no constraints (one device, or not under jit).
+# it, "batch" for [B, L] token microbatches, "heads" for [B, L, H, K] per-head activations
+# (kernels that XLA cannot partition run on each device's part of this layout). Empty, the
+# default: no constraints (one device, or not under jit).
 _PINNED = contextvars.ContextVar("pinned_shardings", default={})
 
 
@@ -40,7 +50,8 @@ def pinned_shardings(**shardings):
     _PINNED.reset(token)
 
 
-def _constrain(x, name: str = "activation"):
+def constrain(x, name: str = "activation"):
+  """`x` pinned to the sharding named `name` by `pinned_shardings`, if any."""
   sharding = _PINNED.get().get(name)
   return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
@@ -57,10 +68,11 @@ class GPTConfig:
   vocab_pad_multiple: int = 1
   attention: str = "auto"
   attention_block: int = 128
+  remat: str = "none"
 
   # Fields that change how the model computes but not its parameters' shapes: a checkpoint
   # resumes under other values of these, and must match every other field.
-  RUNTIME_FIELDS = ("dtype", "dropout", "attention", "attention_block")
+  RUNTIME_FIELDS = ("dtype", "dropout", "attention", "attention_block", "remat")
 
   @classmethod
   def param_shaping_fields(cls) -> tuple[str, ...]:
@@ -68,7 +80,10 @@ class GPTConfig:
 
   @classmethod
   def from_config(cls, model_cfg) -> "GPTConfig":
-    return cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)})
+    """From `config.model`; runtime fields a checkpoint of an older release lacks default."""
+    values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
+              if f.name in model_cfg or f.name not in cls.RUNTIME_FIELDS}
+    return cls(**values)
 
   @property
   def head_dim(self) -> int:
@@ -82,12 +97,6 @@ class GPTConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
-
-  def attention_kind(self) -> str:
-    """`auto` picks by the default backend when the model is built: blockwise on CPU."""
-    if self.attention != "auto":
-      return self.attention
-    return "blockwise" if jax.default_backend() == "cpu" else "dot_product"
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
@@ -115,14 +124,99 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+# ----- attention: one dispatch ------------------------------------------------------------------
+
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+class AttentionError(config_lib.ConfigError):
+  """An attention kind this backend or dtype cannot run (raised before anything compiles)."""
+
+
+def resolve_attention(attention: str, dtype: str, backend: str | None = None) -> tuple[str, str]:
+  """(kernel, why) for `model.attention` on `backend` (default: JAX's default backend).
+
+  auto: cuDNN's fused kernel on a GPU computing in bf16/fp16 (cuDNN has no float32 flash
+  attention: float32 falls back to XLA, said in `why`), the Pallas splash kernel on a TPU,
+  blockwise einsums on a CPU, XLA's attention elsewhere. An explicit kernel the backend cannot
+  run raises AttentionError naming the value and what is allowed.
+  """
+  backend = backend or jax.default_backend()
+  if attention == "cudnn" and (backend != "gpu" or dtype not in HALF_DTYPES):
+    raise AttentionError(
+        f"config.model.attention='cudnn' is invalid here: cuDNN fused attention needs a GPU and "
+        f"model.dtype=bfloat16 (backend {backend!r}, dtype {dtype!r}); use auto, dot_product "
+        "or blockwise")
+  if attention == "splash" and backend != "tpu":
+    raise AttentionError(f"config.model.attention='splash' is invalid here: the Pallas splash "
+                         f"kernel needs a TPU (backend {backend!r}); use auto, dot_product or "
+                         "blockwise")
+  if attention != "auto":
+    return attention, "set by model.attention"
+  if backend == "gpu":
+    if dtype in HALF_DTYPES:
+      return "cudnn", f"auto: GPU computing in {dtype}"
+    return "dot_product", ("auto: GPU computing in float32 falls back to XLA attention (cuDNN "
+                           "fused attention needs model.dtype=bfloat16)")
+  if backend == "tpu":
+    return "splash", "auto: TPU"
+  if backend == "cpu":
+    return "blockwise", "auto: CPU (2-4x faster than XLA attention there)"
+  return "dot_product", f"auto: backend {backend!r} has no fused kernel here"
+
+
+def bucket_attention(attention: str, dtype: str, seqlen: int, head_dim: int,
+                     backend: str | None = None) -> tuple[str, str]:
+  """The kernel a bucket of length `seqlen` runs, and why: the resolved kernel, unless its shape
+  limits rule this bucket out, in which case XLA's attention (the reason says so)."""
+  kernel, why = resolve_attention(attention, dtype, backend)
+  if kernel == "cudnn" and (head_dim % 8 or head_dim > 128):
+    return "dot_product", f"cuDNN needs a head dim that is a multiple of 8 up to 128, not " \
+        f"{head_dim}"
+  if kernel == "splash" and seqlen % SPLASH_BLOCK:
+    return "dot_product", f"splash needs a length that is a multiple of {SPLASH_BLOCK}"
+  return kernel, why
+
+
+def attention_lines(cfg: "GPTConfig", seqlens) -> list[str]:
+  """Log lines: the kernel the config resolves to here, and the buckets that fall back."""
+  kernel, why = resolve_attention(cfg.attention, cfg.dtype)
+  lines, fallbacks = [f"attention: {kernel} ({why})"], {}
+  for seqlen in seqlens:
+    used = bucket_attention(cfg.attention, cfg.dtype, seqlen, cfg.head_dim)
+    if used[0] != kernel:
+      fallbacks.setdefault(used, []).append(seqlen)
+  for (used, reason), lengths in fallbacks.items():
+    lines.append(f"attention fallback: {len(lengths)} bucket(s), seqlen {lengths[0]}.."
+                 f"{lengths[-1]}, use {used}: {reason}")
+  return lines
+
+
+def attend(q_blhk, k_blhk, v_blhk, attention: str, block: int):
+  """Causal self-attention [B, L, H, K] -> [B, L, H, K] by the kernel `bucket_attention` picks.
+
+  Every kernel computes the scores and their softmax in float32.
+  """
+  seqlen, head_dim = q_blhk.shape[1], q_blhk.shape[3]
+  kernel, _ = bucket_attention(attention, str(q_blhk.dtype), seqlen, head_dim)
+  if kernel == "blockwise":
+    return blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block)
+  if kernel == "splash":
+    return splash_causal_attention(q_blhk, k_blhk, v_blhk)
+  implementation = "cudnn" if kernel == "cudnn" else "xla"
+  return jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True,
+                                      implementation=implementation)
+
+
 def blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block: int):
   """Causal attention, same result as `jax.nn.dot_product_attention(..., is_causal=True)`.
 
   Queries go in blocks of `block` positions; each block scores only the keys up to its own end,
   so the masked-out upper triangle is mostly never computed (at 2 blocks, 25% less work than the
-  full square; more blocks skip more). Batch-head-major layout, plain einsums and a float32
-  softmax: on XLA:CPU this is 2-4x faster than `dot_product_attention`, which materializes and
-  masks the full [B, H, L, L] scores (benchmarks/RESULTS.md).
+  full square; more blocks skip more). Batch-head-major layout, plain einsums, scores
+  accumulated and normalized in float32: on XLA:CPU this is 2-4x faster than XLA's
+  `dot_product_attention`, which materializes and masks the full [B, H, L, L] scores
+  (benchmarks/RESULTS.md).
   """
   seqlen, head_dim = q_blhk.shape[1], q_blhk.shape[3]
   q_bhlk = jnp.swapaxes(q_blhk, 1, 2) * jnp.asarray(1.0 / math.sqrt(head_dim), q_blhk.dtype)
@@ -130,12 +224,44 @@ def blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block: int):
   outs = []
   for start in range(0, seqlen, block):
     end = min(start + block, seqlen)
-    s_bhqs = jnp.einsum("bhqk,bhsk->bhqs", q_bhlk[:, :, start:end], k_bhlk[:, :, :end])
+    s_bhqs = jnp.einsum("bhqk,bhsk->bhqs", q_bhlk[:, :, start:end], k_bhlk[:, :, :end],
+                        preferred_element_type=jnp.float32)
     visible_qs = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
-    s_bhqs = jnp.where(visible_qs, s_bhqs.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    s_bhqs = jnp.where(visible_qs, s_bhqs, jnp.finfo(jnp.float32).min)
     p_bhqs = jax.nn.softmax(s_bhqs, axis=-1).astype(v_bhlk.dtype)
     outs.append(jnp.einsum("bhqs,bhsk->bhqk", p_bhqs, v_bhlk[:, :, :end]))
   return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
+
+
+SPLASH_BLOCK = 128  # Splash attention's query/key block; lengths must be multiples of it.
+
+
+def splash_causal_attention(q_blhk, k_blhk, v_blhk, interpret: bool = False):
+  """Causal attention by the Pallas splash kernel (TPU; `interpret` runs it anywhere, slowly).
+
+  The kernel works on one example's [H, L, K] (vmapped over the batch), takes no scale (q is
+  scaled first) and is a custom call that XLA cannot partition: under a mesh it runs inside
+  `shard_map` on each device's own batch rows and heads (the "heads" layout pinned by
+  `pinned_shardings`).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only module.
+  seqlen, head_dim = q_blhk.shape[1], q_blhk.shape[3]
+
+  def local(q, k, v):  # [b, L, h, K] of this device.
+    mask = splash.MultiHeadMask([splash.CausalMask((seqlen, seqlen))] * q.shape[2])
+    blocks = splash.BlockSizes(**{name: SPLASH_BLOCK for name in (
+        "block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+        "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")})
+    kernel = splash.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+    q_bhlk = jnp.swapaxes(q, 1, 2) * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    out_bhlk = jax.vmap(kernel)(q_bhlk, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+    return jnp.swapaxes(out_bhlk, 1, 2)
+
+  layout = _PINNED.get().get("heads")
+  if layout is None:
+    return local(q_blhk, k_blhk, v_blhk)
+  return jax.shard_map(local, mesh=layout.mesh, in_specs=(layout.spec,) * 3,
+                       out_specs=layout.spec, check_vma=False)(q_blhk, k_blhk, v_blhk)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -148,16 +274,13 @@ class CausalSelfAttention(nnx.Module):
     self.out_weight_hkd = _param(rngs, (h, k, d), ("heads", "kv", "embed"), resid_std)
     self.out_bias_d = _param(rngs, (d,), ("embed",), None)
     self.dtype = cfg.compute_dtype
-    self.kind, self.block = cfg.attention_kind(), cfg.attention_block
+    self.attention, self.block = cfg.attention, cfg.attention_block
 
   def __call__(self, x_bld):
     w = self.qkv_weight_dchk[...].astype(self.dtype)
     qkv_blchk = jnp.einsum("bld,dchk->blchk", x_bld, w) + self.qkv_bias_chk[...].astype(self.dtype)
     q_blhk, k_blhk, v_blhk = qkv_blchk[:, :, 0], qkv_blchk[:, :, 1], qkv_blchk[:, :, 2]
-    if self.kind == "blockwise":
-      attn_blhk = blockwise_causal_attention(q_blhk, k_blhk, v_blhk, self.block)
-    else:
-      attn_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True)
+    attn_blhk = attend(q_blhk, k_blhk, v_blhk, self.attention, self.block)
     out_w = self.out_weight_hkd[...].astype(self.dtype)
     return jnp.einsum("blhk,hkd->bld", attn_blhk, out_w) + self.out_bias_d[...].astype(self.dtype)
 
@@ -209,6 +332,14 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens_bl, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
     """Logits; with `deterministic=False` dropout draws from `rngs` (stream 'dropout')."""
+    return self.head(self.features(tokens_bl, deterministic=deterministic, rngs=rngs))
+
+  def head(self, x_bld):
+    """Final features [B, L, D] -> float32 logits [B, L, vocab_size] (the tied output head)."""
+    return head_logits(x_bld, self.wte_vd[...], self.cfg)
+
+  def features(self, tokens_bl, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """Token ids [B, L] -> the final LayerNorm's output [B, L, D], in the compute dtype."""
     cfg = self.cfg
     seqlen = tokens_bl.shape[1]
     if seqlen > cfg.max_seqlen:
@@ -219,15 +350,72 @@ class GPT(nnx.Module):
     # The lookup reads the table whole along d (gathered over fsdp once): a gather from a
     # d-sharded table would come out sharded along d, and XLA would replicate it to re-split it
     # by batch.
-    lookup_vd = _constrain(wte_vd, "embedding_lookup")
+    lookup_vd = constrain(wte_vd, "embedding_lookup")
     x_bld = jnp.take(lookup_vd, tokens_bl, axis=0) + self.wpe_ld[:seqlen]
     x_bld = x_bld.astype(cfg.compute_dtype)
-    x_bld = _constrain(self.drop(x_bld, deterministic=deterministic, rngs=rngs))
+    x_bld = constrain(self.drop(x_bld, deterministic=deterministic, rngs=rngs))
     for block in self.blocks:
-      x_bld = _constrain(block(x_bld, deterministic, rngs))
-    x_bld = self.ln_f(x_bld)
-    logits_blv = jnp.einsum("bld,vd->blv", x_bld, wte_vd.astype(cfg.compute_dtype))
-    return logits_blv[..., :cfg.vocab_size]  # Padded vocabulary rows never score.
+      x_bld = constrain(_apply_block(cfg.remat, block, x_bld, deterministic, rngs))
+    return self.ln_f(x_bld)
+
+
+def head_logits(x_bld, wte_vd, cfg: GPTConfig):
+  """The tied output head: features [B, L, D] -> float32 logits [B, L, vocab_size].
+
+  It accumulates in float32 and returns float32 logits: bf16 logits would leave the loss 8 bits
+  of mantissa over a 50K-way softmax.
+  """
+  logits_blv = jnp.einsum("bld,vd->blv", x_bld, wte_vd.astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+  return logits_blv[..., :cfg.vocab_size]  # Padded vocabulary rows never score.
+
+
+# ----- rematerialization (model.remat) ---------------------------------------------------------
+# "block" keeps only each block's input and recomputes the rest in the backward pass (the least
+# memory, one extra forward); "dots" keeps the outputs of the weight matmuls and recomputes the
+# cheap elementwise work and attention (MaxText's "minimal"), through `nnx.remat`.
+
+
+def _apply_block(remat: str, block: Block, x_bld, deterministic: bool, rngs):
+  if remat == "none":
+    return block(x_bld, deterministic, rngs)
+  if remat == "dots":  # Static arg 2: `deterministic` picks the code path.
+    saved = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nnx.remat(_block_forward, policy=saved, static_argnums=2)(
+        block, x_bld, deterministic, rngs)
+  graphdef, state = nnx.split(block)
+  key = None if deterministic or rngs is None else rngs.dropout()
+  return _recomputed_block(graphdef, deterministic)(state, x_bld, key)
+
+
+def _block_forward(block: Block, x_bld, deterministic: bool, rngs):
+  return block(x_bld, deterministic, rngs)
+
+
+def _recomputed_block(graphdef, deterministic: bool):
+  """A block whose backward pass recomputes its forward from the saved input, once the gradient
+  from the blocks after it has arrived: an optimization barrier ties the recomputation to that
+  gradient, so no compiler can hoist it earlier and keep every block's activations alive at
+  once (XLA:CPU does that with `jax.checkpoint`: benchmarks/RESULTS.md). Dropout draws from
+  `key`, the same in the forward pass and its recomputation."""
+  def forward(state, x_bld, key):
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    return nnx.merge(graphdef, state)(x_bld, deterministic, rngs)
+
+  @jax.custom_vjp
+  def block(state, x_bld, key):
+    return forward(state, x_bld, key)
+
+  def block_forward(state, x_bld, key):
+    return forward(state, x_bld, key), (state, x_bld, key)
+
+  def block_backward(saved, grad_bld):
+    state, x_bld, key, grad_bld = jax.lax.optimization_barrier((*saved, grad_bld))
+    _, vjp = jax.vjp(lambda s, x: forward(s, x, key), state, x_bld)
+    return (*vjp(grad_bld), None)
+
+  block.defvjp(block_forward, block_backward)
+  return block
 
 
 def num_params(cfg: GPTConfig) -> int:

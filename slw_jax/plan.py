@@ -5,20 +5,38 @@ Rows: `step, seqlen, batch_size, tokens, lr`, where `tokens` is the count consum
 step (the quantity the LR decay and the stop condition use). Summary: `num_params`,
 `total_steps`, `total_tokens`, every bucket (distinct (seqlen, batch_size), in order of first
 use) and the estimated training FLOPs.
+
+`--memory --devices=N [--device_memory_gib=80]`: instead, AOT-compiles the largest bucket's
+train step on N simulated CPU devices with the config's mesh, microbatches and remat, and
+prints one JSON object: the bytes it needs per device and whether that fits (no accelerator is
+needed: a memory proof before renting a cluster).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
+import jax
 import numpy as np
 from absl import flags
 
-from slw_jax import cli, models, pacing, schedules
+from slw_jax import cli, compile_cache, hardware, models, pacing, schedules
 
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "csv", "json"], "Output format.")
 _EVERY = flags.DEFINE_integer("every", 1, "Print every N-th step (the last step always).")
+_MEMORY = flags.DEFINE_bool("memory", False, "AOT-compile the largest bucket on --devices "
+                            "simulated CPU devices and print its memory per device (JSON).")
+_DEVICES = flags.DEFINE_integer("devices", None, "--memory: devices of the target machine(s).")
+_DEVICE_MEMORY_GIB = flags.DEFINE_float("device_memory_gib", 80.0, "--memory: memory of one "
+                                        "target device in GiB (H100: 80).")
+
+MEMORY_CAVEAT = (
+    "compiled by XLA:CPU (memory-optimized schedule, recomputation kept), whose buffer "
+    "assignment and fusions differ from XLA:GPU/TPU, with the attention kernel the CPU runs "
+    "(blockwise; cuDNN and splash keep less); 'fits' leaves "
+    f"{1 - hardware.GPU_MEMORY_FRACTION:.0%} of the device to CUDA/cuDNN/NCCL workspaces")
 
 ROW_KEYS = ("step", "seqlen", "batch_size", "tokens", "lr")
 
@@ -75,10 +93,61 @@ def render(plan: dict, fmt: str) -> tuple[str, str]:
   return "\n".join(body + ["", summary]), ""
 
 
+def use_cpu_devices(count: int) -> list:
+  """`count` CPU devices: JAX is told to make them when its backend has not started yet (the
+  command line); an already running backend (tests) lends its first `count`."""
+  if count is None or count < 1:
+    raise cli.UsageError(f"--devices={count} is invalid: --memory needs --devices=N, N >= 1 "
+                         "(the target's device count)")
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # The backend already started: use what it has.
+    pass
+  devices = jax.devices("cpu")
+  if len(devices) < count:
+    raise cli.UsageError(f"--devices={count} is invalid here: this process already has "
+                         f"{len(devices)} CPU devices (run plan in its own process)")
+  return devices[:count]
+
+
+def memory_report(config, devices, device_memory_gib: float) -> dict:
+  """Compiles the largest bucket on `devices` as the trainer would and reports its memory."""
+  from slw_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  if device_memory_gib <= 0:
+    raise cli.UsageError(f"--device_memory_gib={device_memory_gib} is invalid: must be > 0")
+  largest = max(pacing.run_schedule(config).buckets(), key=lambda b: b.batch_size * b.seqlen)
+  shape = (largest.batch_size, largest.seqlen)
+  placed = train_step.on_mesh(config, devices)
+  sharding.check_batch_sizes(placed.layout, {"config.batch_size": config.batch_size})
+  steps = train_step.sharded_steps(
+      config, placed, skip_bad=False, background=False,
+      compiler_options=compile_cache.CPU_MEMORY_ESTIMATE_OPTIONS).steps
+  limit = int(device_memory_gib * 2**30 * hardware.GPU_MEMORY_FRACTION)
+  start = time.perf_counter()
+  policy, _ = compile_cache.choose_microbatches(steps, config.optim.microbatches, shape,
+                                                placed.layout.batch_shards, limit)
+  steps.get(shape)
+  stats = steps.stats[shape]
+  return dict(
+      devices=len(devices), mesh=dict(placed.layout.mesh.shape), bucket=list(shape),
+      bytes_per_device=stats.memory_bytes, gib_per_device=round(stats.memory_bytes / 2**30, 3),
+      device_memory_gib=device_memory_gib, fits=stats.memory_bytes <= limit,
+      compile_s=round(stats.compile_s, 2), total_s=round(time.perf_counter() - start, 2),
+      microbatches=policy.largest_count, microbatches_setting=config.optim.microbatches,
+      remat=config.model.remat, dtype=config.model.dtype,
+      attention=models.resolve_attention(config.model.attention, config.model.dtype)[0],
+      caveat=MEMORY_CAVEAT)
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
+    if _MEMORY.value:
+      devices = use_cpu_devices(_DEVICES.value)
+      print(json.dumps(memory_report(config, devices, _DEVICE_MEMORY_GIB.value)))
+      return
     out, err = render(build_plan(config, _EVERY.value), _FORMAT.value)
   if err:
     print(err, file=sys.stderr)

@@ -6,9 +6,10 @@ parameter carries logical axis names (models.py); `mesh.rules` maps them to mesh
 table as in t5x. The batch is split by the `batch` rule ((data, fsdp) by default), and so are
 the activations at block boundaries. Optimizer state is laid out like the parameters.
 
-A dimension that the mesh axes do not divide (e.g. a 259-token vocabulary over tensor=2) is
-replicated instead, and reported in `Layout.replicated_dims`; pad it (model.vocab_pad_multiple)
-to shard it.
+A dimension that its mesh axes do not divide (e.g. a 259-token vocabulary over tensor=2) is an
+error naming the parameter and the axis: pad it (model.vocab_pad_multiple) or change the mesh.
+With `mesh.allow_replicated=true` it is replicated instead, and reported in
+`Layout.replicated_dims`.
 """
 
 from __future__ import annotations
@@ -65,14 +66,15 @@ def _rule_table(rules) -> dict[str, tuple[str, ...]]:
   return table
 
 
-def mesh_spec(logical_axes, shape, rules, mesh) -> tuple[P, list[int]]:
+def mesh_spec(logical_axes, shape, rules, mesh) -> tuple[P, list[tuple[int, str]]]:
   """PartitionSpec of an array with these logical axes, and the dims left replicated because
-  their mesh axes do not divide them. A mesh axis is used at most once per array."""
+  their mesh axes do not divide them, as (dim, "axis=size") pairs. A mesh axis is used at most
+  once per array."""
   table, used, spec, replicated = _rule_table(rules), set(), [], []
   for dim, (name, size) in enumerate(zip(logical_axes, shape)):
     axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1)
     if axes and size % math.prod(mesh.shape[a] for a in axes):
-      replicated.append(dim)
+      replicated.append((dim, " x ".join(f"{a}={mesh.shape[a]}" for a in axes)))
       axes = ()
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -86,6 +88,7 @@ class Layout:
   state: object  # A pytree of NamedSharding, shaped like the train state.
   batch: NamedSharding  # [B, L] token arrays.
   activation: NamedSharding  # [B, L, D] activations at block boundaries.
+  heads: NamedSharding  # [B, L, H, K] per-head activations (attention kernels in shard_map).
   embedding_lookup: NamedSharding  # The token table as the embedding lookup reads it.
   replicated_dims: list[str]  # "param path: dim d (size) over axes", for the log.
 
@@ -101,8 +104,8 @@ class Layout:
   def traced(self, fn):
     """`fn` with block-boundary activations pinned to the batch layout while it is traced."""
     def wrapped(*args):
-      with models.pinned_shardings(activation=self.activation,
-                                   embedding_lookup=self.embedding_lookup):
+      with models.pinned_shardings(activation=self.activation, batch=self.batch,
+                                   heads=self.heads, embedding_lookup=self.embedding_lookup):
         return fn(*args)
     return wrapped
 
@@ -145,8 +148,8 @@ def param_shardings(abstract_params, rules, mesh):
     spec, replicated = mesh_spec(tuple(names) or (None,) * x.ndim, x.shape, rules, mesh)
     keys = (str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     name = "/".join(k for k in keys if k not in (".value", "value"))
-    notes.extend(f"{name}: dim {d} ({x.shape[d]}) not divisible by its mesh axes"
-                 for d in replicated)
+    notes.extend(f"{name}: dim {d} ({x.shape[d]}) not divisible by mesh axis {axes}"
+                 for d, axes in replicated)
     return NamedSharding(mesh, spec)
 
   shardings = jax.tree_util.tree_map_with_path(one, logical, abstract_params,
@@ -158,6 +161,11 @@ def make_layout(c, state_spec, abstract_params, optimizer, devices=None) -> Layo
   """Shardings of the whole train state (optimizer state like the params) and the batch."""
   mesh = make_mesh(c.mesh, devices)
   params, notes = param_shardings(abstract_params, c.mesh.rules, mesh)
+  if notes and not c.mesh.allow_replicated:
+    raise config_lib.ConfigError(
+        f"config.mesh cannot shard parameter {notes[0]}: pad it (model.vocab_pad_multiple=128 "
+        "for the vocabulary), choose mesh sizes that divide it, or set "
+        "config.mesh.allow_replicated=true to keep it whole on every device")
   replicated = NamedSharding(mesh, P())
   opt_state = optax.tree_map_params(
       optimizer, lambda _, sharding: sharding, state_spec["opt_state"], params,
@@ -167,10 +175,13 @@ def make_layout(c, state_spec, abstract_params, optimizer, devices=None) -> Layo
   state.update(params=params, opt_state=opt_state)
   batch_spec, _ = mesh_spec(("batch", None), (0, 0), c.mesh.rules, mesh)
   activation_spec = P(*batch_spec, None)
+  heads_spec, _ = mesh_spec(("batch", None, "heads", "kv"), (0, 0, c.model.n_head, 0),
+                            c.mesh.rules, mesh)
   table = jax.tree.leaves(params["wte_vd"])[0].spec
   lookup = NamedSharding(mesh, P(table[0] if table else None, None))
   return Layout(mesh, state, NamedSharding(mesh, batch_spec),
-                NamedSharding(mesh, activation_spec), lookup, notes)
+                NamedSharding(mesh, activation_spec), NamedSharding(mesh, heads_spec), lookup,
+                notes)
 
 
 def check_batch_sizes(layout: Layout, sizes: dict[str, int]):

@@ -1,28 +1,23 @@
-"""The pure train step `(state, batch, lr) -> (state, metrics)` and its per-bucket AOT cache.
+"""The pure train step `(state, batch, lr) -> (state, metrics)`, with microbatch accumulation.
 
 The model is split once (`nnx.split`) into a static graph and a `Param` state; the step merges
 them inside `jax.jit`, so no NNX graph traversal happens per call. The train state is a plain
 dict pytree: params, optax state, step, the minimum loss so far (for the loss ratio) and the
-number of skipped updates.
-
-`BucketedStep` keeps one compiled executable per (batch_size, seqlen) bucket, compiled ahead of
-time (`jit(...).lower(...).compile()`) with the state donated. Upcoming buckets compile in a
-background thread (XLA releases the GIL) so that the loop does not wait for them.
+number of skipped updates. The per-bucket executables live in `compile_cache`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import threading
-import time
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from slw_jax import models, schedules, sharding
+from slw_jax import compile_cache, models, schedules, sharding
 
 
 def token_losses(logits_blv, targets_bl):
@@ -31,9 +26,42 @@ def token_losses(logits_blv, targets_bl):
                                                          targets_bl)
 
 
-def cross_entropy_sums(logits_blv, targets_bl):
-  """(sum of token losses, token count): float32 whatever the logits' dtype."""
-  return token_losses(logits_blv, targets_bl).sum(), jnp.asarray(targets_bl.size, jnp.float32)
+HEAD_CHUNK = 128  # Positions per chunk of the chunked output head (see `loss_sum`).
+
+
+def loss_sum(model, inputs_bl, targets_bl, *, deterministic: bool = True, rngs=None,
+             chunked: bool = False):
+  """The sum of the batch's token losses, float32.
+
+  `chunked`: the output head and the loss run over HEAD_CHUNK positions at a time, and each
+  chunk is recomputed in the backward pass, so the float32 [B, L, V] logits and their gradient
+  never exist whole (at GPT-2's 50K vocabulary they outweigh every block's activations). Same
+  sum up to float rounding; one extra head forward when differentiated.
+  """
+  if not chunked:
+    return token_losses(model(inputs_bl, deterministic=deterministic, rngs=rngs),
+                        targets_bl).sum()
+  x_bld = model.features(inputs_bl, deterministic=deterministic, rngs=rngs)
+  return chunked_head_loss_sum(x_bld, model.wte_vd[...], targets_bl, model.cfg)
+
+
+def chunked_head_loss_sum(x_bld, wte_vd, targets_bl, cfg):
+  """Sum of token losses of features [B, L, D], a `lax.scan` over [B, HEAD_CHUNK] chunks."""
+  batch, seqlen, width = x_bld.shape
+  chunk = math.gcd(seqlen, HEAD_CHUNK)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def chunk_loss(wte_vd, x_bcd, targets_bc):
+    return token_losses(models.head_logits(x_bcd, wte_vd, cfg), targets_bc).sum()
+
+  def add_chunk(total, chunk_xs):
+    return total + chunk_loss(wte_vd, *chunk_xs), None
+
+  chunks = seqlen // chunk  # [B, L, ...] -> [chunks, B, chunk, ...]: the batch stays sharded.
+  xs = (jnp.moveaxis(x_bld.reshape(batch, chunks, chunk, width), 1, 0),
+        jnp.moveaxis(targets_bl.reshape(batch, chunks, chunk), 1, 0))
+  total, _ = jax.lax.scan(add_chunk, jnp.float32(0), xs)
+  return total
 
 
 def build_model(c):
@@ -60,24 +88,63 @@ def make_init_fn(c, optimizer):
   return init
 
 
-def make_train_step(c, graphdef, optimizer, skip_bad: bool):
-  """The pure step. With `skip_bad`, an update whose loss is non-finite or whose loss ratio
-  exceeds `monitor.skip_ratio` is not applied (parameters and optimizer state stay as they were).
-  """
-  deterministic = c.model.dropout == 0.0
-  skip_ratio = c.monitor.skip_ratio
+def split_microbatches(x_bl, k: int):
+  """[B, L] -> [k, B / k, L]: microbatch j holds rows j, j + k, j + 2k, ..., so each
+  data-parallel shard's contiguous block of rows splits into its own part of every microbatch
+  (no data moves between devices)."""
+  batch_size, seqlen = x_bl.shape
+  return jnp.swapaxes(x_bl.reshape(batch_size // k, k, seqlen), 0, 1)
 
-  def loss_fn(params, inputs, targets, step):
-    rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(c.seed), step))
+
+def make_loss_and_grads(c, graphdef, microbatches: int):
+  """(params, batch, step) -> (mean token loss, its gradients), over `microbatches` sequential
+  microbatches whose loss sums and gradients accumulate in float32: equal to one pass over the
+  whole batch up to float rounding, with the activation memory of one microbatch."""
+  deterministic = c.model.dropout == 0.0
+  seed_key = jax.random.key(c.seed)
+  chunked = c.model.remat != "none"  # Remat recomputes the output head too, in chunks.
+
+  def scaled_loss(params, inputs, targets, dropout_key, count):
     model = nnx.merge(graphdef, params)
-    logits = model(inputs, deterministic=deterministic, rngs=rngs)
-    loss_sum, count = cross_entropy_sums(logits, targets)
-    return loss_sum / count
+    return loss_sum(model, inputs, targets, deterministic=deterministic,
+                    rngs=nnx.Rngs(dropout=dropout_key), chunked=chunked) / count
+
+  grad_fn = jax.value_and_grad(scaled_loss)
+
+  def loss_and_grads(params, batch, step):
+    inputs, targets = batch["inputs"], batch["targets"]
+    count, step_key = jnp.float32(inputs.size), jax.random.fold_in(seed_key, step)
+    if microbatches == 1:
+      return grad_fn(params, inputs, targets, step_key, count)
+
+    def accumulate(carry, xs):
+      loss_sum, grad_sum = carry
+      inputs_mb, targets_mb, index = xs
+      inputs_mb, targets_mb = (models.constrain(x, "batch") for x in (inputs_mb, targets_mb))
+      loss, grads = grad_fn(params, inputs_mb, targets_mb, jax.random.fold_in(step_key, index),
+                            count)
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    xs = (split_microbatches(inputs, microbatches), split_microbatches(targets, microbatches),
+          jnp.arange(microbatches))
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), xs)
+    return loss, grads
+
+  return loss_and_grads
+
+
+def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 1):
+  """The pure step, over `microbatches` microbatches. With `skip_bad`, an update whose loss is
+  non-finite or whose loss ratio exceeds `monitor.skip_ratio` is not applied (parameters and
+  optimizer state stay as they were).
+  """
+  skip_ratio = c.monitor.skip_ratio
+  loss_and_grads = make_loss_and_grads(c, graphdef, microbatches)
 
   def step_fn(state, batch, lr):
     params = state["params"]
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch["inputs"], batch["targets"],
-                                              state["step"])
+    loss, grads = loss_and_grads(params, batch, state["step"])
     opt_state = schedules.set_learning_rate(state["opt_state"], lr)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
@@ -98,16 +165,13 @@ def make_train_step(c, graphdef, optimizer, skip_bad: bool):
 
 
 def make_eval_step(graphdef):
-  """(params, batch) -> (loss sum, token count) at full length, deterministic."""
+  """(params, batch) -> (loss sum, token count) at full length, deterministic. The head runs
+  in chunks: a full-length eval batch's float32 logits would need more memory than training."""
   def eval_fn(params, batch):
-    logits = nnx.merge(graphdef, params)(batch["inputs"], deterministic=True)
-    return cross_entropy_sums(logits, batch["targets"])
+    model = nnx.merge(graphdef, params)
+    total = loss_sum(model, batch["inputs"], batch["targets"], chunked=True)
+    return total, jnp.asarray(batch["targets"].size, jnp.float32)
   return eval_fn
-
-
-def batch_spec(batch_size: int, seqlen: int, sharding=None) -> dict:
-  shape = jax.ShapeDtypeStruct((batch_size, seqlen), jnp.int32, sharding=sharding)
-  return {"inputs": shape, "targets": shape}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +190,7 @@ class OnMesh:
 def on_mesh(c, devices=None) -> OnMesh:
   """Builds the model and optimizer abstractly (nothing allocated) and lays the train state out
   on the config's mesh over `devices` (default: all). Raises ConfigError for a bad mesh."""
+  models.resolve_attention(c.model.attention, c.model.dtype)  # AttentionError before compiling.
   optimizer = schedules.make_optimizer(c.optim)
   graphdef, abstract_params = build_model(c)
   shapes = jax.eval_shape(make_init_fn(c, optimizer))
@@ -137,97 +202,22 @@ def on_mesh(c, devices=None) -> OnMesh:
 class ShardedSteps:
   """Everything that runs on the devices, laid out on one mesh (`sharding.Layout`)."""
   init: object  # () -> train state, created directly in its sharded layout.
-  steps: "BucketedStep"
+  steps: "compile_cache.BucketedStep"
   eval: object  # (params, batch) -> (loss sum, token count), replicated.
 
 
 def sharded_steps(c, placed: OnMesh, *, skip_bad: bool, background: bool = True,
-                  on_compiled=None) -> ShardedSteps:
+                  on_compiled=None, compiler_options: dict | None = None) -> ShardedSteps:
   """Init, per-bucket train steps and the eval step, all with the layout's shardings: the
-  state is never materialized on one device, and every bucket uses the same shardings."""
+  state is never materialized on one device, and every bucket uses the same shardings.
+  `compiler_options` go to every bucket's compile (e.g. compile_cache's memory estimate)."""
   layout, graphdef, optimizer = placed.layout, placed.graphdef, placed.optimizer
   init = jax.jit(make_init_fn(c, optimizer), out_shardings=layout.state)
-  step_fn = layout.traced(make_train_step(c, graphdef, optimizer, skip_bad))
-  steps = BucketedStep(step_fn, placed.state_spec, background=background,
-                       batch_sharding=layout.batch, scalar_sharding=layout.replicated,
-                       on_compiled=on_compiled,
-                       jit_kwargs={"out_shardings": (layout.state, layout.replicated)})
+  step_for = lambda k: layout.traced(make_train_step(c, graphdef, optimizer, skip_bad, k))  # noqa
+  steps = compile_cache.BucketedStep(
+      step_for, placed.state_spec, background=background, batch_sharding=layout.batch,
+      scalar_sharding=layout.replicated, on_compiled=on_compiled,
+      compiler_options=compiler_options,
+      jit_kwargs={"out_shardings": (layout.state, layout.replicated)})
   eval_fn = jax.jit(layout.traced(make_eval_step(graphdef)), out_shardings=layout.replicated)
   return ShardedSteps(init, steps, eval_fn)
-
-
-@dataclasses.dataclass(frozen=True)
-class BucketStats:
-  """What compiling one bucket cost and what its executable needs on the device."""
-  batch_size: int
-  seqlen: int
-  compile_s: float
-  memory_bytes: int  # arguments + outputs + temporaries - aliased (donated) buffers
-  background: bool
-
-
-def memory_bytes(compiled) -> int:
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return 0
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes +
-             stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-
-
-class BucketedStep:
-  """One AOT-compiled executable per (batch_size, seqlen), compiled ahead in a thread."""
-
-  def __init__(self, step_fn, state_spec, *, background: bool = True, batch_sharding=None,
-               scalar_sharding=None, jit_kwargs: dict | None = None, on_compiled=None):
-    self._jitted = jax.jit(step_fn, donate_argnums=0, **(jit_kwargs or {}))
-    self._state_spec = state_spec
-    self._batch_sharding = batch_sharding
-    self._lr_spec = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar_sharding)
-    self._background = background
-    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slw-compile")
-    self._futures: dict[tuple[int, int], concurrent.futures.Future] = {}
-    self._lock = threading.Lock()
-    self.stats: dict[tuple[int, int], BucketStats] = {}
-    self.stall_s = 0.0  # Seconds the training loop waited on compilation.
-    self._on_compiled = on_compiled  # Called with each BucketStats (from the compile thread).
-
-  def _compile(self, shape: tuple[int, int], background: bool):
-    start = time.perf_counter()
-    lowered = self._jitted.lower(self._state_spec, batch_spec(*shape, self._batch_sharding),
-                                 self._lr_spec)
-    compiled = lowered.compile()
-    self.stats[shape] = BucketStats(shape[0], shape[1], time.perf_counter() - start,
-                                    memory_bytes(compiled), background)
-    if self._on_compiled is not None:
-      self._on_compiled(self.stats[shape])
-    return compiled
-
-  def prefetch(self, shapes):
-    """Starts compiling these buckets in the background thread (no-op when disabled)."""
-    if not self._background:
-      return
-    with self._lock:
-      for shape in shapes:
-        if shape not in self._futures:
-          self._futures[shape] = self._executor.submit(self._compile, shape, True)
-
-  def get(self, shape: tuple[int, int]):
-    """The executable of a bucket; compiles it now (counted as stall) if it was not ahead."""
-    start = time.perf_counter()
-    with self._lock:
-      future = self._futures.get(shape)
-      if future is None:
-        future = concurrent.futures.Future()
-        future.set_result(self._compile(shape, False))
-        self._futures[shape] = future
-    compiled = future.result()
-    self.stall_s += time.perf_counter() - start
-    return compiled
-
-  @property
-  def num_compiled(self) -> int:
-    return len(self.stats)
-
-  def close(self, wait: bool = True):
-    """Stops the compile thread; queued compiles are cancelled (a running one completes)."""
-    self._executor.shutdown(wait=wait, cancel_futures=True)

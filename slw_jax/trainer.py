@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from slw_jax import (checkpoint, distributed, hardware, input_pipeline, models,
+from slw_jax import (checkpoint, compile_cache, distributed, hardware, input_pipeline, models,
                      monitor, pacing, reporting, schedules, sharding, train_step)
 
 
@@ -41,10 +41,18 @@ class Trainer:
     self.lrs = schedules.learning_rates(c, self.schedule)
     self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
     self.primary = jax.process_index() == 0
-    # The mesh and batch checks come before the data is prepared: bad input fails fast.
+    self.model_cfg = models.GPTConfig.from_config(c.model)
+    hardware.check_accelerator(c.hardware.allow_cpu)
+    # The mesh, batch, attention and microbatch checks come before the data is prepared and
+    # before any compile: bad input fails fast.
     placed = train_step.on_mesh(c, devices)
     self.layout, self.state_spec = placed.layout, placed.state_spec
     sharding.check_batch_sizes(self.layout, self._batch_sizes())
+    largest = max(self.buckets, key=lambda b: b.batch_size * b.seqlen)
+    self.largest = (largest.batch_size, largest.seqlen)
+    if c.optim.microbatches != "auto":
+      compile_cache.check_microbatches(c.optim.microbatches, self.largest,
+                                       self.layout.batch_shards)
     if jax.process_count() > 1:  # One process prepares missing data; the others wait for it.
       if self.primary:
         input_pipeline.ensure_prepared(c, log=self._print)
@@ -60,7 +68,6 @@ class Trainer:
     self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                               c.checkpoint.keep, c.checkpoint.async_save)
     self.monitor = monitor.StabilityMonitor(c.monitor)
-    self.model_cfg = models.GPTConfig.from_config(c.model)
     self.num_params = placed.num_params
     self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
     self.stop_signal, self._stop_before = None, None
@@ -79,27 +86,33 @@ class Trainer:
     if self.primary:
       print(message, flush=True)
 
-  def _log_compiled(self, stats: train_step.BucketStats):
+  def _log_compiled(self, stats: compile_cache.BucketStats):
     where = "in the background" if stats.background else "while the loop waited"
     message = (f"compiled bucket {stats.batch_size}x{stats.seqlen} {where} in "
-               f"{stats.compile_s:.1f} s; needs {stats.memory_bytes / 2**20:.1f} MiB")
+               f"{stats.compile_s:.1f} s ({stats.microbatches} microbatch(es)); needs "
+               f"{stats.memory_bytes / 2**20:.1f} MiB")
     log = getattr(self, "log", None)
     (log.info if log is not None else self._print)(message)
 
   # ----- setup -------------------------------------------------------------------------------
 
   def check_memory(self):
-    """Compiles the largest bucket first and stops if it cannot fit in device memory."""
-    largest = max(self.buckets, key=lambda b: b.batch_size * b.seqlen)
-    shape = (largest.batch_size, largest.seqlen)
+    """Chooses the microbatch counts (optim.microbatches), compiles the largest bucket first
+    and stops if it cannot fit in device memory."""
+    shape, limit = self.largest, hardware.device_memory_limit()
+    for line in models.attention_lines(self.model_cfg, sorted({b.seqlen for b in self.buckets})):
+      self._print(line)
+    _, line = compile_cache.choose_microbatches(self.steps, self.c.optim.microbatches, shape,
+                                                self.layout.batch_shards, limit)
+    self._print(line)
     self.steps.get(shape)
     need = self.steps.stats[shape].memory_bytes
-    limit = hardware.device_memory_limit()
     if limit and need > limit:
       raise StopTraining(
           f"the largest bucket (batch {shape[0]} x seqlen {shape[1]}) needs {need / 2**30:.2f} "
-          f"GiB per device but the device has {limit / 2**30:.2f} GiB: lower batch_size, use "
-          "bfloat16 (model.dtype) or more devices")
+          f"GiB per device but the device has {limit / 2**30:.2f} GiB: set "
+          "optim.microbatches=auto (or more), model.remat=block, model.dtype=bfloat16, or use "
+          "more devices (mesh.fsdp)")
     where = f"of {limit / 2**30:.2f} GiB" if limit else "(no device memory limit reported)"
     self._print(f"largest bucket {shape[0]}x{shape[1]} needs {need / 2**30:.3f} GiB {where}")
 

@@ -30,6 +30,7 @@ def load_config():
 # A 1-layer, 32-wide run of configs/tiny.py: 12 steps through 4 buckets (seqlen 8..32), on all
 # 8 test devices (data=4 x tensor=2), so every trainer test also runs the sharded path.
 TEST_RUN = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.max_seqlen": 32,
+            "model.vocab_pad_multiple": 8,
             "batch_size": 4, "train_tokens": None, "train_steps": 12, "mesh.data": 4,
             "mesh.tensor": 2, "pacing.seqlen_start": 8, "pacing.multiple": 8,
             "pacing.duration_steps": 6, "optim.warmup_steps": 2, "optim.lr": 3e-3,

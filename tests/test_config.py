@@ -51,6 +51,11 @@ BAD = [
     (dict(model__n_layer=0), "config.model.n_layer=0"),
     (dict(model__attention="flash"), "config.model.attention='flash'"),
     (dict(model__attention_block=0), "config.model.attention_block=0"),
+    (dict(model__remat="full"), "config.model.remat='full'"),
+    (dict(model__attention="cudnn"), "cuDNN fused attention needs model.dtype=bfloat16"),
+    (dict(optim__microbatches=0), "config.optim.microbatches=0"),
+    (dict(optim__microbatches="max"), "must be an integer >= 1 or 'auto'"),
+    (dict(optim__microbatches=3), "must divide batch_size=16"),
     (dict(data__source="tfds:lm1b"), "config.data.source='tfds:lm1b'"),
     (dict(data__source="web:x"), "config.data.source='web:x'"),
     (dict(data__vocab="gpt2"), "config.data.vocab='gpt2'"),
@@ -108,3 +113,25 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
   lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and message in lines[0], result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_microbatches_takes_an_integer_or_auto_from_the_command_line(tmp_path):
+  """optim.microbatches holds either type: the flag parser must not force one on it."""
+  for value, expected in (("auto", "'auto'"), ("4", "4")):
+    result = subprocess.run(
+        [sys.executable, "-c", "from slw_jax import cli; import sys; "
+         "print(repr(cli.parse_config(sys.argv).optim.microbatches))",
+         "--config=configs/tiny.py", f"--config.optim.microbatches={value}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == expected
+
+
+def test_old_checkpoint_configs_gain_new_defaults_on_one_device(load_config):
+  """A config saved before remat/microbatches existed still evaluates; a GPU-only kernel falls
+  back to what this machine runs."""
+  saved = config_lib.validate(load_config("tiny")).to_dict()
+  del saved["model"]["remat"], saved["optim"]["microbatches"], saved["mesh"]["allow_replicated"]
+  saved["model"]["attention"] = "cudnn"
+  c = config_lib.on_one_device(saved)
+  assert c.model.remat == "none" and c.optim.microbatches == 1 and c.model.attention == "auto"
+  assert models.GPTConfig.from_config(saved["model"]).remat == "none"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jex_core
 
 from slw_jax import config_lib, models
 
@@ -31,7 +32,12 @@ def _model_cfg(load_config, name="tiny", **overrides):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_parameter_counts(load_config, name):
-  assert models.num_params(_model_cfg(load_config, name)) == PUBLISHED[name]
+  # Published counts are for the unpadded vocabulary (the configs pad it to 50304 rows).
+  cfg = _model_cfg(load_config, name, model__vocab_pad_multiple=1)
+  assert models.num_params(cfg) == PUBLISHED[name]
+  padded = _model_cfg(load_config, name)
+  assert padded.padded_vocab == 50304
+  assert models.num_params(padded) == PUBLISHED[name] + 47 * padded.d_model
 
 
 def test_vocab_padding_adds_rows_but_not_logits(load_config):
@@ -93,7 +99,7 @@ def test_blockwise_attention_equals_dot_product_attention(seqlen, block):
 def test_model_attention_kinds_agree():
   cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=64,
                          attention="dot_product")
-  assert dataclasses.replace(cfg, attention="auto").attention_kind() == "blockwise"
+  assert models.resolve_attention("auto", "float32")[0] == "blockwise"  # The CPU backend.
   tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 259)
   reference = forward(build(cfg), tokens)
   for block in (16, 128):
@@ -109,7 +115,8 @@ def test_bfloat16_compute_keeps_float32_params():
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(p.dtype == jnp.float32 for p in params)
   logits = forward(model, jnp.ones((2, 16), jnp.int32))
-  assert logits.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(logits)))
+  # The head accumulates in float32 and the logits stay float32 (the loss sees full mantissas).
+  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
 
 
 def test_every_parameter_has_logical_axis_names(tiny_model):
@@ -148,3 +155,133 @@ def test_train_flops_per_token(load_config):
   flops = models.train_flops_per_token(cfg, 1024, PUBLISHED["gpt2_117m"])
   expected = 6 * (PUBLISHED["gpt2_117m"] - 1024 * 768) + 12 * 12 * 768 * 1024
   assert flops == expected
+
+
+# ----- attention dispatch, mixed precision, remat -----------------------------------------------
+
+@pytest.mark.parametrize("backend,dtype,expected", [
+    ("gpu", "bfloat16", "cudnn"), ("gpu", "float32", "dot_product"), ("tpu", "bfloat16", "splash"),
+    ("tpu", "float32", "splash"), ("cpu", "bfloat16", "blockwise"), ("cpu", "float32", "blockwise"),
+    ("rocm", "bfloat16", "dot_product")])
+def test_auto_attention_resolves_per_backend_and_dtype(backend, dtype, expected):
+  kernel, why = models.resolve_attention("auto", dtype, backend)
+  assert kernel == expected and why.startswith("auto")
+  if (backend, dtype) == ("gpu", "float32"):
+    assert "falls back" in why and "model.dtype=bfloat16" in why  # Said, not silent.
+
+
+@pytest.mark.parametrize("attention,dtype,backend,message", [
+    ("cudnn", "bfloat16", "cpu", "cuDNN fused attention needs a GPU"),
+    ("cudnn", "float32", "gpu", "model.dtype=bfloat16"),
+    ("splash", "bfloat16", "gpu", "needs a TPU"),
+])
+def test_kernels_a_backend_cannot_run_are_config_errors(attention, dtype, backend, message):
+  with pytest.raises(config_lib.ConfigError, match=message) as info:
+    models.resolve_attention(attention, dtype, backend)
+  assert f"config.model.attention='{attention}'" in str(info.value)
+
+
+def test_cudnn_on_cpu_stops_before_anything_compiles(load_config):
+  from slw_jax import train_step  # pylint: disable=g-import-not-at-top
+  c = config_lib.validate(load_config("tiny", model__attention="cudnn", model__dtype="bfloat16"))
+  with pytest.raises(config_lib.ConfigError, match="needs a GPU"):
+    train_step.on_mesh(c, jax.devices()[:1])
+
+
+def test_buckets_a_kernel_cannot_take_fall_back_and_are_logged():
+  assert models.bucket_attention("auto", "bfloat16", 120, 64, "tpu")[0] == "dot_product"
+  assert models.bucket_attention("auto", "bfloat16", 256, 64, "tpu")[0] == "splash"
+  assert models.bucket_attention("auto", "bfloat16", 64, 160, "gpu")[0] == "dot_product"
+  cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=128, n_head=2, max_seqlen=512,
+                         dtype="bfloat16")
+  lines = models.attention_lines(cfg, [8, 64, 128, 256])
+  assert lines == ["attention: blockwise (auto: CPU (2-4x faster than XLA attention there))"]
+
+
+def test_splash_kernel_equals_dot_product_attention_alone_and_sharded():
+  """The TPU kernel, run in Pallas interpret mode on the CPU: values and gradients, one device
+  and inside shard_map over a (data=4, tensor=2) mesh (the layout the trainer pins)."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (4, 128, 2, 16)) for i in range(3))
+  reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa
+  splash = lambda q, k, v: models.splash_causal_attention(q, k, v, interpret=True)  # noqa
+  np.testing.assert_allclose(jax.jit(splash)(q, k, v), reference(q, k, v), atol=2e-5)
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)  # noqa
+  for ours, theirs in zip(grads(jax.jit(splash)), grads(reference)):
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"))
+  heads = jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor", None))
+
+  @jax.jit
+  def sharded(q, k, v):
+    with models.pinned_shardings(heads=heads):
+      return splash(q, k, v)
+  placed = [jax.device_put(x, heads) for x in (q, k, v)]
+  np.testing.assert_allclose(sharded(*placed), reference(q, k, v), atol=2e-5)
+
+
+def test_cudnn_attention_lowers_to_the_fused_kernel(monkeypatch):
+  """model.attention=cudnn lowers (for CUDA) to cuDNN's fused attention custom call; faking a
+  cuDNN version lets a CPU-only machine lower for the GPU (nothing runs)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=all
+  fake_cudnn = types.SimpleNamespace(cudnn_get_version=lambda: 91000)
+  monkeypatch.setattr(fused, "cuda_versions", fake_cudnn)
+  monkeypatch.setattr(models, "resolve_attention", lambda a, d, b=None: ("cudnn", "test"))
+  q = jnp.ones((2, 64, 4, 64), jnp.bfloat16)
+  loss = lambda q: models.attend(q, q, q, "cudnn", 128).astype(jnp.float32).sum()  # noqa
+  text = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+  assert "__cudnn$fmhaSoftmax" in text and "__cudnn$fmhaSoftmaxBackward" in text
+  assert '"CAUSAL"' in text or "CAUSAL" in text
+
+
+def _dots(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      yield from _dots(sub)
+
+
+def test_bfloat16_accumulates_scores_and_head_in_float32_and_stays_close():
+  cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=64,
+                         dtype="bfloat16")
+  model = build(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 259)
+  graphdef, params = nnx.split(model, nnx.Param)
+  apply = lambda p, t: nnx.merge(graphdef, p)(t)  # noqa: E731
+  dots = list(_dots(jax.make_jaxpr(apply)(params, tokens).jaxpr))
+  out_types = [eqn.outvars[0].aval.dtype for eqn in dots]
+  head = dots[-1]  # The tied output head: [B, L, D] x [V, D].
+  assert head.params["preferred_element_type"] == jnp.float32 and out_types[-1] == jnp.float32
+  scores = [e for e in dots if e.outvars[0].aval.shape[-2:] == (48, 48)]
+  assert scores and all(e.params["preferred_element_type"] == jnp.float32 for e in scores)
+  full = nnx.merge(graphdef, params)
+  reference = forward(build(dataclasses.replace(cfg, dtype="float32")), tokens)
+  np.testing.assert_allclose(forward(full, tokens), reference, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+  cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=32)
+  tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, 259)
+
+  def grads(cfg):
+    graphdef, params = nnx.split(build(cfg), nnx.Param)
+    def loss(p):
+      logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+      return optax_ce(logits, tokens[:, 1:])
+    return jax.jit(jax.value_and_grad(loss))(params), graphdef, params
+
+  (loss, reference), _, _ = grads(cfg)
+  (loss_remat, ours), graphdef, params = grads(dataclasses.replace(cfg, remat=remat))
+  assert float(loss_remat) == pytest.approx(float(loss), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  text = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens[:, :-1]))(params)
+  marker = {"block": "custom_vjp_call", "dots": "remat"}[remat]
+  assert str(text).count(marker) >= cfg.n_layer  # One rematerialized call per block.
+
+
+def optax_ce(logits, targets):
+  import optax  # pylint: disable=g-import-not-at-top
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()

@@ -1,6 +1,7 @@
 """The plan command: rows, summary and formats agree with the schedules they come from."""
 
 import csv
+import os
 import io
 import json
 import subprocess
@@ -71,10 +72,54 @@ def test_text_and_csv_render(tiny_plan):
 def test_cli_json_for_a_400k_step_plan():
   result = subprocess.run(
       [sys.executable, "-m", "slw_jax.plan", "--config=configs/gpt2_1p5b.py", "--format=json",
-       "--every=1000"], cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+       "--every=1000", "--config.model.vocab_pad_multiple=1"], cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
   p = json.loads(result.stdout)
   assert set(p) >= {"num_params", "total_steps", "total_tokens", "buckets", "rows"}
   assert p["num_params"] == 1_557_611_200
   assert p["total_tokens"] >= 157_286_400_000 > p["rows"][-1]["tokens"]
   assert p["total_steps"] > 400_000  # SLW's short early steps take more steps to the budget.
   assert p["buckets"][0]["seqlen"] == 64 and p["buckets"][-1]["seqlen"] == 1024
+
+
+# ----- plan --memory ------------------------------------------------------------------------------
+
+MEMORY_KEYS = {"devices", "mesh", "bucket", "bytes_per_device", "gib_per_device", "compile_s",
+               "microbatches", "remat", "fits", "caveat", "device_memory_gib", "attention"}
+
+
+def test_memory_cli_compiles_the_largest_bucket_on_simulated_devices():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # Only --devices decides.
+  result = subprocess.run(
+      [sys.executable, "-m", "slw_jax.plan", "--config=configs/tiny.py", "--memory",
+       "--devices=2", "--device_memory_gib=0.05", "--config.optim.microbatches=auto",
+       "--config.batch_size=8"], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=300, check=True)
+  report = json.loads(result.stdout)
+  assert MEMORY_KEYS <= set(report)
+  assert report["devices"] == 2 and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert report["bucket"] == [8, 256] and report["fits"] is True
+  assert report["bytes_per_device"] <= 0.05 * 2**30 * 0.9
+  assert report["microbatches"] > 1  # 51 MiB needs more than one pass of 4 rows x 256.
+  assert "XLA:CPU" in report["caveat"]
+
+
+def test_memory_without_devices_is_a_one_line_error():
+  result = subprocess.run(
+      [sys.executable, "-m", "slw_jax.plan", "--config=configs/tiny.py", "--memory"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("error: --devices=None is invalid: --memory needs "
+                                   "--devices=N, N >= 1 (the target's device count)")
+
+
+def test_memory_report_remat_and_microbatches_cut_memory():
+  import jax  # pylint: disable=g-import-not-at-top
+  c = lambda **o: config_lib.validate(config_lib.load_config_file(  # noqa: E731
+      str(REPO / "configs/tiny.py"), {"batch_size": 8, "model.n_layer": 8, **o}))
+  devices = jax.devices()[:2]
+  base = plan.memory_report(c(), devices, 80.0)
+  remat = plan.memory_report(c(**{"model.remat": "block"}), devices, 80.0)
+  split = plan.memory_report(c(**{"optim.microbatches": 4}), devices, 80.0)
+  assert base["fits"] and base["microbatches"] == 1 and remat["remat"] == "block"
+  assert remat["bytes_per_device"] < 0.85 * base["bytes_per_device"]  # ~0.80 measured.
+  assert split["microbatches"] == 4 and split["bytes_per_device"] < 0.8 * base["bytes_per_device"]

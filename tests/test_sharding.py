@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from slw_jax import config_lib, distributed, sharding, train_step
+from slw_jax import compile_cache, config_lib, distributed, sharding, train_step
 
 # Two layers, 8 heads of 8, vocabulary padded to 264: every rule has something to split.
 MODEL = {"model.n_layer": 2, "model.d_model": 64, "model.n_head": 8, "model.max_seqlen": 32,
@@ -75,14 +75,14 @@ def test_activations_are_pinned_at_block_boundaries():
   placed = train_step.on_mesh(c)
   forward = placed.layout.traced(train_step.make_eval_step(placed.graphdef))
   text = jax.jit(forward).lower(placed.state_spec["params"],
-                                train_step.batch_spec(8, 16, placed.layout.batch)).as_text()
+                                compile_cache.batch_spec(8, 16, placed.layout.batch)).as_text()
   pinned = [line for line in text.splitlines() if "sharding_constraint" in line]
   by_batch = [line for line in pinned if '[{"data", "fsdp"}, {}, {}]' in line]
   assert len(by_batch) == MODEL["model.n_layer"] + 1  # After the embedding and every block.
   assert any('tensor<264x64xf32>' in line and '[{"tensor"}, {}]' in line for line in pinned)
   # Without a layout (one device, plain jit) nothing is pinned.
   plain = jax.jit(train_step.make_eval_step(placed.graphdef)).lower(
-      placed.state_spec["params"], train_step.batch_spec(8, 16)).as_text()
+      placed.state_spec["params"], compile_cache.batch_spec(8, 16)).as_text()
   assert "sharding_constraint" not in plain
 
 
@@ -139,11 +139,20 @@ def test_main_reports_a_bad_mesh_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith("error: config.mesh: data=3")
 
 
-def test_uneven_rows_replicate_and_are_reported():
-  c = _config((1, 1, 8), **{"model.vocab_pad_multiple": 1, "model.n_head": 4})
+def test_indivisible_dims_are_an_error_naming_parameter_and_axis():
+  c = _config((1, 1, 8), **{"model.vocab_pad_multiple": 1})
+  with pytest.raises(config_lib.ConfigError, match=r"cannot shard parameter wte_vd: dim 0 \(259\) "
+                     r"not divisible by mesh axis tensor=8: pad it .*allow_replicated=true"):
+    train_step.on_mesh(c)
+
+
+def test_uneven_dims_replicate_when_allowed_and_are_reported():
+  c = _config((1, 1, 8), **{"model.vocab_pad_multiple": 1, "model.n_head": 4,
+                            "mesh.allow_replicated": True})
   layout = train_step.on_mesh(c).layout
   assert any(n.startswith("wte_vd: dim 0 (259)") for n in layout.replicated_dims)
-  assert any("attn/qkv_weight_dchk: dim 2 (4)" in n for n in layout.replicated_dims)
+  assert any("attn/qkv_weight_dchk: dim 2 (4) not divisible by mesh axis tensor=8" in n
+             for n in layout.replicated_dims)
 
 
 def test_distributed_settings(monkeypatch):

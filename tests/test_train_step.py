@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from slw_jax import config_lib, schedules, train_step
+from slw_jax import compile_cache, config_lib, schedules, train_step
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,9 @@ def test_skip_on_loss_ratio_above_threshold(setup):
 
 def test_bucketed_step_compiles_once_per_bucket(setup):
   c, optimizer, graphdef, state, _ = setup
-  steps = train_step.BucketedStep(train_step.make_train_step(c, graphdef, optimizer, False),
-                                  jax.eval_shape(lambda: state), background=True)
+  steps = compile_cache.BucketedStep(
+      lambda k: train_step.make_train_step(c, graphdef, optimizer, False, k),
+      jax.eval_shape(lambda: state), background=True)
   steps.prefetch([(4, 8), (4, 16)])
   a = steps.get((4, 8))
   assert steps.get((4, 8)) is a and steps.get((4, 16)) is not a
@@ -107,4 +108,99 @@ def test_bucketed_step_compiles_once_per_bucket(setup):
   assert steps.num_compiled == 3
   assert steps.stats[(4, 16)].background and not steps.stats[(2, 8)].background
   assert all(s.memory_bytes > 0 and s.compile_s > 0 for s in steps.stats.values())
+  steps.close()
+
+
+# ----- microbatches -------------------------------------------------------------------------------
+
+def _microbatch_config(**overrides):
+  return config_lib.validate(config_lib.load_config_file(
+      "configs/tiny.py", {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2,
+                          "model.max_seqlen": 64, "pacing.seqlen_start": 8,
+                          "pacing.multiple": 8, "batch_size": 16, **overrides}))
+
+
+def _assert_same_step(a, b, before):
+  """Loss, gradient norm, Adam statistics and every parameter's update agree to relative 1e-5.
+
+  Updates are compared per tensor in l2 over the elements whose Adam step is not dominated by
+  eps: where |g| is within a few eps of 0, Adam's g / (|g| + eps) turns float32 noise of the
+  summation order into visible differences (as in test_one_step_equals_hand_computed_adamw);
+  those are held to 1% of an lr-sized step.
+  """
+  (state_a, metrics_a), (state_b, metrics_b) = a, b
+  for key in ("loss", "grad_norm", "adam_nu_l1", "adam_nu_max"):
+    assert float(metrics_a[key]) == pytest.approx(float(metrics_b[key]), rel=1e-5), key
+  nu = optax.tree_utils.tree_get(state_b["opt_state"], "nu")
+  for x, y, p, v in zip(*(jax.tree.leaves(s["params"]) for s in (state_a, state_b, before)),
+                        jax.tree.leaves(nu)):
+    update_a, update_b = np.asarray(x) - np.asarray(p), np.asarray(y) - np.asarray(p)
+    clear = np.sqrt(np.asarray(v) / 0.001) > 1e3 * 1e-8  # |g| from nu = (1 - b2) g^2.
+    assert (np.linalg.norm((update_a - update_b)[clear]) <=
+            1e-5 * np.linalg.norm(update_b[clear]) + 1e-12)
+    np.testing.assert_allclose(update_a, update_b, rtol=0, atol=1e-2 * 3e-3)
+
+
+@pytest.mark.parametrize("microbatches", [2, 4, 16])
+def test_microbatches_equal_one_pass(microbatches):
+  c = _microbatch_config()
+  optimizer = schedules.make_optimizer(c.optim)
+  graphdef, _ = train_step.build_model(c)
+  state = jax.jit(train_step.make_init_fn(c, optimizer))()
+  tokens = jax.random.randint(jax.random.key(5), (16, 49), 0, 259)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  run = lambda k: jax.jit(train_step.make_train_step(c, graphdef, optimizer, False, k))(  # noqa
+      state, batch, jnp.float32(3e-3))
+  _assert_same_step(run(microbatches), run(1), state)
+  text = jax.jit(train_step.make_train_step(c, graphdef, optimizer, False, microbatches)).lower(
+      state, batch, jnp.float32(3e-3)).as_text()
+  assert "while" in text  # A lax.scan over the microbatches, not an unrolled Python loop.
+
+
+def test_microbatches_on_a_mesh_equal_one_pass_and_keep_rows_on_their_devices():
+  from slw_jax import sharding  # pylint: disable=g-import-not-at-top
+  c = _microbatch_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                            "model.vocab_pad_multiple": 8})
+  placed = train_step.on_mesh(c)
+  device = train_step.sharded_steps(c, placed, skip_bad=False, background=False)
+  tokens = np.random.default_rng(0).integers(0, 259, (16, 33)).astype(np.int32)
+  batch = placed.layout.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, 16)
+  results, before = [], jax.tree.map(np.asarray, device.init())
+  for k in (1, 4):
+    device.steps.microbatches = lambda b, l, k=k: k  # noqa: E731
+    executable, stats = device.steps.compile_with((16, 32), k)
+    assert stats.microbatches == k
+    state, metrics = executable(device.init(), batch, np.float32(3e-3))
+    results.append((state, sharding.fetch(metrics)))
+  _assert_same_step(*results, before)
+  device.steps.close()
+
+
+def test_microbatch_counts_keep_tokens_per_microbatch():
+  policy = compile_cache.Microbatching(largest=(16, 256), largest_count=4, batch_shards=2)
+  assert policy.tokens_per_microbatch == 1024
+  assert [policy.count(16, length) for length in (32, 64, 128, 192, 256)] == [1, 1, 2, 4, 4]
+  assert policy.count(8, 256) == 2
+  assert compile_cache.microbatch_options(16, 2) == [1, 2, 4, 8]
+  with pytest.raises(config_lib.ConfigError, match=r"config.optim.microbatches=3 is invalid: the "
+                     r"largest bucket's batch of 16 rows over 2 data-parallel shard\(s\) splits "
+                     r"into 1, 2, 4, 8 microbatches"):
+    compile_cache.check_microbatches(3, (16, 256), 2)
+
+
+def test_auto_microbatches_pick_the_fewest_that_fit():
+  c = _microbatch_config()
+  placed = train_step.on_mesh(c, jax.devices()[:1])
+  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).steps
+  shape = (16, 64)
+  need = {k: steps.compile_with(shape, k)[1].memory_bytes for k in (1, 2, 4)}
+  assert need[1] > need[2] > need[4]
+  policy, line = compile_cache.choose_microbatches(steps, "auto", shape, 1, need[2] + 1)
+  assert policy.largest_count == 2 and "auto: the fewest that fit" in line
+  assert steps.stats[shape].microbatches == 2 and steps.num_compiled == 1  # Adopted, not redone.
+  assert steps.microbatches(16, 32) == 1  # Half the tokens: one microbatch is enough.
+  policy, line = compile_cache.choose_microbatches(steps, "auto", shape, 1, None)
+  assert policy.largest_count == 1 and "no memory limit" in line
+  policy, line = compile_cache.choose_microbatches(steps, "auto", shape, 1, 1000)
+  assert policy.largest_count == 16 and "still too big" in line
   steps.close()

@@ -1,0 +1,244 @@
+"""Per-bucket AOT executables: compile threads, memory analysis and microbatch counts.
+
+`BucketedStep` keeps one compiled executable per (batch_size, seqlen) bucket, compiled ahead of
+time (`jit(...).lower(...).compile()`) with the state donated. Upcoming buckets compile in a
+background thread (XLA releases the GIL) so that the loop does not wait for them.
+
+A bucket's step splits its batch into `Microbatching.count(batch_size, seqlen)` microbatches
+(gradients accumulated inside the step). `fit_microbatches` finds the fewest microbatches with
+which the largest bucket fits a memory budget, from the compiled executables' own
+`memory_analysis()`, before any step runs. This module knows nothing of the model: it compiles
+whatever step function `step_for(microbatches)` returns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from slw_jax import config_lib
+
+
+def batch_spec(batch_size: int, seqlen: int, sharding=None) -> dict:
+  shape = jax.ShapeDtypeStruct((batch_size, seqlen), jnp.int32, sharding=sharding)
+  return {"inputs": shape, "targets": shape}
+
+
+def memory_bytes(compiled) -> int:
+  """Device bytes an executable needs: arguments + outputs + temporaries - donated (aliased)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return 0
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes +
+             stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+# XLA:CPU, as it compiles by default, drops the optimization barriers that keep rematerialized
+# work apart and lets CSE merge the recomputation back into the forward pass, and schedules for
+# concurrency: model.remat then changes nothing in its memory analysis. These options keep the
+# recomputation and schedule for memory, as accelerator compilers do, so `plan --memory` on CPU
+# devices estimates what remat saves (benchmarks/RESULTS.md). For estimates only: not for speed.
+CPU_MEMORY_ESTIMATE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                               "xla_disable_hlo_passes": "cse,cse_barrier_expander"}
+
+
+# ----- microbatches ------------------------------------------------------------------------------
+
+def microbatch_options(batch_size: int, batch_shards: int) -> list[int]:
+  """Microbatch counts that split `batch_size` rows into equal microbatches that still split
+  evenly over the `batch_shards` data-parallel shards (each shard keeps its own rows)."""
+  return [k for k in range(1, batch_size + 1)
+          if batch_size % k == 0 and (batch_size // k) % batch_shards == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Microbatching:
+  """How many microbatches each bucket uses: `largest_count` for the largest bucket; a shorter
+  bucket uses the fewest whose microbatches hold at most the largest bucket's tokens per
+  microbatch (so activation memory stays roughly what the largest bucket was checked for)."""
+  largest: tuple[int, int]  # (batch_size, seqlen) of the bucket with the most tokens.
+  largest_count: int
+  batch_shards: int
+
+  @property
+  def tokens_per_microbatch(self) -> int:
+    return self.largest[0] * self.largest[1] // self.largest_count
+
+  def count(self, batch_size: int, seqlen: int) -> int:
+    options = microbatch_options(batch_size, self.batch_shards)
+    for k in options:
+      if batch_size * seqlen <= k * self.tokens_per_microbatch:
+        return k
+    return options[-1]
+
+
+def check_microbatches(count: int, largest: tuple[int, int], batch_shards: int):
+  """A configured count must split the largest bucket's batch evenly over the data shards."""
+  options = microbatch_options(largest[0], batch_shards)
+  if count not in options:
+    raise config_lib.ConfigError(
+        f"config.optim.microbatches={count} is invalid: the largest bucket's batch of "
+        f"{largest[0]} rows over {batch_shards} data-parallel shard(s) splits into "
+        f"{', '.join(map(str, options))} microbatches (or 'auto')")
+
+
+# ----- the cache ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BucketStats:
+  """What compiling one bucket cost and what its executable needs on the device."""
+  batch_size: int
+  seqlen: int
+  compile_s: float
+  memory_bytes: int  # arguments + outputs + temporaries - aliased (donated) buffers
+  background: bool
+  microbatches: int = 1
+
+
+class BucketedStep:
+  """One AOT-compiled executable per (batch_size, seqlen), compiled ahead in a thread.
+
+  `step_for(k)` returns the pure step `(state, batch, lr) -> (state, metrics)` that splits its
+  batch into k microbatches; `microbatches(batch_size, seqlen)` says which k a bucket uses
+  (default: 1 everywhere).
+  """
+
+  def __init__(self, step_for: Callable[[int], Callable], state_spec, *, background: bool = True,
+               batch_sharding=None, scalar_sharding=None, jit_kwargs: dict | None = None,
+               on_compiled=None, microbatches: Callable[[int, int], int] | None = None,
+               compiler_options: dict | None = None):
+    self._step_for, self._jit_kwargs = step_for, dict(jit_kwargs or {})
+    self._compiler_options = compiler_options
+    self._jitted: dict[int, object] = {}  # One jitted function per microbatch count.
+    self._state_spec = state_spec
+    self._batch_sharding = batch_sharding
+    self._lr_spec = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar_sharding)
+    self._background = background
+    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slw-compile")
+    self._futures: dict[tuple[int, int], concurrent.futures.Future] = {}
+    self._lock = threading.Lock()
+    self.microbatches = microbatches or (lambda batch_size, seqlen: 1)
+    self.stats: dict[tuple[int, int], BucketStats] = {}
+    self.stall_s = 0.0  # Seconds the training loop waited on compilation.
+    self._on_compiled = on_compiled  # Called with each BucketStats (from the compile thread).
+
+  def _jit(self, k: int):
+    with self._lock:
+      if k not in self._jitted:
+        self._jitted[k] = jax.jit(self._step_for(k), donate_argnums=0, **self._jit_kwargs)
+      return self._jitted[k]
+
+  def compile_with(self, shape: tuple[int, int], k: int, background: bool = False):
+    """(executable, stats) of bucket `shape` split into k microbatches; not cached."""
+    start = time.perf_counter()
+    lowered = self._jit(k).lower(self._state_spec, batch_spec(*shape, self._batch_sharding),
+                                 self._lr_spec)
+    compiled = lowered.compile(compiler_options=self._compiler_options)
+    stats = BucketStats(shape[0], shape[1], time.perf_counter() - start, memory_bytes(compiled),
+                        background, k)
+    return compiled, stats
+
+  def adopt(self, shape: tuple[int, int], compiled, stats: BucketStats):
+    """Caches an executable compiled by `compile_with` as the bucket's (no second compile)."""
+    future = concurrent.futures.Future()
+    future.set_result(compiled)
+    with self._lock:
+      self._futures[shape] = future
+    self._record(stats)
+
+  def _record(self, stats: BucketStats):
+    self.stats[(stats.batch_size, stats.seqlen)] = stats
+    if self._on_compiled is not None:
+      self._on_compiled(stats)
+
+  def _compile(self, shape: tuple[int, int], background: bool):
+    compiled, stats = self.compile_with(shape, self.microbatches(*shape), background)
+    self._record(stats)
+    return compiled
+
+  def prefetch(self, shapes):
+    """Starts compiling these buckets in the background thread (no-op when disabled)."""
+    if not self._background:
+      return
+    with self._lock:
+      for shape in shapes:
+        if shape not in self._futures:
+          self._futures[shape] = self._executor.submit(self._compile, shape, True)
+
+  def get(self, shape: tuple[int, int]):
+    """The executable of a bucket; compiles it now (counted as stall) if it was not ahead."""
+    start = time.perf_counter()
+    with self._lock:
+      future = self._futures.get(shape)
+    if future is None:
+      future = concurrent.futures.Future()
+      future.set_result(self._compile(shape, False))
+      with self._lock:
+        self._futures[shape] = future
+    compiled = future.result()
+    self.stall_s += time.perf_counter() - start
+    return compiled
+
+  @property
+  def num_compiled(self) -> int:
+    return len(self.stats)
+
+  def close(self, wait: bool = True):
+    """Stops the compile thread; queued compiles are cancelled (a running one completes)."""
+    self._executor.shutdown(wait=wait, cancel_futures=True)
+
+
+def fit_microbatches(steps: BucketedStep, shape: tuple[int, int], options: list[int],
+                     limit_bytes: int) -> tuple[int, BucketStats, bool]:
+  """(count, stats, fits): the fewest microbatches in `options` with which bucket `shape` needs
+  at most `limit_bytes`, by binary search over AOT compiles (memory falls as the count grows).
+  The executable found is adopted into `steps`' cache. When none fits: the largest count and
+  fits=False."""
+  best, tried = None, None
+  low, high = 0, len(options) - 1
+  while low <= high:
+    middle = (low + high) // 2
+    compiled, stats = steps.compile_with(shape, options[middle])
+    if stats.memory_bytes <= limit_bytes:
+      best, high = (compiled, stats), middle - 1
+    else:
+      tried, low = (compiled, stats), middle + 1
+  chosen = best or tried
+  steps.adopt(shape, *chosen)
+  return chosen[1].microbatches, chosen[1], best is not None
+
+
+def choose_microbatches(steps: BucketedStep, setting, largest: tuple[int, int], batch_shards: int,
+                        limit_bytes: int | None) -> tuple[Microbatching, str]:
+  """Sets how many microbatches each bucket of `steps` uses, from `optim.microbatches`.
+
+  An integer is checked against the largest bucket (ConfigError naming the allowed counts).
+  "auto" picks the fewest with which the largest bucket fits `limit_bytes`, compiling it (the
+  executable is kept); with no limit (a CPU reports none) it is 1. Returns the policy and a
+  log line that says what was chosen and why.
+  """
+  if setting != "auto":
+    check_microbatches(setting, largest, batch_shards)
+    policy, why = Microbatching(largest, setting, batch_shards), "optim.microbatches"
+  elif not limit_bytes:
+    policy = Microbatching(largest, 1, batch_shards)
+    why = "auto: the device reports no memory limit (CPU), so one pass"
+  else:
+    options, start = microbatch_options(largest[0], batch_shards), time.perf_counter()
+    count, stats, fits = fit_microbatches(steps, largest, options, limit_bytes)
+    steps.stall_s += time.perf_counter() - start  # The search compiles before step 0.
+    policy = Microbatching(largest, count, batch_shards)
+    verdict = "the fewest that fit" if fits else "the most possible, and still too big"
+    why = (f"auto: {verdict} {limit_bytes / 2**30:.2f} GiB (needs "
+           f"{stats.memory_bytes / 2**30:.2f} GiB per device)")
+  steps.microbatches = policy.count
+  line = (f"microbatches: {policy.largest_count} for the largest bucket {largest[0]}x"
+          f"{largest[1]} ({why}); shorter buckets keep at most {policy.tokens_per_microbatch:,} "
+          "tokens per microbatch")
+  return policy, line
