@@ -4,10 +4,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-ACCEL ?= cpu
+# `make setup ACCEL=cuda` remembers its choice in .venv/.accel: a later plain `make train`
+# keeps the CUDA wheels instead of installing the CPU stack over them.
+ACCEL ?= $(shell cat $(VENV)/.accel 2>/dev/null || echo cpu)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 ACCELS := cpu cuda tpu
+ifneq ($(words $(ACCEL)),1)
+$(error ACCEL=$(ACCEL) is invalid: must be one of $(ACCELS))
+endif
 ifeq ($(filter $(ACCEL),$(ACCELS)),)
 $(error ACCEL=$(ACCEL) is invalid: must be one of $(ACCELS))
 endif
@@ -19,9 +24,10 @@ REQUIREMENTS := $(REQUIREMENTS_$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup test train plan clean
+.PHONY: setup test train clean
 
 setup: $(STAMP)
+	@echo $(ACCEL) > $(VENV)/.accel
 
 # Reinstalls only when a requirements file or the package metadata changed.
 $(VENV)/.installed-%: requirements.txt requirements-train.txt requirements-cuda.txt \

@@ -248,13 +248,24 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
   return merged
 
 
+ACCELERATOR_KERNELS = ("cudnn", "splash")  # Attention kernels only a GPU / TPU compiles.
+
+
 def on_one_device(config: dict) -> config_dict.FrozenConfigDict:
   """A run's config (as saved in its checkpoints) with a 1x1x1 mesh, validated: evaluation and
   conversion run on one device whatever mesh the run trained on, with the attention kernel
   this machine has (a run trained with cuDNN's or splash's is evaluated on a CPU too)."""
   config = config_dict.ConfigDict(_with_defaults(config, base_config().to_dict()))
   config.mesh.update(data=1, fsdp=1, tensor=1)
-  if config.model.attention in ("cudnn", "splash"):
+  if config.model.attention in ACCELERATOR_KERNELS:
+    config.model.attention = "auto"
+  return validate(config)
+
+
+def with_local_attention(config) -> config_dict.FrozenConfigDict:
+  """A validated config with an accelerator-only attention kernel replaced by auto."""
+  config = config_dict.ConfigDict(config.to_dict())
+  if config.model.attention in ACCELERATOR_KERNELS:
     config.model.attention = "auto"
   return validate(config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import re
@@ -15,10 +16,12 @@ import jax.numpy as jnp
 # as whole words of `device_kind`, the more specific first (an "H100 PCIe" is not an SXM H100,
 # an "L40S" is not an "L4").
 KNOWN_PEAKS = {
-    "H100 PCIe": (756e12, 378e12), "H200": (989e12, 495e12), "H100": (989e12, 495e12),
+    "H100 PCIe": (756e12, 378e12), "GH200": (989e12, 495e12), "H200": (989e12, 495e12),
+    "H100": (989e12, 495e12),
     "A100": (312e12, 156e12), "V100": (125e12, 15.7e12), "L40S": (362e12, 183e12),
     "L4": (121e12, 60e12), "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12),
-    "TPU v5e": (197e12, 197e12), "TPU v5p": (459e12, 459e12), "TPU v6 lite": (918e12, 918e12),
+    "TPU v5e": (197e12, 197e12), "TPU v5p": (459e12, 459e12), "TPU v5": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),
 }
 
 
@@ -86,11 +89,22 @@ class NoAcceleratorError(ValueError):
   """Accelerator wheels are installed but JAX found no accelerator (drivers, visibility)."""
 
 
+# Device files an accelerator machine has whatever is installed: NVIDIA's driver, a TPU VM.
+ACCELERATOR_DEVICE_FILES = {"/dev/nvidia[0-9]*": "CUDA", "/dev/accel[0-9]*": "TPU"}
+INSTALL_HINT = {"CUDA": "make setup ACCEL=cuda", "TPU": "make setup ACCEL=tpu"}
+
+
 def installed_accelerators() -> list[str]:
   """The accelerator kinds whose JAX plugin wheels are importable here (nothing is imported)."""
   found = {kind for module, kind in ACCELERATOR_MODULES.items()
            if importlib.util.find_spec(module) is not None}
   return sorted(found)
+
+
+def present_accelerators() -> list[str]:
+  """The accelerator kinds whose device files this machine has."""
+  return sorted({kind for pattern, kind in ACCELERATOR_DEVICE_FILES.items()
+                 if glob.glob(pattern)})
 
 
 def check_accelerator(allow_cpu: bool):
@@ -107,3 +121,9 @@ def check_accelerator(allow_cpu: bool):
         f"JAX found no {'/'.join(wheels)} device although its wheels are installed (driver or "
         "device visibility problem: check nvidia-smi / CUDA_VISIBLE_DEVICES, or the TPU runtime); "
         "set config.hardware.allow_cpu=true to train on the CPU anyway")
+  devices = present_accelerators()
+  if devices:
+    raise NoAcceleratorError(
+        f"this machine has a {'/'.join(devices)} device but JAX has only its CPU wheels: run "
+        f"{' or '.join(INSTALL_HINT[d] for d in devices)}, or set config.hardware.allow_cpu=true "
+        "to train on the CPU anyway")

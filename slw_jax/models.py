@@ -35,7 +35,8 @@ LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon.
 # Layouts pinned while a step is traced (set by `pinned_shardings`): "activation" for [B, L, D]
 # activations at block boundaries, "embedding_lookup" for the token table as the lookup reads
 # it, "batch" for [B, L] token microbatches, "heads" for [B, L, H, K] per-head activations
-# (kernels that XLA cannot partition run on each device's part of this layout). Empty, the
+# (kernels that XLA cannot partition run on each device's part of this layout), "params" for
+# trees laid out like the parameters (gradient accumulators). Empty, the
 # default: no constraints (one device, or not under jit).
 _PINNED = contextvars.ContextVar("pinned_shardings", default={})
 
@@ -126,7 +127,7 @@ class LayerNorm(nnx.Module):
 
 # ----- attention: one dispatch ------------------------------------------------------------------
 
-HALF_DTYPES = ("bfloat16", "float16")
+HALF_DTYPES = ("bfloat16",)  # What cuDNN's fused kernel takes of config_lib.DTYPES.
 
 
 class AttentionError(config_lib.ConfigError):
@@ -187,8 +188,9 @@ def attention_lines(cfg: "GPTConfig", seqlens) -> list[str]:
     if used[0] != kernel:
       fallbacks.setdefault(used, []).append(seqlen)
   for (used, reason), lengths in fallbacks.items():
-    lines.append(f"attention fallback: {len(lengths)} bucket(s), seqlen {lengths[0]}.."
-                 f"{lengths[-1]}, use {used}: {reason}")
+    shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
+    lines.append(f"attention fallback: {len(lengths)} bucket(s) (seqlen {shown}) use {used}: "
+                 f"{reason}")
   return lines
 
 
@@ -334,9 +336,10 @@ class GPT(nnx.Module):
     """Logits; with `deterministic=False` dropout draws from `rngs` (stream 'dropout')."""
     return self.head(self.features(tokens_bl, deterministic=deterministic, rngs=rngs))
 
-  def head(self, x_bld):
-    """Final features [B, L, D] -> float32 logits [B, L, vocab_size] (the tied output head)."""
-    return head_logits(x_bld, self.wte_vd[...], self.cfg)
+  def head(self, x_bld, keep_padding: bool = False):
+    """Final features [B, L, D] -> float32 logits [B, L, vocab_size] (the tied output head);
+    see `head_logits` for `keep_padding`."""
+    return head_logits(x_bld, self.wte_vd[...], self.cfg, keep_padding)
 
   def features(self, tokens_bl, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
     """Token ids [B, L] -> the final LayerNorm's output [B, L, D], in the compute dtype."""
@@ -355,19 +358,27 @@ class GPT(nnx.Module):
     x_bld = x_bld.astype(cfg.compute_dtype)
     x_bld = constrain(self.drop(x_bld, deterministic=deterministic, rngs=rngs))
     for block in self.blocks:
-      x_bld = constrain(_apply_block(cfg.remat, block, x_bld, deterministic, rngs))
+      # Each block draws its dropout masks from its own key, whatever model.remat: the same
+      # masks with and without recomputation.
+      key = None if deterministic or rngs is None else rngs.dropout()
+      x_bld = constrain(_apply_block(cfg.remat, block, x_bld, deterministic, key))
     return self.ln_f(x_bld)
 
 
-def head_logits(x_bld, wte_vd, cfg: GPTConfig):
+def head_logits(x_bld, wte_vd, cfg: GPTConfig, keep_padding: bool = False):
   """The tied output head: features [B, L, D] -> float32 logits [B, L, vocab_size].
 
   It accumulates in float32 and returns float32 logits: bf16 logits would leave the loss 8 bits
-  of mantissa over a 50K-way softmax.
+  of mantissa over a 50K-way softmax. Padded vocabulary rows never score: they are cut off, or
+  with `keep_padding` (the loss) set to a huge negative logit, which keeps the padded width that
+  the mesh divides (cutting a tensor-sharded vocabulary to 50257 would make XLA reshard).
   """
   logits_blv = jnp.einsum("bld,vd->blv", x_bld, wte_vd.astype(cfg.compute_dtype),
                           preferred_element_type=jnp.float32)
-  return logits_blv[..., :cfg.vocab_size]  # Padded vocabulary rows never score.
+  if not keep_padding or cfg.padded_vocab == cfg.vocab_size:
+    return logits_blv[..., :cfg.vocab_size]
+  real = np.arange(cfg.padded_vocab) < cfg.vocab_size
+  return jnp.where(real, logits_blv, jnp.float32(-1e30))
 
 
 # ----- rematerialization (model.remat) ---------------------------------------------------------
@@ -376,20 +387,20 @@ def head_logits(x_bld, wte_vd, cfg: GPTConfig):
 # cheap elementwise work and attention (MaxText's "minimal"), through `nnx.remat`.
 
 
-def _apply_block(remat: str, block: Block, x_bld, deterministic: bool, rngs):
+def _apply_block(remat: str, block: Block, x_bld, deterministic: bool, key):
+  """`block` on `x_bld` under `model.remat`; dropout (if any) draws from `key`."""
   if remat == "none":
-    return block(x_bld, deterministic, rngs)
+    return _block_forward(block, x_bld, deterministic, key)
   if remat == "dots":  # Static arg 2: `deterministic` picks the code path.
     saved = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     return nnx.remat(_block_forward, policy=saved, static_argnums=2)(
-        block, x_bld, deterministic, rngs)
+        block, x_bld, deterministic, key)
   graphdef, state = nnx.split(block)
-  key = None if deterministic or rngs is None else rngs.dropout()
   return _recomputed_block(graphdef, deterministic)(state, x_bld, key)
 
 
-def _block_forward(block: Block, x_bld, deterministic: bool, rngs):
-  return block(x_bld, deterministic, rngs)
+def _block_forward(block: Block, x_bld, deterministic: bool, key):
+  return block(x_bld, deterministic, None if key is None else nnx.Rngs(dropout=key))
 
 
 def _recomputed_block(graphdef, deterministic: bool):
@@ -399,8 +410,7 @@ def _recomputed_block(graphdef, deterministic: bool):
   once (XLA:CPU does that with `jax.checkpoint`: benchmarks/RESULTS.md). Dropout draws from
   `key`, the same in the forward pass and its recomputation."""
   def forward(state, x_bld, key):
-    rngs = None if key is None else nnx.Rngs(dropout=key)
-    return nnx.merge(graphdef, state)(x_bld, deterministic, rngs)
+    return _block_forward(nnx.merge(graphdef, state), x_bld, deterministic, key)
 
   @jax.custom_vjp
   def block(state, x_bld, key):

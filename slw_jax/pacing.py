@@ -99,6 +99,12 @@ class Schedule:
                    int(counts[i])) for i in order]
 
 
+def largest_bucket(buckets: list[Bucket]) -> tuple[int, int]:
+  """(batch_size, seqlen) of the bucket with the most tokens per step (memory is checked on it)."""
+  largest = max(buckets, key=lambda b: b.batch_size * b.seqlen)
+  return largest.batch_size, largest.seqlen
+
+
 def _stop_index(tokens_before: np.ndarray, stop_tokens) -> int | None:
   """First index whose tokens-before reaches `stop_tokens`, or None."""
   if stop_tokens is None:

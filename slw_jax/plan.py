@@ -15,6 +15,7 @@ needed: a memory proof before renting a cluster).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from slw_jax import cli, compile_cache, hardware, models, pacing, schedules
+from slw_jax import cli, compile_cache, config_lib, hardware, models, pacing, schedules
 
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "csv", "json"], "Output format.")
 _EVERY = flags.DEFINE_integer("every", 1, "Print every N-th step (the last step always).")
@@ -114,10 +115,15 @@ def use_cpu_devices(count: int) -> list:
 def memory_report(config, devices, device_memory_gib: float) -> dict:
   """Compiles the largest bucket on `devices` as the trainer would and reports its memory."""
   from slw_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
-  if device_memory_gib <= 0:
-    raise cli.UsageError(f"--device_memory_gib={device_memory_gib} is invalid: must be > 0")
-  largest = max(pacing.run_schedule(config).buckets(), key=lambda b: b.batch_size * b.seqlen)
-  shape = (largest.batch_size, largest.seqlen)
+  if not (math.isfinite(device_memory_gib) and device_memory_gib > 0):
+    raise cli.UsageError(f"--device_memory_gib={device_memory_gib} is invalid: must be a "
+                         "number > 0 (GiB of one target device)")
+  note = ""
+  if config.model.attention in ("cudnn", "splash"):  # Kernels the CPU cannot compile.
+    note = (f"; model.attention={config.model.attention!r} is estimated with the CPU's "
+            "attention")
+    config = config_lib.with_local_attention(config)
+  shape = pacing.largest_bucket(pacing.run_schedule(config).buckets())
   placed = train_step.on_mesh(config, devices)
   sharding.check_batch_sizes(placed.layout, {"config.batch_size": config.batch_size})
   steps = train_step.sharded_steps(
@@ -129,6 +135,7 @@ def memory_report(config, devices, device_memory_gib: float) -> dict:
                                                 placed.layout.batch_shards, limit)
   steps.get(shape)
   stats = steps.stats[shape]
+  steps.close()
   return dict(
       devices=len(devices), mesh=dict(placed.layout.mesh.shape), bucket=list(shape),
       bytes_per_device=stats.memory_bytes, gib_per_device=round(stats.memory_bytes / 2**30, 3),
@@ -137,13 +144,16 @@ def memory_report(config, devices, device_memory_gib: float) -> dict:
       microbatches=policy.largest_count, microbatches_setting=config.optim.microbatches,
       remat=config.model.remat, dtype=config.model.dtype,
       attention=models.resolve_attention(config.model.attention, config.model.dtype)[0],
-      caveat=MEMORY_CAVEAT)
+      caveat=MEMORY_CAVEAT + note)
 
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
+    if not _MEMORY.value and _DEVICES.value is not None:
+      raise cli.UsageError(f"--devices={_DEVICES.value} is only for --memory (the memory "
+                           "proof); plain plan needs no devices")
     if _MEMORY.value:
       devices = use_cpu_devices(_DEVICES.value)
       print(json.dumps(memory_report(config, devices, _DEVICE_MEMORY_GIB.value)))

@@ -105,7 +105,8 @@ class Layout:
     """`fn` with block-boundary activations pinned to the batch layout while it is traced."""
     def wrapped(*args):
       with models.pinned_shardings(activation=self.activation, batch=self.batch,
-                                   heads=self.heads, embedding_lookup=self.embedding_lookup):
+                                   heads=self.heads, params=self.state["params"],
+                                   embedding_lookup=self.embedding_lookup):
         return fn(*args)
     return wrapped
 

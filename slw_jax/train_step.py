@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,21 +37,21 @@ def loss_sum(model, inputs_bl, targets_bl, *, deterministic: bool = True, rngs=N
   never exist whole (at GPT-2's 50K vocabulary they outweigh every block's activations). Same
   sum up to float rounding; one extra head forward when differentiated.
   """
-  if not chunked:
-    return token_losses(model(inputs_bl, deterministic=deterministic, rngs=rngs),
-                        targets_bl).sum()
   x_bld = model.features(inputs_bl, deterministic=deterministic, rngs=rngs)
+  if not chunked:
+    return token_losses(model.head(x_bld, keep_padding=True), targets_bl).sum()
   return chunked_head_loss_sum(x_bld, model.wte_vd[...], targets_bl, model.cfg)
 
 
 def chunked_head_loss_sum(x_bld, wte_vd, targets_bl, cfg):
   """Sum of token losses of features [B, L, D], a `lax.scan` over [B, HEAD_CHUNK] chunks."""
   batch, seqlen, width = x_bld.shape
-  chunk = math.gcd(seqlen, HEAD_CHUNK)
+  chunk = max(d for d in range(1, min(seqlen, HEAD_CHUNK) + 1) if seqlen % d == 0)
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def chunk_loss(wte_vd, x_bcd, targets_bc):
-    return token_losses(models.head_logits(x_bcd, wte_vd, cfg), targets_bc).sum()
+    logits = models.head_logits(x_bcd, wte_vd, cfg, keep_padding=True)
+    return token_losses(logits, targets_bc).sum()
 
   def add_chunk(total, chunk_xs):
     return total + chunk_loss(wte_vd, *chunk_xs), None
@@ -123,9 +122,12 @@ def make_loss_and_grads(c, graphdef, microbatches: int):
       inputs_mb, targets_mb = (models.constrain(x, "batch") for x in (inputs_mb, targets_mb))
       loss, grads = grad_fn(params, inputs_mb, targets_mb, jax.random.fold_in(step_key, index),
                             count)
-      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+      grad_sum = models.constrain(jax.tree.map(jnp.add, grad_sum, grads), "params")
+      return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    # The accumulators are laid out like the parameters (FSDP: each device holds its shard).
+    zeros = models.constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                             "params")
     xs = (split_microbatches(inputs, microbatches), split_microbatches(targets, microbatches),
           jnp.arange(microbatches))
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), xs)

@@ -48,8 +48,7 @@ class Trainer:
     placed = train_step.on_mesh(c, devices)
     self.layout, self.state_spec = placed.layout, placed.state_spec
     sharding.check_batch_sizes(self.layout, self._batch_sizes())
-    largest = max(self.buckets, key=lambda b: b.batch_size * b.seqlen)
-    self.largest = (largest.batch_size, largest.seqlen)
+    self.largest = pacing.largest_bucket(self.buckets)
     if c.optim.microbatches != "auto":
       compile_cache.check_microbatches(c.optim.microbatches, self.largest,
                                        self.layout.batch_shards)
@@ -100,18 +99,22 @@ class Trainer:
     """Chooses the microbatch counts (optim.microbatches), compiles the largest bucket first
     and stops if it cannot fit in device memory."""
     shape, limit = self.largest, hardware.device_memory_limit()
+    if limit and jax.process_count() > 1:  # Every process must search with the same budget.
+      limit = int(multihost_utils.process_allgather(np.int64(limit)).min())
     for line in models.attention_lines(self.model_cfg, sorted({b.seqlen for b in self.buckets})):
       self._print(line)
-    _, line = compile_cache.choose_microbatches(self.steps, self.c.optim.microbatches, shape,
-                                                self.layout.batch_shards, limit)
+    policy, line = compile_cache.choose_microbatches(self.steps, self.c.optim.microbatches, shape,
+                                                     self.layout.batch_shards, limit)
     self._print(line)
     self.steps.get(shape)
     need = self.steps.stats[shape].memory_bytes
     if limit and need > limit:
+      more = ("" if policy.largest_count == compile_cache.microbatch_options(
+          shape[0], self.layout.batch_shards)[-1] else "optim.microbatches=auto (or more), ")
       raise StopTraining(
           f"the largest bucket (batch {shape[0]} x seqlen {shape[1]}) needs {need / 2**30:.2f} "
-          f"GiB per device but the device has {limit / 2**30:.2f} GiB: set "
-          "optim.microbatches=auto (or more), model.remat=block, model.dtype=bfloat16, or use "
+          f"GiB per device with {policy.largest_count} microbatch(es) but the device has "
+          f"{limit / 2**30:.2f} GiB: set {more}model.remat=block, model.dtype=bfloat16, or use "
           "more devices (mesh.fsdp)")
     where = f"of {limit / 2**30:.2f} GiB" if limit else "(no device memory limit reported)"
     self._print(f"largest bucket {shape[0]}x{shape[1]} needs {need / 2**30:.3f} GiB {where}")

@@ -95,3 +95,31 @@ def test_main_reports_a_missing_accelerator_in_one_line(tmp_path):
 def test_datasheet_peaks_match_whole_names(kind, bf16):
   peaks = hardware.datasheet_peak(kind)
   assert (peaks and peaks[0]) == bf16 if bf16 else peaks is None
+
+
+def test_an_accelerator_machine_with_cpu_wheels_is_told_what_to_install(monkeypatch):
+  monkeypatch.setattr(hardware, "installed_accelerators", lambda: [])
+  monkeypatch.setattr(hardware, "present_accelerators", lambda: ["CUDA"])
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  with pytest.raises(hardware.NoAcceleratorError, match=r"has a CUDA device but JAX has only its "
+                     r"CPU wheels: run make setup ACCEL=cuda"):
+    hardware.check_accelerator(allow_cpu=False)
+  hardware.check_accelerator(allow_cpu=True)
+
+
+def test_make_remembers_the_accelerator_and_refuses_two(tmp_path):
+  (tmp_path / ".accel").write_text("cuda\n")
+  dry = _make("-n", "setup", f"VENV={tmp_path}")
+  assert dry.returncode == 0 and "-r requirements-cuda.txt" in dry.stdout, dry.stderr
+  assert "-r requirements.txt" not in dry.stdout  # No TensorFlow over the CUDA wheels.
+  both = _make("-n", "setup", "ACCEL=cpu cuda")
+  assert both.returncode != 0 and "ACCEL=cpu cuda is invalid" in both.stderr
+
+
+def test_jax_gets_ninety_percent_of_gpu_memory_unless_told(monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  hardware.use_gpu_memory_fraction()
+  assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+  hardware.use_gpu_memory_fraction()
+  assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"

@@ -260,15 +260,20 @@ def test_bfloat16_accumulates_scores_and_head_in_float32_and_stays_close():
   np.testing.assert_allclose(forward(full, tokens), reference, atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("remat", ["block", "dots"])
-def test_remat_gives_the_same_gradients(remat):
-  cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=32)
+@pytest.mark.parametrize("remat,dropout", [("block", 0.0), ("dots", 0.0), ("block", 0.1),
+                                           ("dots", 0.1)])
+def test_remat_gives_the_same_gradients(remat, dropout):
+  """Recomputation changes no value: with dropout on, the recomputed forward draws the same
+  masks as the first one and as remat=none."""
+  cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=32,
+                         dropout=dropout)
   tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, 259)
 
   def grads(cfg):
     graphdef, params = nnx.split(build(cfg), nnx.Param)
     def loss(p):
-      logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+      logits = nnx.merge(graphdef, p)(tokens[:, :-1], deterministic=dropout == 0.0,
+                                       rngs=nnx.Rngs(dropout=5))
       return optax_ce(logits, tokens[:, 1:])
     return jax.jit(jax.value_and_grad(loss))(params), graphdef, params
 

@@ -123,3 +123,14 @@ def test_memory_report_remat_and_microbatches_cut_memory():
   assert base["fits"] and base["microbatches"] == 1 and remat["remat"] == "block"
   assert remat["bytes_per_device"] < 0.85 * base["bytes_per_device"]  # ~0.80 measured.
   assert split["microbatches"] == 4 and split["bytes_per_device"] < 0.8 * base["bytes_per_device"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--devices=8"], "--devices=8 is only for --memory"),
+    (["--memory", "--devices=1", "--device_memory_gib=nan"], "--device_memory_gib=nan is invalid"),
+])
+def test_memory_flags_misused_are_one_line_errors(flags, message):
+  result = subprocess.run([sys.executable, "-m", "slw_jax.plan", "--config=configs/tiny.py",
+                           *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and message in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
