@@ -174,13 +174,16 @@ class BucketedStep:
   def get(self, shape: tuple[int, int]):
     """The executable of a bucket; compiles it now (counted as stall) if it was not ahead."""
     start = time.perf_counter()
-    with self._lock:
+    with self._lock:  # Registered before compiling: a prefetch of it now waits, not recompiles.
       future = self._futures.get(shape)
-    if future is None:
-      future = concurrent.futures.Future()
-      future.set_result(self._compile(shape, False))
-      with self._lock:
-        self._futures[shape] = future
+      compile_here = future is None
+      if compile_here:
+        future = self._futures[shape] = concurrent.futures.Future()
+    if compile_here:
+      try:
+        future.set_result(self._compile(shape, False))
+      except BaseException as error:
+        future.set_exception(error)
     compiled = future.result()
     self.stall_s += time.perf_counter() - start
     return compiled

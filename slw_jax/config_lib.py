@@ -257,13 +257,11 @@ def on_one_device(config: dict) -> config_dict.FrozenConfigDict:
   this machine has (a run trained with cuDNN's or splash's is evaluated on a CPU too)."""
   config = config_dict.ConfigDict(_with_defaults(config, base_config().to_dict()))
   config.mesh.update(data=1, fsdp=1, tensor=1)
-  if config.model.attention in ACCELERATOR_KERNELS:
-    config.model.attention = "auto"
-  return validate(config)
+  return with_local_attention(config)
 
 
 def with_local_attention(config) -> config_dict.FrozenConfigDict:
-  """A validated config with an accelerator-only attention kernel replaced by auto."""
+  """`config` validated, with an accelerator-only attention kernel replaced by auto."""
   config = config_dict.ConfigDict(config.to_dict())
   if config.model.attention in ACCELERATOR_KERNELS:
     config.model.attention = "auto"
