@@ -51,8 +51,10 @@ test: $(TEST_STAMP)
 # Trains the tiny config on the default corpus (prepared on first use); resumes if interrupted.
 # Uses the accelerator JAX finds; with ACCEL=cpu wheels that is the CPU.
 RUN ?= runs/tiny
+# compile.pad_multiple=64: what `plan --compile_estimate` recommends for the tiny run on a
+# 2-core CPU (4 buckets instead of 8; benchmarks/RESULTS.md, issue 12).
 train: setup
-	$(PY) -m slw_jax.main --config=configs/tiny.py --workdir=$(RUN)
+	$(PY) -m slw_jax.main --config=configs/tiny.py --workdir=$(RUN) --config.compile.pad_multiple=64
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,7 +4,8 @@ fixed-length baseline (wall-clock and tokens to the same validation loss).
 Each run trains configs/tiny.py end to end in a fresh temporary workdir with the persistent
 compilation cache off, so every bucket really compiles.
 
-Usage: .venv/bin/python benchmarks/tiny_runs.py [--only=stall|slw]
+Usage: .venv/bin/python benchmarks/tiny_runs.py [--only=stall|slw] [--background=true,false]
+    [--set=compile.pad_multiple=128 --set=...]   (--set: config overrides of every stall run)
 """
 
 import argparse
@@ -25,13 +26,17 @@ def run(overrides: dict) -> tuple[dict, list[dict]]:
   return summary, evals
 
 
-def stall():
-  print("| compile.background | compile stall (total) | stall after step 0 | wall time | buckets |")
-  print("| --- | --- | --- | --- | --- |")
-  for background in (True, False):
-    summary, _ = run({"compile.background": background})
-    print(f"| {background} | {summary['compile_stall_s']:.1f} s | "
-          f"{summary['compile_stall_after_step0_s']:.1f} s | {summary['wall_time_s']:.1f} s | "
+def stall(backgrounds=(True, False), overrides=None):
+  print("| compile.background | overrides | compile stall (total) | stall after step 0 | wall "
+        "time | buckets |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for background in backgrounds:
+    summary, _ = run({"compile.background": background, **(overrides or {})})
+    wall = summary["wall_time_s"]
+    print(f"| {background} | {overrides or '-'} | {summary['compile_stall_s']:.1f} s "
+          f"({summary['compile_stall_s'] / wall:.1%}) | "
+          f"{summary['compile_stall_after_step0_s']:.1f} s "
+          f"({summary['compile_stall_after_step0_s'] / wall:.1%}) | {wall:.1f} s | "
           f"{len(summary['buckets'])} |", flush=True)
 
 
@@ -56,8 +61,13 @@ def slw_vs_baseline():
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   parser.add_argument("--only", choices=["stall", "slw"], default=None)
-  only = parser.parse_args().only
+  parser.add_argument("--background", default="true,false")
+  parser.add_argument("--set", action="append", default=[], help="key=value config override")
+  args = parser.parse_args()
+  only = args.only
+  sets = dict(item.split("=", 1) for item in args.set)
   if only in (None, "stall"):
-    stall()
+    stall([b == "true" for b in args.background.split(",")],
+          {k: json.loads(v) for k, v in sets.items()})
   if only in (None, "slw"):
     slw_vs_baseline()

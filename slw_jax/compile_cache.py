@@ -1,8 +1,11 @@
-"""Per-bucket AOT executables: compile threads, memory analysis and microbatch counts.
+"""Per-bucket AOT executables: compile threads, memory analysis, release and microbatch counts.
 
 `BucketedStep` keeps one compiled executable per (batch_size, seqlen) bucket, compiled ahead of
 time (`jit(...).lower(...).compile()`) with the state donated. Upcoming buckets compile in a
-background thread (XLA releases the GIL) so that the loop does not wait for them.
+pool of `compile.threads` background threads (XLA releases the GIL) so that the loop does not
+wait for them, and an executable is released once the schedule is past its bucket. The other
+functions of the training path (init, eval) compile through the same pool (`compile_other`):
+nothing on that path compiles behind the cache's back.
 
 A bucket's step splits its batch into `Microbatching.count(batch_size, seqlen)` microbatches
 (gradients accumulated inside the step). `fit_microbatches` finds the fewest microbatches with
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
+import queue
 import threading
 import time
 from typing import Callable
@@ -90,6 +95,57 @@ def check_microbatches(count: int, largest: tuple[int, int], batch_shards: int):
 
 # ----- the cache ---------------------------------------------------------------------------------
 
+class PriorityPool:
+  """`threads` worker threads that run submitted work in order of priority (the step at which
+  its result is first needed), not of submission: a bucket needed at step 40 compiles before
+  the evaluation step needed at step 100, whatever was asked for first."""
+
+  def __init__(self, threads: int, name: str):
+    self._queue = queue.PriorityQueue()
+    self._order = itertools.count()  # Ties run in submission order; never compares functions.
+    self._closed = False
+    self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                     for i in range(threads)]
+    for worker in self._workers:
+      worker.start()
+
+  def submit(self, priority: float, fn) -> concurrent.futures.Future:
+    if self._closed:  # Would queue behind the stop markers and never run.
+      raise RuntimeError("the compile pool is shut down")
+    future = concurrent.futures.Future()
+    self._queue.put((priority, next(self._order), fn, future))
+    return future
+
+  def _work(self):
+    while True:
+      _, _, fn, future = self._queue.get()
+      if fn is None:
+        return
+      if future.set_running_or_notify_cancel():
+        try:
+          future.set_result(fn())
+        except BaseException as error:  # Handed to whoever waits on the future.
+          future.set_exception(error)
+
+  def shutdown(self, wait: bool = True):
+    """Cancels what has not started; with `wait`, waits for running work to finish."""
+    if self._closed:
+      return
+    self._closed = True
+    while True:
+      try:
+        _, _, _, future = self._queue.get_nowait()
+      except queue.Empty:
+        break
+      if future is not None:
+        future.cancel()
+    for _ in self._workers:  # Sorts after any real work: priority infinity.
+      self._queue.put((float("inf"), next(self._order), None, None))
+    if wait:
+      for worker in self._workers:
+        worker.join()
+
+
 @dataclasses.dataclass(frozen=True)
 class BucketStats:
   """What compiling one bucket cost and what its executable needs on the device."""
@@ -112,7 +168,7 @@ class BucketedStep:
   def __init__(self, step_for: Callable[[int], Callable], state_spec, *, background: bool = True,
                batch_sharding=None, scalar_sharding=None, jit_kwargs: dict | None = None,
                on_compiled=None, microbatches: Callable[[int, int], int] | None = None,
-               compiler_options: dict | None = None):
+               compiler_options: dict | None = None, threads: int = 1):
     self._step_for, self._jit_kwargs = step_for, dict(jit_kwargs or {})
     self._compiler_options = compiler_options
     self._jitted: dict[int, object] = {}  # One jitted function per microbatch count.
@@ -120,11 +176,13 @@ class BucketedStep:
     self._batch_sharding = batch_sharding
     self._lr_spec = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar_sharding)
     self._background = background
-    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slw-compile")
+    self._pool = PriorityPool(threads, "slw-compile") if background else None
     self._futures: dict[tuple[int, int], concurrent.futures.Future] = {}
     self._lock = threading.Lock()
     self.microbatches = microbatches or (lambda batch_size, seqlen: 1)
     self.stats: dict[tuple[int, int], BucketStats] = {}
+    self.other_compile_s: dict[str, float] = {}  # Seconds per function of `compile_other`.
+    self.released = 0  # Executables dropped because the schedule is past their bucket.
     self.stall_s = 0.0  # Seconds the training loop waited on compilation.
     self._on_compiled = on_compiled  # Called with each BucketStats (from the compile thread).
 
@@ -162,14 +220,16 @@ class BucketedStep:
     self._record(stats)
     return compiled
 
-  def prefetch(self, shapes):
-    """Starts compiling these buckets in the background thread (no-op when disabled)."""
+  def prefetch(self, shapes, priority: float = 0):
+    """Queues these buckets for the compile threads (no-op when background compiles are off);
+    lower `priority` (the step that first needs them) compiles first."""
     if not self._background:
       return
     with self._lock:
       for shape in shapes:
         if shape not in self._futures:
-          self._futures[shape] = self._executor.submit(self._compile, shape, True)
+          self._futures[shape] = self._pool.submit(
+              priority, lambda shape=shape: self._compile(shape, True))
 
   def get(self, shape: tuple[int, int]):
     """The executable of a bucket; compiles it now (counted as stall) if it was not ahead."""
@@ -188,13 +248,48 @@ class BucketedStep:
     self.stall_s += time.perf_counter() - start
     return compiled
 
+  def compile_other(self, name: str, jitted, *specs, priority: float = 0,
+                    here: bool = False) -> concurrent.futures.Future:
+    """AOT-compiles another jitted function of the training path (`name`: "init", "eval")
+    in the compile threads at `priority`, or in this thread (`here`, or when background
+    compiles are off); its seconds are kept in `other_compile_s`. The future's result is the
+    executable."""
+    def compile_now():
+      start = time.perf_counter()
+      compiled = jitted.lower(*specs).compile()
+      self.other_compile_s[name] = time.perf_counter() - start
+      return compiled
+    if self._background and not here:
+      return self._pool.submit(priority, compile_now)
+    future = concurrent.futures.Future()
+    future.set_result(compile_now())
+    return future
+
+  def release(self, shapes):
+    """Drops the executables of buckets the schedule no longer uses (device and host memory);
+    a compile still queued for one is cancelled. A bucket needed again (after a rollback)
+    compiles again, from the persistent cache when it is on."""
+    with self._lock:
+      for shape in shapes:
+        future = self._futures.pop(shape, None)
+        if future is not None:
+          future.cancel()
+          self.released += 1
+
+  @property
+  def num_live(self) -> int:
+    """Executables held (or compiling) now."""
+    with self._lock:
+      return len(self._futures)
+
   @property
   def num_compiled(self) -> int:
     return len(self.stats)
 
   def close(self, wait: bool = True):
-    """Stops the compile thread; queued compiles are cancelled (a running one completes)."""
-    self._executor.shutdown(wait=wait, cancel_futures=True)
+    """Stops the compile threads; queued compiles are cancelled (running ones complete)."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=wait)
 
 
 def fit_microbatches(steps: BucketedStep, shape: tuple[int, int], options: list[int],

@@ -21,6 +21,7 @@ LOGICAL_AXES = ("batch", "embed", "heads", "kv", "mlp", "vocab")
 # bfloat16); splash: the Pallas splash-attention kernel (TPU). models.resolve_attention.
 ATTENTION_KINDS = ("auto", "dot_product", "blockwise", "cudnn", "splash")
 REMAT_KINDS = ("none", "block", "dots")
+SCAN_LAYERS_FROM = 12  # model.scan_layers defaults to true from this many blocks up.
 DTYPES = ("float32", "bfloat16")
 DATA_MODES = ("truncate", "reshape")
 MONITOR_ACTIONS = ("log", "skip", "rollback")
@@ -48,6 +49,8 @@ def base_config() -> config_dict.ConfigDict:
   m.attention = "auto"  # auto | dot_product | blockwise | cudnn | splash (auto: per backend+dtype).
   m.attention_block = 128  # Query block of blockwise attention (keys after a block are skipped).
   m.remat = "none"  # Recompute in the backward pass: none | block (whole blocks) | dots.
+  # Stack the blocks and apply them with lax.scan: compile time stops growing with depth.
+  m.scan_layers = config_dict.placeholder(bool)  # Default: true from 12 blocks up.
 
   c.pacing = p = config_dict.ConfigDict()
   p.kind = "linear"  # none | linear | root | discrete.
@@ -99,6 +102,10 @@ def base_config() -> config_dict.ConfigDict:
   cc.background = True  # Compile upcoming buckets in a background thread while training.
   cc.ahead = 2  # How many upcoming buckets to compile ahead.
   cc.cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache; "" = off.
+  cc.threads = config_dict.placeholder(int)  # Buckets compiled in parallel; default cores/2, <= 4.
+  # Run length L in the bucket ceil(L / M) * M, right-padded, pad masked out of the loss:
+  # fewer compiles for some padded compute. Unset: one bucket per pacing.multiple.
+  cc.pad_multiple = config_dict.placeholder(int)
 
   c.log = lg = config_dict.ConfigDict()
   lg.every_steps = 1  # metrics.jsonl / TensorBoard row every this many steps.
@@ -167,6 +174,8 @@ def _validate_model(m):
   _check(_is_int(m.attention_block) and m.attention_block >= 1, "model.attention_block",
          m.attention_block, "must be an integer >= 1")
   _check(m.remat in REMAT_KINDS, "model.remat", m.remat, f"must be one of {', '.join(REMAT_KINDS)}")
+  _check(m.scan_layers is None or isinstance(m.scan_layers, bool), "model.scan_layers",
+         m.scan_layers, f"must be true or false (unset: true from {SCAN_LAYERS_FROM} blocks up)")
   _check(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention", m.attention,
          f"cuDNN fused attention needs model.dtype=bfloat16 (not {m.dtype!r}); use auto, "
          "dot_product or blockwise with float32")
@@ -251,11 +260,18 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
 ACCELERATOR_KERNELS = ("cudnn", "splash")  # Attention kernels only a GPU / TPU compiles.
 
 
+def saved_defaults(config: dict) -> dict:
+  """A config saved in a checkpoint, with the keys of later releases at their defaults; a
+  release before model.scan_layers kept its blocks unrolled."""
+  config = {**config, "model": {"scan_layers": False, **config.get("model", {})}}
+  return _with_defaults(config, base_config().to_dict())
+
+
 def on_one_device(config: dict) -> config_dict.FrozenConfigDict:
   """A run's config (as saved in its checkpoints) with a 1x1x1 mesh, validated: evaluation and
   conversion run on one device whatever mesh the run trained on, with the attention kernel
   this machine has (a run trained with cuDNN's or splash's is evaluated on a CPU too)."""
-  config = config_dict.ConfigDict(_with_defaults(config, base_config().to_dict()))
+  config = config_dict.ConfigDict(saved_defaults(config))
   config.mesh.update(data=1, fsdp=1, tensor=1)
   return with_local_attention(config)
 
@@ -322,13 +338,36 @@ def _validate_runtime(c):
   _check(m.ratio_threshold > 1, "monitor.ratio_threshold", m.ratio_threshold, "must be > 1")
   _check(m.skip_ratio > 1, "monitor.skip_ratio", m.skip_ratio, "must be > 1")
   _check(m.spike_factor > 1, "monitor.spike_factor", m.spike_factor, "must be > 1")
-  _check(_is_int(c.compile.ahead) and c.compile.ahead >= 0, "compile.ahead", c.compile.ahead,
-         "must be an integer >= 0")
+  _validate_compile(c)
   _check(c.hardware.peak_flops >= 0, "hardware.peak_flops", c.hardware.peak_flops,
          "must be >= 0 (0 = known default or measured)")
   _validate_mesh(c.mesh)
   _check(m.action != "rollback" or c.checkpoint.keep >= 2, "checkpoint.keep", c.checkpoint.keep,
          "must be >= 2 with monitor.action='rollback' (a checkpoint older than the spike)")
+
+
+MAX_DEFAULT_COMPILE_THREADS = 4  # Each paper-scale compile can take GBs of host memory.
+
+
+def default_compile_threads() -> int:
+  """Half the cores this process may use (its affinity, e.g. a container's), 1 to 4."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cores = os.cpu_count() or 2
+  return max(1, min(MAX_DEFAULT_COMPILE_THREADS, cores // 2))
+
+
+def _validate_compile(c):
+  cc = c.compile
+  _check(_is_int(cc.ahead) and cc.ahead >= 0, "compile.ahead", cc.ahead,
+         "must be an integer >= 0")
+  _check(_is_int(cc.threads) and cc.threads >= 1, "compile.threads", cc.threads,
+         "must be an integer >= 1 (unset: half the host's cores, at most 4)")
+  m, end = cc.pad_multiple, c.pacing.seqlen_end
+  _check(m is None or (_is_int(m) and m >= 1 and m % c.pacing.multiple == 0 and m <= end),
+         "compile.pad_multiple", m, f"must be a positive multiple of pacing.multiple="
+         f"{c.pacing.multiple} up to the context pacing.seqlen_end={end}, or unset (no padding)")
 
 
 def rule_axes(target) -> tuple:
@@ -391,10 +430,14 @@ def _resolve_defaults(c: config_dict.ConfigDict):
   """Fills in the defaults that depend on other fields (in place, on a copy)."""
   if c.pacing.seqlen_end is None:
     c.pacing.seqlen_end = c.model.max_seqlen
+  if c.model.scan_layers is None:
+    c.model.scan_layers = c.model.n_layer >= SCAN_LAYERS_FROM
   if c.data.dir is None:
     c.data.dir = default_data_dir(c.data)
   if c.eval.batch_size is None:
     c.eval.batch_size = c.batch_size
+  if c.compile.threads is None:
+    c.compile.threads = default_compile_threads()
   if c.compile.cache_dir is None:
     c.compile.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "slw_jax", "xla")
   if c.optim.decay_tokens is None and c.optim.decay_steps is None:
@@ -425,6 +468,21 @@ def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
   return config_dict.FrozenConfigDict(c)
 
 
+def with_overrides(config, overrides: dict) -> config_dict.FrozenConfigDict:
+  """A validated copy of `config` with dotted-key overrides, e.g. {"model.remat": "block"}."""
+  return validate(_override(config_dict.ConfigDict(config.to_dict()), overrides))
+
+
+def _override(config, overrides: dict):
+  for key, value in overrides.items():
+    parent = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      parent = parent[name]
+    setattr(parent, leaf, value)
+  return config
+
+
 def load_config_file(path: str, overrides: dict | None = None) -> config_dict.ConfigDict:
   """Loads `get_config()` from a config file and applies dotted-key overrides (for tests/tools)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -433,12 +491,5 @@ def load_config_file(path: str, overrides: dict | None = None) -> config_dict.Co
     raise ConfigError(f"--config={path!r} is invalid: not a readable Python config file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in (overrides or {}).items():
-    parent = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      parent = parent[name]
-    setattr(parent, leaf, value)
-  return config
+  return _override(module.get_config(), overrides or {})
 

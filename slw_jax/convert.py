@@ -307,6 +307,8 @@ def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
   try:
     placed = train_step.on_mesh(config_lib.on_one_device(c.to_dict()), jax.devices()[:1])
     params = jax.tree.map(lambda x: x, placed.state_spec["params"])  # A copy to fill in.
+    if c.model.scan_layers:  # HF keeps one tensor per layer.
+      pure = models.restack_blocks(pure, nnx.to_pure_dict(params), c.model.n_layer)
     nnx.replace_by_pure_dict(params, pure)
     make_state = jax.jit(lambda p: train_step.state_from_params(p, placed.optimizer),
                          out_shardings=placed.layout.state)
@@ -366,6 +368,11 @@ def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
   loaded = checkpoint.load_params(workdir, step)
   cfg = models.GPTConfig.from_config(loaded.config.model)
   pure = nnx.to_pure_dict(jax.device_get(loaded.params))
+  if cfg.scan_layers:  # HF keeps one tensor per layer.
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    target = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: models.GPT(unrolled, nnx.Rngs(0))),
+                                        nnx.Param))
+    pure = jax.device_get(models.restack_blocks(pure, target, cfg.n_layer))
   weights = {"transformer." + n: x for n, x in hf_from_params(pure, cfg).items()}
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "model.safetensors")

@@ -70,20 +70,27 @@ class GPTConfig:
   attention: str = "auto"
   attention_block: int = 128
   remat: str = "none"
+  scan_layers: bool = False
 
   # Fields that change how the model computes but not its parameters' shapes: a checkpoint
   # resumes under other values of these, and must match every other field.
   RUNTIME_FIELDS = ("dtype", "dropout", "attention", "attention_block", "remat")
+  # Fields that change how the parameters are laid out but not what they are: a checkpoint
+  # resumes under the other value through `restack_blocks`.
+  LAYOUT_FIELDS = ("scan_layers",)
 
   @classmethod
   def param_shaping_fields(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.RUNTIME_FIELDS)
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.name not in cls.RUNTIME_FIELDS + cls.LAYOUT_FIELDS)
 
   @classmethod
   def from_config(cls, model_cfg) -> "GPTConfig":
-    """From `config.model`; runtime fields a checkpoint of an older release lacks default."""
+    """From `config.model`; fields a checkpoint of an older release lacks take their defaults
+    (an older release never scanned its layers)."""
+    optional = cls.RUNTIME_FIELDS + cls.LAYOUT_FIELDS
     values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
-              if f.name in model_cfg or f.name not in cls.RUNTIME_FIELDS}
+              if f.name in model_cfg or f.name not in optional}
     return cls(**values)
 
   @property
@@ -329,7 +336,10 @@ class GPT(nnx.Module):
       self.wte_vd = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), 0.02)
       self.wpe_ld = _param(rngs, (cfg.max_seqlen, cfg.d_model), (None, "embed"), 0.02)
       self.drop = nnx.Dropout(cfg.dropout)  # Dropout keys come with each call (pure steps).
-      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+      blocks = [Block(cfg, rngs) for _ in range(cfg.n_layer)]
+      # Scanned: one Block whose parameters carry a leading "layers" axis, initialized exactly
+      # as the unrolled blocks are (the same parameters whatever the setting).
+      self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
       self.ln_f = LayerNorm(cfg, rngs)
 
   def __call__(self, tokens_bl, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
@@ -357,10 +367,13 @@ class GPT(nnx.Module):
     x_bld = jnp.take(lookup_vd, tokens_bl, axis=0) + self.wpe_ld[:seqlen]
     x_bld = x_bld.astype(cfg.compute_dtype)
     x_bld = constrain(self.drop(x_bld, deterministic=deterministic, rngs=rngs))
-    for block in self.blocks:
-      # Each block draws its dropout masks from its own key, whatever model.remat: the same
-      # masks with and without recomputation.
-      key = None if deterministic or rngs is None else rngs.dropout()
+    # Each block draws its dropout masks from its own key, whatever model.remat and
+    # model.scan_layers: the same masks with and without recomputation or scanning.
+    keys = [None if deterministic or rngs is None else rngs.dropout()
+            for _ in range(cfg.n_layer)]
+    if cfg.scan_layers:
+      return self.ln_f(_scan_blocks(cfg.remat, self.blocks, x_bld, deterministic, keys))
+    for block, key in zip(self.blocks, keys):
       x_bld = constrain(_apply_block(cfg.remat, block, x_bld, deterministic, key))
     return self.ln_f(x_bld)
 
@@ -379,6 +392,66 @@ def head_logits(x_bld, wte_vd, cfg: GPTConfig, keep_padding: bool = False):
     return logits_blv[..., :cfg.vocab_size]
   real = np.arange(cfg.padded_vocab) < cfg.vocab_size
   return jnp.where(real, logits_blv, jnp.float32(-1e30))
+
+
+# ----- scanned layers (model.scan_layers) -------------------------------------------------------
+# The blocks' parameters stacked on a leading "layers" axis (no mesh rule maps it: never
+# sharded) and applied by `jax.lax.scan`: XLA compiles one block, whatever the depth.
+
+LAYERS_AXIS = "layers"  # Logical name of the stacked blocks' leading axis.
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One Block whose every parameter stacks the blocks' on a new leading axis."""
+  graphdef, _ = nnx.split(blocks[0])
+
+  def stack(*variables):
+    axes = variables[0].get_metadata().get("out_sharding") or (None,) * variables[0].ndim
+    return variables[0].replace(jnp.stack([v[...] for v in variables]),
+                                out_sharding=(LAYERS_AXIS, *axes))
+
+  states = [nnx.state(block) for block in blocks]
+  return nnx.merge(graphdef, jax.tree.map(stack, *states,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _scan_blocks(remat: str, stacked: Block, x_bld, deterministic: bool, keys):
+  """The stacked blocks applied in order by `lax.scan`; block i draws dropout from keys[i]."""
+  graphdef, state = nnx.split(stacked)
+
+  def body(x_bld, layer):
+    layer_state, key = layer
+    block = nnx.merge(graphdef, layer_state)
+    return constrain(_apply_block(remat, block, x_bld, deterministic, key)), None
+
+  keys = None if keys[0] is None else jnp.stack(keys)
+  x_bld, _ = jax.lax.scan(body, x_bld, (state, keys))
+  return x_bld
+
+
+def _path_names(path) -> tuple:
+  """A pytree key path as plain names and indices (dict keys, attributes, list indices)."""
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def restack_blocks(source, target, n_layer: int):
+  """`source`, a pytree holding the model's parameters (params, optimizer state, or a pure
+  dict) with unrolled or stacked blocks, rearranged like `target` (arrays or
+  ShapeDtypeStructs, with the other setting): "blocks/i/x" <-> row i of "blocks/x"."""
+  flat = {_path_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+  paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+  leaves = []
+  for path, _ in paths:
+    names = _path_names(path)
+    if names in flat:
+      leaves.append(flat[names])
+      continue
+    at = names.index("blocks") + 1
+    if isinstance(names[at], int):  # Unrolled target, stacked source.
+      leaves.append(flat[names[:at] + names[at + 1:]][names[at]])
+    else:
+      leaves.append(jnp.stack([flat[names[:at] + (i,) + names[at:]] for i in range(n_layer)]))
+  return jax.tree.unflatten(treedef, leaves)
 
 
 # ----- rematerialization (model.remat) ---------------------------------------------------------

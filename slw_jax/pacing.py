@@ -66,19 +66,38 @@ def batch_size_at(c, tokens_before: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-  """One distinct step shape: every step with it runs the same compiled executable."""
+  """One distinct step shape: every step with it runs the same compiled executable.
+
+  `seqlen` is the compiled length; with `compile.pad_multiple` some of its steps train on
+  shorter sequences, right-padded to it (`tokens` counts only the real ones)."""
   seqlen: int
   batch_size: int
   first_step: int
   num_steps: int
+  last_step: int = -1
+  tokens: int = 0  # Real tokens trained on in this bucket's steps.
+
+  @property
+  def padding_fraction(self) -> float:
+    """The share of this bucket's token positions that are padding."""
+    return 1.0 - self.tokens / (self.num_steps * self.batch_size * self.seqlen)
+
+
+def padded_lengths(seqlen, pad_multiple: int, seqlen_end: int):
+  """The bucket length each sequence length runs in: rounded up to `pad_multiple`, at most
+  `seqlen_end` (`pad_multiple` 0: every length is its own bucket)."""
+  if not pad_multiple:
+    return seqlen
+  return np.minimum(-(-np.asarray(seqlen) // pad_multiple) * pad_multiple, seqlen_end)
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Per-step shapes of a whole run. Arrays are int64 and indexed by step."""
-  seqlen: np.ndarray  # [S]
+  seqlen: np.ndarray  # [S]: the length step t trains on (real tokens).
   batch_size: np.ndarray  # [S]
   tokens_before: np.ndarray  # [S + 1]: tokens consumed before step t; the last entry is the total.
+  bucket_seqlen: np.ndarray | None = None  # [S]: the compiled length (padded); None: seqlen.
 
   @property
   def num_steps(self) -> int:
@@ -88,15 +107,32 @@ class Schedule:
   def total_tokens(self) -> int:
     return int(self.tokens_before[-1])
 
+  def shape(self, step: int) -> tuple[int, int]:
+    """(batch_size, seqlen) that step `step` trains on."""
+    return int(self.batch_size[step]), int(self.seqlen[step])
+
+  @property
+  def compiled_seqlen(self) -> np.ndarray:
+    """[S]: the length each step's executable was compiled for (padded, or its own)."""
+    return self.seqlen if self.bucket_seqlen is None else self.bucket_seqlen
+
+  def bucket_shape(self, step: int) -> tuple[int, int]:
+    """(batch_size, seqlen) of the executable that runs step `step`."""
+    return int(self.batch_size[step]), int(self.compiled_seqlen[step])
+
   def buckets(self) -> list[Bucket]:
-    """Every distinct (seqlen, batch_size) of the run, in order of first use."""
+    """Every distinct compiled (seqlen, batch_size) of the run, in order of first use."""
     if self.num_steps == 0:
       return []
-    keys = self.seqlen * (int(self.batch_size.max()) + 1) + self.batch_size
-    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-    order = np.argsort(first)
-    return [Bucket(int(self.seqlen[first[i]]), int(self.batch_size[first[i]]), int(first[i]),
-                   int(counts[i])) for i in order]
+    lengths = self.compiled_seqlen
+    keys = lengths * (int(self.batch_size.max()) + 1) + self.batch_size
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    last = np.zeros(len(first), np.int64)
+    np.maximum.at(last, inverse, np.arange(self.num_steps))
+    tokens = np.bincount(inverse, weights=self.seqlen * self.batch_size)
+    return [Bucket(int(lengths[first[i]]), int(self.batch_size[first[i]]), int(first[i]),
+                   int(counts[i]), int(last[i]), int(tokens[i])) for i in np.argsort(first)]
 
 
 def largest_bucket(buckets: list[Bucket]) -> tuple[int, int]:
@@ -166,8 +202,10 @@ def walk(c, stop_tokens=None, stop_steps=None) -> Schedule:
 
 
 def run_schedule(c) -> Schedule:
-  """The whole run of a validated config."""
-  return walk(c, c.train_tokens, c.train_steps)
+  """The whole run of a validated config, with its buckets' padded lengths."""
+  schedule = walk(c, c.train_tokens, c.train_steps)
+  padded = padded_lengths(schedule.seqlen, c.compile.pad_multiple, c.pacing.seqlen_end)
+  return dataclasses.replace(schedule, bucket_seqlen=np.asarray(padded, np.int64))
 
 
 @dataclasses.dataclass(frozen=True)

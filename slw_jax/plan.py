@@ -10,6 +10,13 @@ use) and the estimated training FLOPs.
 train step on N simulated CPU devices with the config's mesh, microbatches and remat, and
 prints one JSON object: the bytes it needs per device and whether that fits (no accelerator is
 needed: a memory proof before renting a cluster).
+
+`--compile_estimate --devices=N [--compile_s=S] [--tokens_per_s=R | --mfu=0.4]`: instead, the
+run's summed compile time against its training time on N devices, for no padding and each
+`compile.pad_multiple`, and the recommended one (JSON). Compile seconds per bucket: `--compile_s`
+or measured by AOT-compiling the shortest and the longest bucket on N simulated CPU devices
+(interpolated by length in between). Training rate: `--tokens_per_s` measured on the target,
+or `--mfu` of the devices' peak (`hardware.peak_flops`, default an H100's bf16 datasheet peak).
 """
 
 from __future__ import annotations
@@ -39,6 +46,17 @@ MEMORY_CAVEAT = (
     "(blockwise; cuDNN and splash keep less); 'fits' leaves "
     f"{1 - hardware.GPU_MEMORY_FRACTION:.0%} of the device to CUDA/cuDNN/NCCL workspaces")
 
+_COMPILE_ESTIMATE = flags.DEFINE_bool(
+    "compile_estimate", False, "Summed compile time against training time per "
+    "compile.pad_multiple on --devices devices, and the recommended one (JSON).")
+_COMPILE_S = flags.DEFINE_float("compile_s", None, "--compile_estimate: compile seconds of one "
+                                "bucket (default: measured on --devices simulated CPU devices).")
+_TOKENS_PER_S = flags.DEFINE_float("tokens_per_s", None, "--compile_estimate: training tokens/s "
+                                   "of the whole target (default: --mfu of the peak).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "--compile_estimate: model FLOPs utilization assumed "
+                          "when --tokens_per_s is not given.")
+DEFAULT_PEAK = (hardware.KNOWN_PEAKS["H100"][0], "H100 bf16 datasheet")
+
 ROW_KEYS = ("step", "seqlen", "batch_size", "tokens", "lr")
 
 
@@ -56,7 +74,8 @@ def build_plan(config, every: int = 1) -> dict:
                                                                         n_params)
     buckets.append(dict(seqlen=b.seqlen, batch_size=b.batch_size, first_step=b.first_step,
                         num_steps=b.num_steps, flops_per_step=step_flops,
-                        flops=step_flops * b.num_steps))
+                        flops=step_flops * b.num_steps,
+                        padding_fraction=round(b.padding_fraction, 6)))
   steps = np.arange(0, schedule.num_steps, every)
   if schedule.num_steps and steps[-1] != schedule.num_steps - 1:
     steps = np.append(steps, schedule.num_steps - 1)
@@ -64,6 +83,7 @@ def build_plan(config, every: int = 1) -> dict:
                tokens=int(schedule.tokens_before[t]), lr=float(lrs[t])) for t in steps]
   warm = pacing.warmup_end(config)
   return dict(num_params=n_params, total_steps=schedule.num_steps,
+              pad_multiple=config.compile.pad_multiple,
               total_tokens=schedule.total_tokens, train_flops=sum(b["flops"] for b in buckets),
               lr_warmup_end=dict(step=warm.step, tokens=warm.tokens), buckets=buckets, rows=rows)
 
@@ -74,9 +94,11 @@ def _summary_lines(plan: dict) -> list[str]:
            f"train_flops: {plan['train_flops']:.4g}",
            f"lr_warmup_end: step {plan['lr_warmup_end']['step']:,}, "
            f"tokens {plan['lr_warmup_end']['tokens']:,}",
-           f"buckets: {len(plan['buckets'])} (seqlen x batch_size: first_step, steps, flops)"]
+           f"buckets: {len(plan['buckets'])} (seqlen x batch_size: first_step, steps, flops"
+           f"{', padding' if plan['pad_multiple'] else ''})"]
   lines += [f"  {b['seqlen']} x {b['batch_size']}: {b['first_step']}, {b['num_steps']}, "
-            f"{b['flops']:.4g}" for b in plan["buckets"]]
+            f"{b['flops']:.4g}" + (f", {b['padding_fraction']:.1%}" if plan["pad_multiple"] else "")
+            for b in plan["buckets"]]
   return lines
 
 
@@ -112,34 +134,56 @@ def use_cpu_devices(count: int) -> list:
   return devices[:count]
 
 
-def memory_report(config, devices, device_memory_gib: float) -> dict:
-  """Compiles the largest bucket on `devices` as the trainer would and reports its memory."""
-  from slw_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+def _check_memory_gib(device_memory_gib: float):
   if not (math.isfinite(device_memory_gib) and device_memory_gib > 0):
     raise cli.UsageError(f"--device_memory_gib={device_memory_gib} is invalid: must be a "
                          "number > 0 (GiB of one target device)")
-  note = ""
-  if config.model.attention in ("cudnn", "splash"):  # Kernels the CPU cannot compile.
-    note = (f"; model.attention={config.model.attention!r} is estimated with the CPU's "
-            "attention")
-    config = config_lib.with_local_attention(config)
+
+
+def _usable_bytes(device_memory_gib: float) -> int:
+  """What JAX may take of one device of this size (GPU_MEMORY_FRACTION)."""
+  return int(device_memory_gib * 2**30 * hardware.GPU_MEMORY_FRACTION)
+
+
+def _local_kernels(config) -> tuple[object, str]:
+  """(config, note): cuDNN or splash attention, which the CPU cannot compile, estimated with
+  the CPU's attention."""
+  if config.model.attention not in config_lib.ACCELERATOR_KERNELS:
+    return config, ""
+  return config_lib.with_local_attention(config), (
+      f"; model.attention={config.model.attention!r} is estimated with the CPU's attention")
+
+
+def simulated_steps(config, devices, device_memory_gib: float, compiler_options=None):
+  """(placed, steps, policy): the train steps laid out on `devices` as the trainer would, with
+  microbatch counts chosen for the largest bucket against `device_memory_gib`."""
+  from slw_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
   shape = pacing.largest_bucket(pacing.run_schedule(config).buckets())
   placed = train_step.on_mesh(config, devices)
   sharding.check_batch_sizes(placed.layout, {"config.batch_size": config.batch_size})
-  steps = train_step.sharded_steps(
-      config, placed, skip_bad=False, background=False,
-      compiler_options=compile_cache.CPU_MEMORY_ESTIMATE_OPTIONS).steps
-  limit = int(device_memory_gib * 2**30 * hardware.GPU_MEMORY_FRACTION)
-  start = time.perf_counter()
+  steps = train_step.sharded_steps(config, placed, skip_bad=False, background=False,
+                                   compiler_options=compiler_options).steps
   policy, _ = compile_cache.choose_microbatches(steps, config.optim.microbatches, shape,
-                                                placed.layout.batch_shards, limit)
+                                                placed.layout.batch_shards,
+                                                _usable_bytes(device_memory_gib))
+  return placed, steps, policy
+
+
+def memory_report(config, devices, device_memory_gib: float) -> dict:
+  """Compiles the largest bucket on `devices` as the trainer would and reports its memory."""
+  _check_memory_gib(device_memory_gib)
+  config, note = _local_kernels(config)
+  shape = pacing.largest_bucket(pacing.run_schedule(config).buckets())
+  start = time.perf_counter()
+  placed, steps, policy = simulated_steps(config, devices, device_memory_gib,
+                                           compile_cache.CPU_MEMORY_ESTIMATE_OPTIONS)
   steps.get(shape)
   stats = steps.stats[shape]
   steps.close()
   return dict(
       devices=len(devices), mesh=dict(placed.layout.mesh.shape), bucket=list(shape),
       bytes_per_device=stats.memory_bytes, gib_per_device=round(stats.memory_bytes / 2**30, 3),
-      device_memory_gib=device_memory_gib, fits=stats.memory_bytes <= limit,
+      device_memory_gib=device_memory_gib, fits=stats.memory_bytes <= _usable_bytes(device_memory_gib),
       compile_s=round(stats.compile_s, 2), total_s=round(time.perf_counter() - start, 2),
       microbatches=policy.largest_count, microbatches_setting=config.optim.microbatches,
       remat=config.model.remat, dtype=config.model.dtype,
@@ -147,13 +191,76 @@ def memory_report(config, devices, device_memory_gib: float) -> dict:
       caveat=MEMORY_CAVEAT + note)
 
 
+def measured_compile_seconds(config, devices, device_memory_gib: float = 80.0):
+  """(seconds of one bucket as a function of its length, {length: measured seconds}): the
+  shortest and the longest bucket AOT-compiled on `devices`, linear in between."""
+  config, _ = _local_kernels(config)
+  buckets = pacing.run_schedule(config).buckets()
+  ends = sorted({(b.batch_size, b.seqlen) for b in buckets}, key=lambda s: s[1])
+  _, steps, _ = simulated_steps(config, devices, device_memory_gib)
+  measured = {}
+  for shape in (ends[0], ends[-1]):
+    compiled, stats = steps.compile_with(shape, steps.microbatches(*shape))
+    measured[shape[1]] = stats.compile_s
+    del compiled
+  steps.close()
+  lengths = sorted(measured)
+  return (lambda seqlen: float(np.interp(seqlen, lengths, [measured[l] for l in lengths])),
+          measured)
+
+
+def compile_estimate(config, devices: int, compile_s: float | None, tokens_per_s: float | None,
+                     mfu: float, measure=measured_compile_seconds) -> dict:
+  """The summed compile time against training time for each padding choice (bucket_cost)."""
+  from slw_jax import bucket_cost  # pylint: disable=g-import-not-at-top
+  for flag, value in (("compile_s", compile_s), ("tokens_per_s", tokens_per_s), ("mfu", mfu)):
+    if value is not None and not (math.isfinite(value) and value > 0):
+      raise cli.UsageError(f"--{flag}={value} is invalid: must be a number > 0")
+  schedule = pacing.run_schedule(config)
+  model_cfg = models.GPTConfig.from_config(config.model)
+  n_params = models.num_params(model_cfg)
+  per_token = lambda seqlen: models.train_flops_per_token(model_cfg, seqlen, n_params)  # noqa
+  if compile_s is None:
+    compile_s_of, measured = measure(config, use_cpu_devices(devices))
+    shown = ", ".join(f"{seqlen}: {seconds:.1f} s" for seqlen, seconds in measured.items())
+    compile_source = f"measured on {devices} simulated CPU devices: {shown}"
+  else:
+    compile_s_of, compile_source = (lambda seqlen: compile_s), "--compile_s"
+  if tokens_per_s is not None:  # FLOPs/s equivalent of a measured token rate at full length.
+    flops_per_s = tokens_per_s * per_token(config.pacing.seqlen_end)
+    rate_source = f"--tokens_per_s={tokens_per_s:g}"
+  else:
+    peak, where = ((config.hardware.peak_flops, "hardware.peak_flops")
+                   if config.hardware.peak_flops else DEFAULT_PEAK)
+    flops_per_s = devices * peak * mfu
+    rate_source = f"{devices} devices x {peak:.3g} FLOP/s ({where}) x MFU {mfu:g}"
+  options = bucket_cost.pad_options(schedule, config.pacing.multiple, config.pacing.seqlen_end,
+                                    compile_s_of, per_token, flops_per_s,
+                                    also=config.compile.pad_multiple)
+  current = next(o for o in options if o.pad_multiple == config.compile.pad_multiple)
+  row = lambda o: dict(pad_multiple=o.pad_multiple, buckets=o.buckets,  # noqa: E731
+                       compile_s=round(o.compile_s, 1), train_s=round(o.train_s, 1),
+                       compile_share=round(o.compile_share, 5),
+                       padding_fraction=round(o.padding_fraction, 5))
+  return dict(assumptions=dict(compile_s=compile_source, rate=rate_source),
+              configured=row(current), recommended=row(bucket_cost.recommend(options)),
+              options=[row(o) for o in options])
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
-    if not _MEMORY.value and _DEVICES.value is not None:
-      raise cli.UsageError(f"--devices={_DEVICES.value} is only for --memory (the memory "
-                           "proof); plain plan needs no devices")
+    if not (_MEMORY.value or _COMPILE_ESTIMATE.value) and _DEVICES.value is not None:
+      raise cli.UsageError(f"--devices={_DEVICES.value} is only for --memory or "
+                           "--compile_estimate; plain plan needs no devices")
+    if _COMPILE_ESTIMATE.value:
+      if _DEVICES.value is None or _DEVICES.value < 1:
+        raise cli.UsageError(f"--devices={_DEVICES.value} is invalid: --compile_estimate needs "
+                             "--devices=N, N >= 1 (the target's device count)")
+      print(json.dumps(compile_estimate(config, _DEVICES.value, _COMPILE_S.value,
+                                        _TOKENS_PER_S.value, _MFU.value)))
+      return
     if _MEMORY.value:
       devices = use_cpu_devices(_DEVICES.value)
       print(json.dumps(memory_report(config, devices, _DEVICE_MEMORY_GIB.value)))

@@ -103,6 +103,7 @@ class Layout:
 
   def traced(self, fn):
     """`fn` with block-boundary activations pinned to the batch layout while it is traced."""
+    @functools.wraps(fn)  # Keeps the step's name in compile logs (jit(step_fn)).
     def wrapped(*args):
       with models.pinned_shardings(activation=self.activation, batch=self.batch,
                                    heads=self.heads, params=self.state["params"],

@@ -19,10 +19,21 @@ from flax import nnx
 from slw_jax import compile_cache, models, schedules, sharding
 
 
+PAD_TARGET = -1  # Target of a padded position (compile.pad_multiple): no loss, not counted.
+
+
 def token_losses(logits_blv, targets_bl):
-  """Each target's negative log-likelihood [B, L], in float32 whatever the logits' dtype."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32),
-                                                         targets_bl)
+  """Each target's negative log-likelihood [B, L], in float32 whatever the logits' dtype; 0 at
+  padded positions (target PAD_TARGET)."""
+  real = targets_bl != PAD_TARGET
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32),
+                                                           jnp.where(real, targets_bl, 0))
+  return jnp.where(real, losses, 0.0)
+
+
+def target_count(targets_bl):
+  """How many real (unpadded) targets a batch has, float32: the loss's normalization."""
+  return jnp.sum(targets_bl != PAD_TARGET, dtype=jnp.float32)
 
 
 HEAD_CHUNK = 128  # Positions per chunk of the chunked output head (see `loss_sum`).
@@ -112,7 +123,7 @@ def make_loss_and_grads(c, graphdef, microbatches: int):
 
   def loss_and_grads(params, batch, step):
     inputs, targets = batch["inputs"], batch["targets"]
-    count, step_key = jnp.float32(inputs.size), jax.random.fold_in(seed_key, step)
+    count, step_key = target_count(targets), jax.random.fold_in(seed_key, step)
     if microbatches == 1:
       return grad_fn(params, inputs, targets, step_key, count)
 
@@ -172,7 +183,7 @@ def make_eval_step(graphdef):
   def eval_fn(params, batch):
     model = nnx.merge(graphdef, params)
     total = loss_sum(model, batch["inputs"], batch["targets"], chunked=True)
-    return total, jnp.asarray(batch["targets"].size, jnp.float32)
+    return total, target_count(batch["targets"])
   return eval_fn
 
 
@@ -209,7 +220,8 @@ class ShardedSteps:
 
 
 def sharded_steps(c, placed: OnMesh, *, skip_bad: bool, background: bool = True,
-                  on_compiled=None, compiler_options: dict | None = None) -> ShardedSteps:
+                  on_compiled=None, compiler_options: dict | None = None,
+                  threads: int = 1) -> ShardedSteps:
   """Init, per-bucket train steps and the eval step, all with the layout's shardings: the
   state is never materialized on one device, and every bucket uses the same shardings.
   `compiler_options` go to every bucket's compile (e.g. compile_cache's memory estimate)."""
@@ -219,7 +231,7 @@ def sharded_steps(c, placed: OnMesh, *, skip_bad: bool, background: bool = True,
   steps = compile_cache.BucketedStep(
       step_for, placed.state_spec, background=background, batch_sharding=layout.batch,
       scalar_sharding=layout.replicated, on_compiled=on_compiled,
-      compiler_options=compiler_options,
+      compiler_options=compiler_options, threads=threads,
       jit_kwargs={"out_shardings": (layout.state, layout.replicated)})
   eval_fn = jax.jit(layout.traced(make_eval_step(graphdef)), out_shardings=layout.replicated)
   return ShardedSteps(init, steps, eval_fn)

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from slw_jax import (checkpoint, compile_cache, distributed, hardware, input_pipeline, models,
-                     monitor, pacing, reporting, schedules, sharding, train_step)
+from slw_jax import (checkpoint, compile_cache, config_lib, distributed, hardware,
+                     input_pipeline, models, monitor, pacing, reporting, schedules, sharding,
+                     train_step)
 
 
 PARAM_SHAPING = models.GPTConfig.param_shaping_fields()  # Must match to resume.
@@ -36,7 +37,7 @@ class Trainer:
   """One run in `workdir`. `run()` trains to the end (or to a stop signal)."""
 
   def __init__(self, c, workdir: str, devices=None):
-    self.c, self.workdir = c, workdir
+    self.c, self.workdir, self.devices = c, workdir, devices
     self.schedule = pacing.run_schedule(c)
     self.lrs = schedules.learning_rates(c, self.schedule)
     self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
@@ -62,7 +63,7 @@ class Trainer:
     hardware.enable_compilation_cache(c.compile.cache_dir)
     self.device = train_step.sharded_steps(
         c, placed, skip_bad=c.monitor.action == "skip", background=c.compile.background,
-        on_compiled=self._log_compiled)
+        on_compiled=self._log_compiled, threads=c.compile.threads)
     self.steps = self.device.steps
     self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                               c.checkpoint.keep, c.checkpoint.async_save)
@@ -95,20 +96,33 @@ class Trainer:
 
   # ----- setup -------------------------------------------------------------------------------
 
-  def check_memory(self):
-    """Chooses the microbatch counts (optim.microbatches), compiles the largest bucket first
-    and stops if it cannot fit in device memory."""
+  def check_memory(self, first: tuple[int, int] | None = None):
+    """Chooses the microbatch counts (optim.microbatches) and, where the device reports its
+    memory, compiles the largest bucket and stops if it cannot fit. The `first` bucket to run
+    compiles in the background meanwhile (after the search when `auto` must compile to
+    choose). A CPU reports no limit: nothing to check, the largest bucket compiles in its turn.
+    """
     shape, limit = self.largest, hardware.device_memory_limit()
     if limit and jax.process_count() > 1:  # Every process must search with the same budget.
       limit = int(multihost_utils.process_allgather(np.int64(limit)).min())
     for line in models.attention_lines(self.model_cfg, sorted({b.seqlen for b in self.buckets})):
       self._print(line)
-    policy, line = compile_cache.choose_microbatches(self.steps, self.c.optim.microbatches, shape,
+    setting, first = self.c.optim.microbatches, [first] if first else []
+    if not (setting == "auto" and limit):  # The counts need no compile: start `first` now.
+      self.steps.microbatches = compile_cache.Microbatching(
+          shape, 1 if setting == "auto" else setting, self.layout.batch_shards).count
+      self.steps.prefetch(first, priority=-1)
+    policy, line = compile_cache.choose_microbatches(self.steps, setting, shape,
                                                      self.layout.batch_shards, limit)
     self._print(line)
+    self.steps.prefetch(first, priority=-1)  # After an `auto` search (else already queued).
+    if not limit:
+      self._print(f"largest bucket {shape[0]}x{shape[1]}: the device reports no memory limit, "
+                  "so there is nothing to check before step 0")
+      return
     self.steps.get(shape)
     need = self.steps.stats[shape].memory_bytes
-    if limit and need > limit:
+    if need > limit:
       more = ("" if policy.largest_count == compile_cache.microbatch_options(
           shape[0], self.layout.batch_shards)[-1] else "optim.microbatches=auto (or more), ")
       raise StopTraining(
@@ -116,22 +130,40 @@ class Trainer:
           f"GiB per device with {policy.largest_count} microbatch(es) but the device has "
           f"{limit / 2**30:.2f} GiB: set {more}model.remat=block, model.dtype=bfloat16, or use "
           "more devices (mesh.fsdp)")
-    where = f"of {limit / 2**30:.2f} GiB" if limit else "(no device memory limit reported)"
-    self._print(f"largest bucket {shape[0]}x{shape[1]} needs {need / 2**30:.3f} GiB {where}")
+    self._print(f"largest bucket {shape[0]}x{shape[1]} needs {need / 2**30:.3f} GiB of "
+                f"{limit / 2**30:.2f} GiB")
 
   def restore_or_init(self):
     latest = self.checkpoints.latest_step()
     if latest is None:
-      self.state, self.step = self.device.init(), 0
+      # Compiled here, beside the first bucket's compile in the pool.
+      init = self.steps.compile_other("init", self.device.init, here=True).result()
+      self.state, self.step = init(), 0
       self.save()  # A step-0 checkpoint: rollback always has a state older than any spike.
       return
     self._check_resumable(self.checkpoints.read_meta(latest))
-    self.state, meta = self.checkpoints.restore(latest, self.state_spec)
+    self.state, meta = self._restore(latest)
     self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
     self.loader.restore(meta["loader"])
     self.monitor.load_state(meta["monitor"])
     self.step = latest
     self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
+
+  def _restore(self, step: int):
+    """(state, meta) of checkpoint `step`, laid out as this run's: a checkpoint saved with the
+    other model.scan_layers is read in its own layout and its blocks restacked (logged)."""
+    saved = config_lib.saved_defaults(self.checkpoints.read_meta(step)["config"])
+    scanned = saved["model"]["scan_layers"]
+    if scanned == self.model_cfg.scan_layers:
+      return self.checkpoints.restore(step, self.state_spec)
+    config = config_lib.with_overrides(self.c, {"model.scan_layers": scanned})
+    saved_spec = train_step.on_mesh(config, self.devices).state_spec
+    state, meta = self.checkpoints.restore(step, saved_spec)
+    restack = jax.jit(lambda s: models.restack_blocks(s, self.state_spec, self.c.model.n_layer),
+                      out_shardings=self.layout.state)
+    self._print(f"checkpoint {step} has model.scan_layers={scanned}: blocks restacked for "
+                f"model.scan_layers={self.model_cfg.scan_layers}")
+    return restack(state), meta
 
   def _check_resumable(self, meta: dict):
     """Refuses a checkpoint of another model shape, or whose model reads other token ids than
@@ -161,22 +193,46 @@ class Trainer:
 
   # ----- the loop ----------------------------------------------------------------------------
 
-  def _shape(self, step: int) -> tuple[int, int]:
-    return int(self.schedule.batch_size[step]), int(self.schedule.seqlen[step])
-
   def _batches(self):
-    shapes = (self._shape(t) for t in range(self.step, self.schedule.num_steps))
+    shapes = (self.schedule.shape(t) for t in range(self.step, self.schedule.num_steps))
     return self.loader.prefetch(shapes, self.c.data.prefetch)
 
-  def _upcoming_buckets(self, step: int) -> list[tuple[int, int]]:
-    """The next `compile.ahead` buckets first used after `step` (compiled in the background)."""
-    later = [(b.batch_size, b.seqlen) for b in self.buckets if b.first_step > step]
-    return later[:self.c.compile.ahead]
+  def _prefetch_upcoming(self, step: int):
+    """Queues the next `compile.ahead` buckets (at least `compile.threads`, unless ahead is 0)
+    first used after `step`, each at the priority of its first step."""
+    ahead = self.c.compile.ahead and max(self.c.compile.ahead, self.c.compile.threads)
+    later = [b for b in self.buckets if b.first_step > step][:ahead]
+    for b in later:
+      self.steps.prefetch([(b.batch_size, b.seqlen)], priority=b.first_step)
+
+  def _finished_buckets(self, step: int) -> list[tuple[int, int]]:
+    """Buckets whose last step is before `step - 1`: their executables can go (the step
+    before `step` may still be running on the device)."""
+    return [(b.batch_size, b.seqlen) for b in self.buckets if b.last_step < step - 1]
 
   def setup(self):
-    """Checks memory and restores or initializes the state: everything before step 0."""
-    self.check_memory()
-    self.restore_or_init()
+    """Everything before step 0: the first bucket to run compiles in the background while the
+    largest one compiles for the memory check; then the state is restored or initialized while
+    the next buckets and the eval step (by when each is first needed) compile behind it."""
+    start = self.checkpoints.latest_step() or 0
+    first = self.schedule.bucket_shape(start) if start < self.schedule.num_steps else None
+    try:
+      self.check_memory(first)
+      self._prefetch_upcoming(start)
+      self._compile_eval(start)
+      self.restore_or_init()
+    except BaseException:
+      self.steps.close(wait=False)  # Stops compiles queued for a run that will not start.
+      raise
+
+  def _compile_eval(self, start: int):
+    """Queues the eval step's compile at the priority of the first evaluation after `start`."""
+    first_eval = (start // self.c.eval.every_steps + 1) * self.c.eval.every_steps
+    self._eval_step = self.steps.compile_other(
+        "eval", self.device.eval, self.state_spec["params"],
+        compile_cache.batch_spec(self.c.eval.batch_size, self.c.pacing.seqlen_end,
+                                 self.layout.batch),
+        priority=min(first_eval, self.schedule.num_steps))
 
   def run(self) -> dict:
     if self.state is None:
@@ -247,13 +303,14 @@ class Trainer:
   def _launch(self):
     """Dispatches step `self.step` (asynchronously) and returns (step, device metrics)."""
     t = self.step
-    self.steps.prefetch(self._upcoming_buckets(t))
-    executable = self.steps.get(self._shape(t))
+    self.steps.release(self._finished_buckets(t))
+    self._prefetch_upcoming(t)
+    bucket = self.schedule.bucket_shape(t)
+    executable = self.steps.get(bucket)
     if self._stall_before_loop is None:  # The first bucket always compiles before step 0.
       self._stall_before_loop = self.steps.stall_s
     batch = next(self._batch_iter)
-    batch = self.layout.global_batch({"inputs": batch.inputs, "targets": batch.targets},
-                                     self._shape(t)[0])
+    batch = self.layout.global_batch(padded_batch(batch, bucket[1]), bucket[0])
     self.state, metrics = executable(self.state, batch, np.float32(self.lrs[t]))
     self.step = t + 1
     return t, metrics, self.loader.position  # The position just after step t's batch.
@@ -281,8 +338,8 @@ class Trainer:
     values = sharding.fetch(metrics)
     now = time.perf_counter()
     step_time, self._last_done = now - self._last_done, now
-    batch_size, seqlen = self._shape(t)
-    tokens = batch_size * seqlen
+    batch_size, seqlen = self.schedule.shape(t)
+    tokens = batch_size * seqlen  # Real tokens: a padded bucket's padding is not counted.
     flops = tokens * models.train_flops_per_token(self.model_cfg, seqlen, self.num_params)
     row = {"step": t, "tokens": int(self.schedule.tokens_before[t]), "seqlen": seqlen,
            "batch_size": batch_size, "lr": float(self.lrs[t]),
@@ -312,7 +369,7 @@ class Trainer:
                          "pacing.duration_steps, then resume from the checkpoints")
     self.checkpoints.wait()
     target = max(k for k in self.checkpoints.steps() if k <= bad_step)
-    self.state, meta = self.checkpoints.restore(target, self.state_spec)
+    self.state, meta = self._restore(target)
     self.checkpoints.delete_from(target)
     self.loader.restore({**meta["loader"], "position": position_after_bad})
     self.monitor.rollbacks += 1
@@ -329,12 +386,17 @@ class Trainer:
   def evaluate(self) -> dict:
     """Validation loss and perplexity at full length over `eval.batches` batches."""
     sums = []  # Device values: every batch is dispatched before one transfer reads them all.
+    waited = time.perf_counter()
+    if getattr(self, "_eval_step", None) is None:  # State set without setup().
+      self._compile_eval(self.step)
+    eval_step = self._eval_step.result()  # Compiled in the background since setup.
+    self.steps.stall_s += time.perf_counter() - waited
     for number in range(self.c.eval.batches):
       batch = input_pipeline.validation_batch(self.val_index, number, self.c.eval.batch_size,
                                               *self.layout.process_rows)
       batch = self.layout.global_batch({"inputs": batch.inputs, "targets": batch.targets},
                                        self.c.eval.batch_size)
-      sums.append(self.device.eval(self.state["params"], batch))
+      sums.append(eval_step(self.state["params"], batch))
     fetched = sharding.fetch(sums)
     loss = sum(float(s) for s, _ in fetched) / sum(float(n) for _, n in fetched)
     row = {"step": self.step, "tokens": int(self.schedule.tokens_before[self.step]),
@@ -350,7 +412,7 @@ class Trainer:
       self.evaluate()
     self.save()
     self.checkpoints.close()
-    self.steps.close()
+    self.steps.close(wait=self.stop_signal is None)  # A preempted run does not wait on compiles.
     last_eval = getattr(self, "last_eval", {})
     summary = {
         "completed": completed, "stopped_by": self.stop_signal, "steps": self.step,
@@ -360,6 +422,8 @@ class Trainer:
         "final_val_ppl": last_eval.get("val_ppl"), "compile_stall_s": self.steps.stall_s,
         "compile_stall_after_step0_s": self.steps.stall_s - (self._stall_before_loop or 0.0),
         "buckets": [vars(s) for s in self.steps.stats.values()],
+        "other_compile_s": dict(self.steps.other_compile_s),
+        "executables_released": self.steps.released,
         "stability": self.monitor.summary(),
     }
     if self.primary:
@@ -371,6 +435,17 @@ class Trainer:
                   f"TensorBoard {w}/tb, checkpoints {w}/checkpoints, summary {w}/summary.json")
     self.log.close()
     return summary
+
+
+def padded_batch(batch, seqlen: int) -> dict:
+  """A loader batch as the step's inputs/targets, right-padded to the bucket's `seqlen`: the
+  padded targets are PAD_TARGET (no loss, not counted), the padded inputs token 0 (causal
+  attention never lets a real position see them)."""
+  pad = ((0, 0), (0, seqlen - batch.inputs.shape[1]))
+  if not pad[1][1]:
+    return {"inputs": batch.inputs, "targets": batch.targets}
+  return {"inputs": np.pad(batch.inputs, pad),
+          "targets": np.pad(batch.targets, pad, constant_values=train_step.PAD_TARGET)}
 
 
 class _StopOnSignal:

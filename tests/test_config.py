@@ -56,6 +56,10 @@ BAD = [
     (dict(optim__microbatches=0), "config.optim.microbatches=0"),
     (dict(optim__microbatches="max"), "must be an integer >= 1 or 'auto'"),
     (dict(optim__microbatches=3), "must divide batch_size=16"),
+    (dict(compile__pad_multiple=12), "config.compile.pad_multiple=12"),
+    (dict(compile__pad_multiple=0), "must be a positive multiple of pacing.multiple=32"),
+    (dict(compile__pad_multiple=512), "up to the context pacing.seqlen_end=256"),
+    (dict(compile__threads=0), "config.compile.threads=0"),
     (dict(data__source="tfds:lm1b"), "config.data.source='tfds:lm1b'"),
     (dict(data__source="web:x"), "config.data.source='web:x'"),
     (dict(data__vocab="gpt2"), "config.data.vocab='gpt2'"),
@@ -135,3 +139,14 @@ def test_old_checkpoint_configs_gain_new_defaults_on_one_device(load_config):
   c = config_lib.on_one_device(saved)
   assert c.model.remat == "none" and c.optim.microbatches == 1 and c.model.attention == "auto"
   assert models.GPTConfig.from_config(saved["model"]).remat == "none"
+
+
+def test_scan_layers_defaults_on_from_12_blocks_and_off_for_old_checkpoints(load_config):
+  assert not config_lib.validate(load_config("tiny")).model.scan_layers
+  for name in ("gpt2_117m", "gpt2_1p5b", "gpt3_125m"):
+    assert config_lib.validate(load_config(name)).model.scan_layers, name
+  assert not config_lib.validate(load_config("gpt2_117m", model__scan_layers=False)).model.scan_layers
+  saved = config_lib.validate(load_config("gpt2_117m")).to_dict()
+  del saved["model"]["scan_layers"]  # Saved by a release that always unrolled its blocks.
+  assert not config_lib.on_one_device(saved).model.scan_layers
+  assert not models.GPTConfig.from_config(saved["model"]).scan_layers

@@ -97,7 +97,7 @@ def save_sharded_half(model, directory):
 @pytest.mark.parametrize("layout,overrides,source", [
     ("safetensors", {"model__vocab_pad_multiple": 128}, "model.safetensors"),  # 300 -> 384 rows.
     ("old_pytorch_bin", {"model__attention": "dot_product"}, "pytorch_model.bin"),
-    ("sharded_float16", {}, "model.safetensors.index.json"),
+    ("sharded_float16", {"model__scan_layers": True}, "model.safetensors.index.json"),
 ])
 def test_imported_logits_equal_transformers(tmp_path, load_config, layout, overrides, source):
   model = hf_gpt2()
@@ -119,7 +119,7 @@ def test_export_loads_back_into_transformers(tmp_path, load_config):
   bpe = tokenizers.ByteLevelBPETokenizer()
   bpe.train_from_iterator(["the cat sat on the mat"] * 20, vocab_size=300, min_frequency=1)
   bpe.save_model(str(hf_dir))  # vocab.json + merges.txt beside the weights, as GPT-2 ships.
-  c = import_config(load_config, hf_dir, model__vocab_pad_multiple=64)
+  c = import_config(load_config, hf_dir, model__vocab_pad_multiple=64, model__scan_layers=True)
   meta = convert.import_hf(str(hf_dir), str(run), c, log=lambda _: None)
   assert meta["vocab"] == "gpt2:tokenizer"  # Relative to the run directory, which may move.
   moved = tmp_path / "moved"
@@ -175,7 +175,7 @@ def test_training_continues_from_imported_weights(tmp_path, make_config):
   run = trainer.Trainer(c, workdir)
   run.setup()
   assert run.step == 0 and run.carried_meta["imported_from"].endswith("model.safetensors")
-  first = run.loader.batch_at(0, *run._shape(0))  # pylint: disable=protected-access
+  first = run.loader.batch_at(0, *run.schedule.shape(0))
   summary = run.run()
   assert summary["completed"]
   # The first step's loss is the GPT-2's own loss on that batch: training started from it.

@@ -268,17 +268,9 @@ def test_remat_gives_the_same_gradients(remat, dropout):
   cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=32,
                          dropout=dropout)
   tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, 259)
-
-  def grads(cfg):
-    graphdef, params = nnx.split(build(cfg), nnx.Param)
-    def loss(p):
-      logits = nnx.merge(graphdef, p)(tokens[:, :-1], deterministic=dropout == 0.0,
-                                       rngs=nnx.Rngs(dropout=5))
-      return optax_ce(logits, tokens[:, 1:])
-    return jax.jit(jax.value_and_grad(loss))(params), graphdef, params
-
-  (loss, reference), _, _ = grads(cfg)
-  (loss_remat, ours), graphdef, params = grads(dataclasses.replace(cfg, remat=remat))
+  _, _, (loss, _), reference = loss_and_grads(cfg, tokens)
+  graphdef, params, (loss_remat, _), ours = loss_and_grads(
+      dataclasses.replace(cfg, remat=remat), tokens)
   assert float(loss_remat) == pytest.approx(float(loss), rel=1e-6)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -290,3 +282,56 @@ def test_remat_gives_the_same_gradients(remat, dropout):
 def optax_ce(logits, targets):
   import optax  # pylint: disable=g-import-not-at-top
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def loss_and_grads(cfg, tokens):
+  """(graphdef, params, (mean loss, logits), gradients) of a fresh model on `tokens`, dropout
+  (if any) drawn from a fixed key."""
+  graphdef, params = nnx.split(build(cfg), nnx.Param)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1], deterministic=cfg.dropout == 0.0,
+                                     rngs=nnx.Rngs(dropout=5))
+    return optax_ce(logits, tokens[:, 1:]), logits
+
+  return graphdef, params, *jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("remat,dropout", [("none", 0.0), ("block", 0.1), ("dots", 0.0)])
+def test_scanned_layers_equal_the_unrolled_model(remat, dropout):
+  """model.scan_layers: the same initial parameters (stacked), logits and gradients within
+  relative 1e-5 of the unrolled model, dropout masks included, and one scanned block."""
+  cfg = models.GPTConfig(vocab_size=259, n_layer=3, d_model=64, n_head=4, max_seqlen=32,
+                         dropout=dropout, remat=remat)
+  scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+  tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, 259)
+  _, unrolled, (loss, logits), grads = loss_and_grads(cfg, tokens)
+  _, stacked, (loss_s, logits_s), grads_s = loss_and_grads(scanned_cfg, tokens)
+  assert jax.tree.leaves(stacked)[0].shape[0] == 3
+  for a, b in zip(jax.tree.leaves(models.restack_blocks(unrolled, stacked, 3)),
+                  jax.tree.leaves(stacked)):
+    np.testing.assert_array_equal(a, b)  # The same initialization, stacked.
+  assert float(jnp.abs(logits_s - logits).max() / jnp.abs(logits).max()) < 1e-5
+  assert float(loss_s) == pytest.approx(float(loss), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(models.restack_blocks(grads_s, grads, 3)),
+                  jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  graphdef, params = nnx.split(build(scanned_cfg), nnx.Param)
+  text = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens[:, :-1]))(params))
+  assert text.count("scan[") == 1 and "length=3" in text  # One block, applied 3 times.
+
+
+def test_stacked_parameters_lead_with_an_unsharded_layers_axis():
+  cfg = models.GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, max_seqlen=16,
+                         scan_layers=True)
+  abstract = nnx.eval_shape(lambda: models.GPT(cfg, nnx.Rngs(0)))
+  specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
+  assert tuple(specs["blocks"]["attn"]["qkv_weight_dchk"].get_value()) == (
+      "layers", "embed", None, "heads", "kv")
+  assert tuple(specs["wte_vd"].get_value()) == ("vocab", "embed")  # Only the blocks are stacked.
+  from slw_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  rules = config_lib.base_config().mesh.rules
+  shardings, _ = sharding.param_shardings(nnx.state(abstract, nnx.Param), rules, mesh)
+  assert tuple(shardings["blocks"]["attn"]["qkv_weight_dchk"].get_value().spec) == (
+      None, "fsdp", None, "tensor", None)

@@ -176,3 +176,23 @@ def test_warmup_end_in_both_units(load_config):
   s = pacing.run_schedule(by_tokens)
   assert end.tokens == 10_000
   assert s.tokens_before[end.step - 1] < 10_000 <= s.tokens_before[end.step]
+
+
+def test_padded_buckets_round_lengths_up_and_count_real_tokens(load_config):
+  c = _pacing(load_config, compile__pad_multiple=64)
+  s = pacing.run_schedule(c)
+  np.testing.assert_array_equal(s.seqlen, pacing.seqlens(c.pacing, np.arange(s.num_steps)))
+  buckets = s.buckets()
+  assert [b.seqlen for b in buckets] == [64, 128, 192, 256]  # 16..256 in steps of 8, padded.
+  assert sum(b.num_steps for b in buckets) == s.num_steps
+  assert sum(b.tokens for b in buckets) == s.total_tokens  # Real tokens only.
+  for b in buckets:
+    steps = np.arange(b.first_step, b.last_step + 1)
+    assert np.all((s.seqlen[steps] <= b.seqlen) & (s.seqlen[steps] > b.seqlen - 64))
+    assert s.bucket_shape(b.last_step) == (b.batch_size, b.seqlen)
+    assert b.padding_fraction == pytest.approx(
+        1 - s.seqlen[steps].sum() / (len(steps) * b.seqlen))
+  assert buckets[-1].padding_fraction < 0.02  # Mostly full-length steps after the warmup.
+  unpadded = pacing.run_schedule(_pacing(load_config)).buckets()
+  assert all(b.padding_fraction == 0 and b.last_step >= b.first_step for b in unpadded)
+  assert pacing.padded_lengths(np.array([8, 64, 65, 250]), 64, 250).tolist() == [64, 64, 128, 250]

@@ -128,9 +128,58 @@ def test_memory_report_remat_and_microbatches_cut_memory():
 @pytest.mark.parametrize("flags,message", [
     (["--devices=8"], "--devices=8 is only for --memory"),
     (["--memory", "--devices=1", "--device_memory_gib=nan"], "--device_memory_gib=nan is invalid"),
+    (["--compile_estimate"], "--devices=None is invalid: --compile_estimate needs --devices=N"),
+    (["--compile_estimate", "--devices=8", "--compile_s=-1"], "--compile_s=-1.0 is invalid"),
 ])
 def test_memory_flags_misused_are_one_line_errors(flags, message):
   result = subprocess.run([sys.executable, "-m", "slw_jax.plan", "--config=configs/tiny.py",
                            *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and message in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _paper(name, **overrides):
+  return config_lib.validate(config_lib.load_config_file(str(REPO / f"configs/{name}.py"),
+                                                         overrides))
+
+
+def test_plan_shows_padded_bucket_lengths_and_their_padding():
+  c = _paper("tiny", **{"pacing.multiple": 8, "compile.pad_multiple": 64})
+  built = plan.build_plan(c)
+  assert [b["seqlen"] for b in built["buckets"]] == [64, 128, 192, 256]
+  assert built["buckets"][0]["padding_fraction"] > 0.3  # Lengths 8..64 run at 64.
+  text, _ = plan.render(built, "text")
+  assert "buckets: 4 (seqlen x batch_size: first_step, steps, flops, padding)" in text
+
+
+def test_compile_estimate_recommends_padding_only_when_compiles_cost_over_1_percent():
+  c = _paper("gpt2_117m")
+  slow = plan.compile_estimate(c, 8, compile_s=30.0, tokens_per_s=None, mfu=0.4)
+  assert slow["configured"]["pad_multiple"] is None and slow["configured"]["buckets"] == 128
+  assert slow["configured"]["compile_share"] > 0.01
+  best = slow["recommended"]  # The least compile + padded training time.
+  assert best == min(slow["options"], key=lambda o: o["compile_s"] + o["train_s"])
+  assert best["pad_multiple"] == 64 and best["buckets"] == 16
+  assert best["compile_share"] < 0.15 * slow["configured"]["compile_share"]
+  assert best["padding_fraction"] < 0.01  # Padding only during the warmup.
+  assert [o["pad_multiple"] for o in slow["options"]] == [None, 16, 32, 64, 128, 256, 512, 1024]
+  fast = plan.compile_estimate(c, 8, compile_s=0.5, tokens_per_s=None, mfu=0.4)
+  assert fast["recommended"]["pad_multiple"] is None  # 60 s of compiles: no padding needed.
+  odd = plan.compile_estimate(_paper("gpt2_117m", **{"compile.pad_multiple": 24}), 8, 30.0,
+                             None, 0.4)
+  assert odd["configured"]["pad_multiple"] == 24 and odd["configured"]["buckets"] == 43
+  measured = plan.compile_estimate(c, 8, None, 1e6, 0.4,
+                                   measure=lambda config, devices: (lambda seqlen: 2.0, {}))
+  assert measured["configured"]["compile_s"] == 256.0 and "tokens_per_s" in (
+      measured["assumptions"]["rate"])
+
+
+def test_bucket_costs_count_padding_exactly():
+  from slw_jax import bucket_cost  # pylint: disable=g-import-not-at-top
+  schedule = pacing.Schedule(np.array([8, 16, 24, 32]), np.array([2, 2, 2, 2]),
+                             np.array([0, 16, 48, 96, 160]))
+  option = bucket_cost.pad_option(schedule, 16, 32, lambda seqlen: 10.0, lambda seqlen: 1.0,
+                                  1.0)
+  assert option.buckets == 2 and option.compile_s == 20.0
+  assert option.train_s == 2 * (16 + 16 + 32 + 32)  # Padded tokens at 1 FLOP each, 1 FLOP/s.
+  assert option.padding_fraction == pytest.approx(1 - 160 / 192)

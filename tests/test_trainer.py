@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -73,6 +75,24 @@ def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
   other_model = trainer.Trainer(make_config(model__n_layer=2), str(tmp_path / "b"))
   with pytest.raises(trainer.StopTraining, match=r"another model \(model.n_layer=1 there, 2 here"):
     other_model.setup()
+
+
+def test_resume_restacks_a_checkpoint_of_the_other_scan_layers_setting(make_config, tmp_path):
+  """Saved unrolled, resumed scanned (and back): the run goes on as if never switched."""
+  unrolled = make_config(model__n_layer=2, model__scan_layers=False)
+  scanned = make_config(model__n_layer=2, model__scan_layers=True)
+  trainer.Trainer(unrolled, str(tmp_path / "a")).run()
+  assert not _StopAt(unrolled, str(tmp_path / "b")).run()["completed"]
+  switched = trainer.Trainer(scanned, str(tmp_path / "b"))
+  switched.setup()
+  assert switched.state["params"]["blocks"]["attn"]["qkv_weight_dchk"].shape[0] == 2
+  assert switched.run()["completed"]
+  a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+  assert [r["step"] for r in b] == list(range(12))
+  np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+  back = trainer.Trainer(make_config(model__n_layer=2, model__scan_layers=False,
+                                     train_steps=13), str(tmp_path / "b"))
+  assert back.run()["completed"]  # The scanned checkpoint of step 12 restacked the other way.
 
 
 def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
@@ -179,7 +199,8 @@ def test_run_with_microbatches_and_remat_logs_its_choices(make_config, tmp_path,
   """A whole run with the paper configs' memory settings: microbatches chosen per bucket (the
   largest bucket's count, fewer for short ones), remat on, every step finite."""
   c = make_config(**{"optim.microbatches": 2, "model.remat": "block", "mesh.data": 2,
-                     "mesh.fsdp": 2, "mesh.tensor": 2, "batch_size": 8})
+                     "mesh.fsdp": 2, "mesh.tensor": 2, "batch_size": 8,
+                     "model.scan_layers": True, "model.n_layer": 2})
   run = trainer.Trainer(c, str(tmp_path))
   summary = run.run()
   assert summary["completed"]
@@ -197,3 +218,49 @@ def test_bad_microbatches_stop_before_any_compile(make_config, tmp_path):
                      r"the largest bucket's batch of 4 rows over 4 data-parallel shard\(s\) "
                      r"splits into 1 microbatches"):
     trainer.Trainer(c, str(tmp_path))
+
+
+def test_padded_buckets_train_like_unpadded_ones_with_fewer_compiles(make_config, tmp_path):
+  """compile.pad_multiple=16: lengths 8..32 run in 2 buckets instead of 4, the logged tokens,
+  seqlens and throughput count real tokens, and the losses are the unpadded run's."""
+  plain = trainer.Trainer(make_config(), str(tmp_path / "plain")).run()
+  padded_run = trainer.Trainer(make_config(compile__pad_multiple=16), str(tmp_path / "padded"))
+  padded = padded_run.run()
+  assert sorted((b["batch_size"], b["seqlen"]) for b in padded["buckets"]) == [(4, 16), (4, 32)]
+  assert len(plain["buckets"]) == 4
+  a, b = _rows(tmp_path / "plain"), _rows(tmp_path / "padded")
+  assert [r["seqlen"] for r in b] == [r["seqlen"] for r in a] and b[0]["seqlen"] == 8
+  assert [r["tokens"] for r in b] == [r["tokens"] for r in a]
+  np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+  np.testing.assert_allclose(padded["final_val_loss"], plain["final_val_loss"], rtol=1e-5)
+
+
+def test_a_whole_run_compiles_nothing_twice_and_only_the_plans_buckets(make_config, tmp_path):
+  """Every compile of a whole SLW run, counted from JAX's own compile log: each function and
+  shape once, the train step exactly at the plan's buckets, executables released as the
+  schedule passes their buckets."""
+  import logging  # pylint: disable=g-import-not-at-top
+  messages = []
+  handler = logging.Handler()
+  handler.emit = lambda record: messages.append(record.getMessage())
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  jax.config.update("jax_log_compiles", True)  # Global: the compile threads log too.
+  try:
+    run = trainer.Trainer(make_config(), str(tmp_path))
+    summary = run.run()
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logger.removeHandler(handler)
+  # A message names the function, its argument shapes and their shardings or device: the
+  # same message twice is the same computation compiled twice.
+  compiles = [m for m in messages if m.startswith("Compiling ")]
+  assert compiles and len(compiles) == len(set(compiles)), compiles  # Nothing compiled twice.
+  steps = [m for m in compiles if m.startswith("Compiling jit(step_fn)")]
+  shapes = {tuple(map(int, re.search(r"int32\[(\d+),(\d+)\]", m).groups())) for m in steps}
+  assert len(steps) == len(shapes)
+  assert shapes == {(b.batch_size, b.seqlen) for b in run.schedule.buckets()}
+  assert sum(m.startswith("Compiling jit(eval_fn)") for m in compiles) == 1
+  assert sum(m.startswith("Compiling jit(init)") for m in compiles) == 1
+  assert summary["completed"] and run.steps.num_live <= 1  # Only the last bucket was still held.
+  assert run.steps.released == len(shapes) - run.steps.num_live
