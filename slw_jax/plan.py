@@ -15,7 +15,8 @@ needed: a memory proof before renting a cluster).
 run's summed compile time against its training time on N devices, for no padding and each
 `compile.pad_multiple`, and the recommended one (JSON). Compile seconds per bucket: `--compile_s`
 or measured by AOT-compiling the shortest and the longest bucket on N simulated CPU devices
-(interpolated by length in between). Training rate: `--tokens_per_s` measured on the target,
+(interpolated by length in between; attention compiled as XLA's one call, standing in for an
+accelerator's fused kernel). Training rate: `--tokens_per_s` measured on the target,
 or `--mfu` of the devices' peak (`hardware.peak_flops`, default an H100's bf16 datasheet peak).
 """
 
@@ -193,8 +194,14 @@ def memory_report(config, devices, device_memory_gib: float) -> dict:
 
 def measured_compile_seconds(config, devices, device_memory_gib: float = 80.0):
   """(seconds of one bucket as a function of its length, {length: measured seconds}): the
-  shortest and the longest bucket AOT-compiled on `devices`, linear in between."""
-  config, _ = _local_kernels(config)
+  shortest and the longest bucket AOT-compiled on `devices`, linear in between.
+
+  Attention compiles as XLA's one call (`dot_product`), standing in for the one fused kernel
+  (cuDNN, splash) an accelerator runs: the CPU's blockwise attention unrolls a loop of query
+  blocks whose compile grows with the length (gpt3_125m at 2048: 28 s against 10 s,
+  benchmarks/RESULTS.md). A config that sets `blockwise` itself keeps it."""
+  if config.model.attention != "blockwise":
+    config = config_lib.with_overrides(config, {"model.attention": "dot_product"})
   buckets = pacing.run_schedule(config).buckets()
   ends = sorted({(b.batch_size, b.seqlen) for b in buckets}, key=lambda s: s[1])
   _, steps, _ = simulated_steps(config, devices, device_memory_gib)
@@ -223,7 +230,9 @@ def compile_estimate(config, devices: int, compile_s: float | None, tokens_per_s
   if compile_s is None:
     compile_s_of, measured = measure(config, use_cpu_devices(devices))
     shown = ", ".join(f"{seqlen}: {seconds:.1f} s" for seqlen, seconds in measured.items())
-    compile_source = f"measured on {devices} simulated CPU devices: {shown}"
+    compile_source = (f"measured on {devices} simulated CPU devices with "
+                      f"{'blockwise' if config.model.attention == 'blockwise' else 'one-call'} "
+                      f"attention: {shown}")
   else:
     compile_s_of, compile_source = (lambda seqlen: compile_s), "--compile_s"
   if tokens_per_s is not None:  # FLOPs/s equivalent of a measured token rate at full length.

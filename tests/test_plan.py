@@ -183,3 +183,20 @@ def test_bucket_costs_count_padding_exactly():
   assert option.buckets == 2 and option.compile_s == 20.0
   assert option.train_s == 2 * (16 + 16 + 32 + 32)  # Padded tokens at 1 FLOP each, 1 FLOP/s.
   assert option.padding_fraction == pytest.approx(1 - 160 / 192)
+
+
+def test_measured_compile_seconds_compile_the_shortest_and_longest_bucket(monkeypatch):
+  """With one-call attention (an accelerator's fused kernel), not the CPU's blockwise loop."""
+  import jax  # pylint: disable=g-import-not-at-top
+  c = _paper("tiny", **{"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2,
+                        "model.max_seqlen": 64, "pacing.multiple": 8, "batch_size": 4,
+                        "train_tokens": None, "train_steps": 20, "pacing.duration_steps": 10,
+                        "optim.warmup_steps": 2})
+  seen, real = [], plan.simulated_steps
+  monkeypatch.setattr(plan, "simulated_steps",
+                      lambda config, *a, **k: seen.append(config.model.attention) or real(
+                          config, *a, **k))
+  seconds_of, measured = plan.measured_compile_seconds(c, jax.devices()[:1])
+  assert sorted(measured) == [16, 64] and all(s > 0 for s in measured.values())
+  assert min(measured.values()) <= seconds_of(40) <= max(measured.values())
+  assert seen == ["dot_product"]
