@@ -8,6 +8,7 @@ never waits on the device just to log.
 
 from __future__ import annotations
 
+import bisect
 import os
 import signal
 import time
@@ -41,6 +42,10 @@ class Trainer:
     self.schedule = pacing.run_schedule(c)
     self.lrs = schedules.learning_rates(c, self.schedule)
     self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
+    self._first_steps = [b.first_step for b in self.buckets]  # Ascending: order of first use.
+    self._release_after = {}  # Step -> buckets whose last step it is (released 2 steps on).
+    for b in self.buckets:
+      self._release_after.setdefault(b.last_step, []).append((b.batch_size, b.seqlen))
     self.primary = jax.process_index() == 0
     self.model_cfg = models.GPTConfig.from_config(c.model)
     hardware.check_accelerator(c.hardware.allow_cpu)
@@ -107,15 +112,11 @@ class Trainer:
       limit = int(multihost_utils.process_allgather(np.int64(limit)).min())
     for line in models.attention_lines(self.model_cfg, sorted({b.seqlen for b in self.buckets})):
       self._print(line)
-    setting, first = self.c.optim.microbatches, [first] if first else []
-    if not (setting == "auto" and limit):  # The counts need no compile: start `first` now.
-      self.steps.microbatches = compile_cache.Microbatching(
-          shape, 1 if setting == "auto" else setting, self.layout.batch_shards).count
-      self.steps.prefetch(first, priority=-1)
-    policy, line = compile_cache.choose_microbatches(self.steps, setting, shape,
+    # Compiles only for `auto` against a memory limit; then `first` needs its counts.
+    policy, line = compile_cache.choose_microbatches(self.steps, self.c.optim.microbatches, shape,
                                                      self.layout.batch_shards, limit)
     self._print(line)
-    self.steps.prefetch(first, priority=-1)  # After an `auto` search (else already queued).
+    self.steps.prefetch([first] if first else [], priority=-1)
     if not limit:
       self._print(f"largest bucket {shape[0]}x{shape[1]}: the device reports no memory limit, "
                   "so there is nothing to check before step 0")
@@ -201,14 +202,15 @@ class Trainer:
     """Queues the next `compile.ahead` buckets (at least `compile.threads`, unless ahead is 0)
     first used after `step`, each at the priority of its first step."""
     ahead = self.c.compile.ahead and max(self.c.compile.ahead, self.c.compile.threads)
-    later = [b for b in self.buckets if b.first_step > step][:ahead]
-    for b in later:
+    start = bisect.bisect_right(self._first_steps, step)
+    for b in self.buckets[start:start + ahead]:
       self.steps.prefetch([(b.batch_size, b.seqlen)], priority=b.first_step)
 
   def _finished_buckets(self, step: int) -> list[tuple[int, int]]:
-    """Buckets whose last step is before `step - 1`: their executables can go (the step
-    before `step` may still be running on the device)."""
-    return [(b.batch_size, b.seqlen) for b in self.buckets if b.last_step < step - 1]
+    """Buckets whose last step is `step - 2`: their executables can go (the step before
+    `step` may still be running on the device). Earlier ones went at their own turn, or were
+    never compiled by this process (a resumed run)."""
+    return self._release_after.get(step - 2, [])
 
   def setup(self):
     """Everything before step 0: the first bucket to run compiles in the background while the

@@ -189,6 +189,21 @@ def test_memory_check_stops_before_step_0(make_config, tmp_path, monkeypatch):
   assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_first_bucket_compiles_in_the_background_beside_the_memory_check(make_config, tmp_path,
+                                                                         monkeypatch):
+  """Where the device reports its memory, the largest bucket compiles in the loop's thread for
+  the check while the first bucket compiles in the pool; both before step 0."""
+  monkeypatch.setattr(hardware, "device_memory_limit", lambda: 2**34)
+  run = trainer.Trainer(make_config(), str(tmp_path))
+  run.setup()
+  run.steps.get((4, 8))  # Waits for the pool's compile, if it is still running.
+  stats = run.steps.stats
+  assert not stats[(4, 32)].background and stats[(4, 8)].background
+  assert run.steps.stall_s < stats[(4, 32)].compile_s + stats[(4, 8)].compile_s
+  run.steps.close()
+  run.checkpoints.close()
+
+
 def test_main_requires_a_workdir():
   result = subprocess.run([sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
