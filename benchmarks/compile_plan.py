@@ -30,9 +30,11 @@ CASES = [
 
 def estimate(config, devices, overrides, tokens_per_s) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # compile.threads=4: the trainer's default on a host of 8 or more cores (every GPU and TPU
+  # host of the README's launch commands); it sets how much compiling overlaps training.
   command = [sys.executable, "-m", "slw_jax.plan", f"--config=configs/{config}.py",
              "--compile_estimate", f"--devices={devices}", f"--tokens_per_s={tokens_per_s}",
-             *(f"--config.{o}" for o in overrides)]
+             "--config.compile.threads=4", *(f"--config.{o}" for o in overrides)]
   out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
   return json.loads(out.strip().splitlines()[-1])
 
@@ -42,7 +44,7 @@ def main():
   parser.add_argument("--only", default="")
   only = set(filter(None, parser.parse_args().only.split(",")))
   print("| config | devices | paper rate | compile s/bucket (short, long) | no padding: buckets, "
-        "compile s, share | recommended M: buckets, compile s, share, padding |")
+        "compile s, share, stall | recommended M: buckets, compile s, share, padding, stall |")
   print("| --- | --- | --- | --- | --- | --- |")
   for config, devices, overrides, rate, source in CASES:
     if only and config not in only:
@@ -52,9 +54,11 @@ def main():
     none, best = report["configured"], report["recommended"]
     measured = report["assumptions"]["compile_s"].split(": ", 1)[1]
     print(f"| `{config}` | {devices} | {rate:,.0f} tok/s ({source}) | {measured} | "
-          f"{none['buckets']}, {none['compile_s']:,.0f}, {none['compile_share']:.2%} | "
+          f"{none['buckets']}, {none['compile_s']:,.0f}, {none['compile_share']:.2%}, "
+          f"{none['stall_s']:,.0f} s ({none['stall_share']:.2%}) | "
           f"{best['pad_multiple']}: {best['buckets']}, {best['compile_s']:,.0f}, "
-          f"{best['compile_share']:.2%}, {best['padding_fraction']:.2%} |", flush=True)
+          f"{best['compile_share']:.2%}, {best['padding_fraction']:.2%}, "
+          f"{best['stall_s']:,.0f} s ({best['stall_share']:.2%}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,27 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
   return nnx.Param(value, out_sharding=axes)
 
 
+class PositionKeyedDropout(nnx.Module):
+  """Dropout on [B, L, D] whose mask at (b, l, d) does not depend on L: the mask is drawn
+  position-major, [L, B, D], and JAX's partitionable threefry derives each element's bits from
+  its row-major index, which for position-major shapes is the same at any L. So a batch
+  right-padded into a longer bucket (compile.pad_multiple) draws the masks of its real length,
+  and padded training equals unpadded training with dropout on too."""
+
+  def __init__(self, rate: float):
+    self.rate = rate
+
+  def __call__(self, x_bld, *, deterministic: bool, rngs: nnx.Rngs | None):
+    if deterministic or self.rate == 0.0:
+      return x_bld
+    if rngs is None:
+      raise ValueError("dropout with deterministic=False needs rngs with a 'dropout' stream")
+    batch, seqlen, width = x_bld.shape
+    keep_lbd = jax.random.bernoulli(rngs.dropout(), 1.0 - self.rate, (seqlen, batch, width))
+    keep_bld = jnp.swapaxes(keep_lbd, 0, 1)
+    return jnp.where(keep_bld, x_bld / (1.0 - self.rate), 0).astype(x_bld.dtype)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32 whatever the compute dtype."""
 
@@ -318,7 +339,7 @@ class Block(nnx.Module):
     self.attn = CausalSelfAttention(cfg, rngs)
     self.ln_2 = LayerNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout)
+    self.dropout = PositionKeyedDropout(cfg.dropout)
 
   def __call__(self, x_bld, deterministic: bool, rngs: nnx.Rngs | None):
     drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)  # noqa: E731
@@ -335,7 +356,7 @@ class GPT(nnx.Module):
       self.cfg = cfg
       self.wte_vd = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), 0.02)
       self.wpe_ld = _param(rngs, (cfg.max_seqlen, cfg.d_model), (None, "embed"), 0.02)
-      self.drop = nnx.Dropout(cfg.dropout)  # Dropout keys come with each call (pure steps).
+      self.drop = PositionKeyedDropout(cfg.dropout)  # Dropout keys come with each call (pure steps).
       blocks = [Block(cfg, rngs) for _ in range(cfg.n_layer)]
       # Scanned: one Block whose parameters carry a leading "layers" axis, initialized exactly
       # as the unrolled blocks are (the same parameters whatever the setting).

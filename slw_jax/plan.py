@@ -18,6 +18,8 @@ or measured by AOT-compiling the shortest and the longest bucket on N simulated 
 (interpolated by length in between; attention compiled as XLA's one call, standing in for an
 accelerator's fused kernel). Training rate: `--tokens_per_s` measured on the target,
 or `--mfu` of the devices' peak (`hardware.peak_flops`, default an H100's bf16 datasheet peak).
+Each option also gives `stall_s`: what the run waits for with `compile.threads` compiling the
+upcoming buckets in the background, as the trainer does (bucket_cost.compile_stall_s).
 """
 
 from __future__ import annotations
@@ -243,15 +245,20 @@ def compile_estimate(config, devices: int, compile_s: float | None, tokens_per_s
                    if config.hardware.peak_flops else DEFAULT_PEAK)
     flops_per_s = devices * peak * mfu
     rate_source = f"{devices} devices x {peak:.3g} FLOP/s ({where}) x MFU {mfu:g}"
+  cc = config.compile  # Buckets queued ahead as trainer._prefetch_upcoming does.
+  ahead = cc.ahead and max(cc.ahead, cc.threads)
+  costs = bucket_cost.Costs(compile_s_of, per_token, flops_per_s, cc.threads, ahead)
   options = bucket_cost.pad_options(schedule, config.pacing.multiple, config.pacing.seqlen_end,
-                                    compile_s_of, per_token, flops_per_s,
-                                    also=config.compile.pad_multiple)
-  current = next(o for o in options if o.pad_multiple == config.compile.pad_multiple)
+                                    costs, also=cc.pad_multiple)
+  current = next(o for o in options if o.pad_multiple == cc.pad_multiple)
   row = lambda o: dict(pad_multiple=o.pad_multiple, buckets=o.buckets,  # noqa: E731
                        compile_s=round(o.compile_s, 1), train_s=round(o.train_s, 1),
                        compile_share=round(o.compile_share, 5),
-                       padding_fraction=round(o.padding_fraction, 5))
-  return dict(assumptions=dict(compile_s=compile_source, rate=rate_source),
+                       padding_fraction=round(o.padding_fraction, 5),
+                       stall_s=round(o.stall_s, 1), stall_share=round(o.stall_share, 5))
+  background = (f"compile.threads={cc.threads} compile in the background, {ahead} buckets "
+                "ahead, beside training on the devices; stall_s is what the run waits for")
+  return dict(assumptions=dict(compile_s=compile_source, rate=rate_source, stall=background),
               configured=row(current), recommended=row(bucket_cost.recommend(options)),
               options=[row(o) for o in options])
 

@@ -172,17 +172,37 @@ def test_compile_estimate_recommends_padding_only_when_compiles_cost_over_1_perc
                                    measure=lambda config, devices: (lambda seqlen: 2.0, {}))
   assert measured["configured"]["compile_s"] == 256.0 and "tokens_per_s" in (
       measured["assumptions"]["rate"])
+  # Queued ahead, 2 s compiles mostly overlap training: the run waits before step 0 (2 s),
+  # and a little while the first buckets' steps are milliseconds long.
+  assert 2.0 <= measured["configured"]["stall_s"] < 0.02 * 256.0
+  assert "threads" in measured["assumptions"]["stall"]
 
 
 def test_bucket_costs_count_padding_exactly():
   from slw_jax import bucket_cost  # pylint: disable=g-import-not-at-top
   schedule = pacing.Schedule(np.array([8, 16, 24, 32]), np.array([2, 2, 2, 2]),
                              np.array([0, 16, 48, 96, 160]))
-  option = bucket_cost.pad_option(schedule, 16, 32, lambda seqlen: 10.0, lambda seqlen: 1.0,
-                                  1.0)
+  costs = bucket_cost.Costs(lambda seqlen: 10.0, lambda seqlen: 1.0, 1.0)
+  option = bucket_cost.pad_option(schedule, 16, 32, costs)
   assert option.buckets == 2 and option.compile_s == 20.0
   assert option.train_s == 2 * (16 + 16 + 32 + 32)  # Padded tokens at 1 FLOP each, 1 FLOP/s.
   assert option.padding_fraction == pytest.approx(1 - 160 / 192)
+  assert option.stall_s == 10.0  # Before step 0 only: the second bucket compiled meanwhile.
+
+
+@pytest.mark.parametrize("threads,ahead,stall", [(1, 2, 100 + 84 + 68), (2, 2, 100 + 84),
+                                                 (1, 0, 300), (4, 4, 100 + 84)])
+def test_compile_stall_follows_the_trainers_background_compiles(threads, ahead, stall):
+  """Four one-step buckets of 16, 32, 48 and 64 s, each compiling in 100 s: before step 0 the
+  first and the largest (last) compile side by side; then reaching bucket i queues the next
+  `ahead` on `threads` workers, and the run waits for any not ready when first needed
+  (`ahead` 0: compiled when needed)."""
+  from slw_jax import bucket_cost  # pylint: disable=g-import-not-at-top
+  schedule = pacing.Schedule(np.array([8, 16, 24, 32]), np.array([2, 2, 2, 2]),
+                             np.array([0, 16, 48, 96, 160]))
+  step_s = np.array([16.0, 32.0, 48.0, 64.0])
+  assert bucket_cost.compile_stall_s(schedule.buckets(), step_s, [100.0] * 4, threads,
+                                     ahead) == stall
 
 
 def test_measured_compile_seconds_compile_the_shortest_and_longest_bucket(monkeypatch):

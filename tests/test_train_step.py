@@ -237,10 +237,13 @@ def test_chunked_head_equals_the_whole_head(seqlen, pad):
 # ----- padded buckets ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,microbatches", [
-    ({}, 1), ({"model.remat": "block"}, 2), ({"model.scan_layers": True}, 4)])
+    ({}, 1), ({"model.remat": "block"}, 2), ({"model.scan_layers": True}, 4),
+    ({"model.dropout": 0.1}, 1),
+    ({"model.dropout": 0.1, "model.scan_layers": True, "model.remat": "block"}, 2)])
 def test_a_padded_bucket_trains_exactly_like_the_real_length(overrides, microbatches):
   """compile.pad_multiple: a length-20 batch right-padded to 32 (targets PAD_TARGET, inputs
-  token 0) gives the loss, gradient norm, Adam statistics and updates of the length-20 step."""
+  token 0) gives the loss, gradient norm, Adam statistics and updates of the length-20 step;
+  with dropout on, the real positions draw the same masks (models.PositionKeyedDropout)."""
   from slw_jax import trainer  # pylint: disable=g-import-not-at-top
   c = _microbatch_config(**overrides)
   optimizer = schedules.make_optimizer(c.optim)

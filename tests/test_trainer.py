@@ -58,6 +58,32 @@ class _StopAt(trainer.Trainer):
     return super()._finish_step(t, metrics)
 
 
+
+def test_a_second_run_takes_every_bucket_from_the_persistent_cache(make_config, tmp_path,
+                                                                    monkeypatch):
+  """The persistent compilation cache works across runs: a rerun of the same config compiles
+  none of its buckets again (JAX's cache-hit events count them). Every executable is cached
+  here, however fast it compiled (the trainer's threshold is 0.5 s)."""
+  enable = hardware.enable_compilation_cache
+
+  def enable_for_every_compile(cache_dir):
+    enable(cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  monkeypatch.setattr(hardware, "enable_compilation_cache", enable_for_every_compile)
+  c = make_config()
+  hits = []
+  count_hit = lambda event, **_: hits.append(event) if event.endswith("/cache_hits") else None
+  try:
+    trainer.Trainer(c, str(tmp_path / "first")).run()
+    jax.monitoring.register_event_listener(count_hit)
+    rerun = trainer.Trainer(c, str(tmp_path / "second"))
+    summary = rerun.run()
+  finally:
+    jax.monitoring.unregister_event_listener(count_hit)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  assert summary["completed"] and rerun.steps.num_compiled == len(rerun.schedule.buckets()) == 4
+  assert len(hits) >= rerun.steps.num_compiled
+
 def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
   c = make_config()
   reference = trainer.Trainer(c, str(tmp_path / "a"))
