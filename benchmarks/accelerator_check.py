@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -55,8 +54,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slw_jax import (compile_cache, config_lib, hardware, input_pipeline, models,  # noqa: E402
-                     tokenizers_lib, train_step)
+from slw_jax import (compile_cache, config_lib, hardware, models,  # noqa: E402
+                     train_step)
 
 TOKENS_PER_STEP = 65536  # Rows per length = this // seqlen: the same work at every length.
 # Per profile: the config of item 3, its lengths and rows (None: TOKENS_PER_STEP // seqlen),
@@ -69,9 +68,6 @@ SMOKE = {"config": os.path.join(REPO, "configs/tiny.py"), "seqlens": "32,64", "r
 WARMUP_STEPS = 2
 # Imported by none of this check's own code: TensorFlow and seqio are absent on the GPU machine.
 FORBIDDEN_MODULES = ("tensorflow", "seqio", "tensorflow_datasets")
-# seqio.ByteVocabulary, which `slw_jax.prepare` uses for data.vocab=byte: ids 0-2 are pad, eos,
-# unk, then the 256 bytes.
-BYTE_VOCAB = {"vocab_size": 259, "eos_id": 1, "pad_id": 0}
 
 
 def log(message: str):
@@ -285,39 +281,6 @@ def measure_lengths(args, peaks: dict, rows: list, record):
 
 # ----- 4. a tiny SLW run through the trainer -----------------------------------------------------
 
-def write_byte_corpus(d) -> dict:
-  """Writes `d.source` (pystdlib) with the byte vocabulary into `d.dir` in exactly the format
-  `slw_jax.prepare` writes and `slw_jax.input_pipeline` reads, without seqio/TensorFlow: per
-  split the documents' ids (UTF-8 byte + 3, as seqio.ByteVocabulary) each followed by the eos
-  id, as uint16, plus metadata.json with prepare's recipe fields. Returns the metadata."""
-  # prepare imports TensorFlow only inside its seqio functions; its document listing and
-  # validation split are plain Python, and reusing them keeps this corpus identical to its own.
-  from slw_jax import prepare  # pylint: disable=g-import-not-at-top
-  os.makedirs(d.dir, exist_ok=True)
-  reference = tokenizers_lib.make_tokenizer("byte")
-  splits = {}
-  for split in input_pipeline.SPLITS:
-    digest, tokens, documents = hashlib.sha256(), 0, 0
-    with open(os.path.join(d.dir, f"{split}.bin"), "wb") as f:
-      for text in prepare.split_documents(d, split):
-        ids = np.frombuffer(text.encode("utf-8", errors="ignore"), np.uint8).astype(np.uint16)
-        ids = np.append(ids + tokenizers_lib.BYTE_OFFSET, np.uint16(BYTE_VOCAB["eos_id"]))
-        if documents == 0 and ids[:-1].tolist() != reference.encode(text):
-          raise RuntimeError("byte ids disagree with slw_jax.tokenizers_lib's byte tokenizer")
-        data = ids.tobytes()
-        f.write(data)
-        digest.update(data)
-        tokens, documents = tokens + len(ids), documents + 1
-    splits[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": documents,
-                     "sha256": digest.hexdigest()}
-  # pylint: disable=protected-access
-  meta = dict(prepare._recipe(d), format=prepare.FORMAT_VERSION, dtype="uint16",
-              splits=splits, **BYTE_VOCAB)
-  with open(os.path.join(d.dir, input_pipeline.METADATA), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  return meta
-
-
 def read_losses(workdir: str) -> list[float]:
   """Training losses of metrics.jsonl in step order ("nan"/"inf" strings become floats)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -340,7 +303,9 @@ def tiny_run(args) -> dict:
         "compile.cache_dir": "", "checkpoint.every_steps": 10**9,
         "eval.every_steps": args.eval_every, "mesh.data": 1,
         "log.print_every_steps": max(1, args.train_steps // 4)}))
-    meta = write_byte_corpus(c.data)
+    # The byte vocabulary prepares without TensorFlow (which the GPU image lacks).
+    from slw_jax import prepare  # pylint: disable=g-import-not-at-top
+    meta = prepare.prepare(c, log=log, workers=1)
     log(f"tiny run: wrote {meta['splits']['train']['tokens']:,} train / "
         f"{meta['splits']['validation']['tokens']:,} validation byte tokens; training")
     summary = trainer.Trainer(c, workdir, jax.devices()[:1]).run()

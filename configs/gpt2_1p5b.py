@@ -7,7 +7,8 @@ from slw_jax import config_lib
 
 
 def get_config():
-  c = config_lib.base_config()
+  # No default corpus: pass data.source and data.vocab=gpt2:PATH (README: Real corpora).
+  c = config_lib.no_corpus_config(config_lib.base_config())
   c.batch_size = 512
   c.train_tokens = 157_286_400_000  # 300K steps x 512 x 1024.
   c.model.n_layer = 48

@@ -8,7 +8,8 @@ from slw_jax import config_lib
 
 
 def get_config():
-  c = config_lib.base_config()
+  # No default corpus: pass data.source and data.vocab=gpt2:PATH (README: Real corpora).
+  c = config_lib.no_corpus_config(config_lib.base_config())
   c.batch_size = 2048
   c.train_tokens = 30_000_000_000
   c.model.n_layer = 12

@@ -25,8 +25,9 @@ SCAN_LAYERS_FROM = 12  # model.scan_layers defaults to true from this many block
 DTYPES = ("float32", "bfloat16")
 DATA_MODES = ("truncate", "reshape")
 MONITOR_ACTIONS = ("log", "skip", "rollback")
-SOURCE_FORMS = "pystdlib, files:GLOB or tfds:NAME:VERSION (e.g. tfds:lm1b:1.1.0)"
-VOCAB_FORMS = "byte or spm:PATH"
+SOURCE_FORMS = ("pystdlib, files:GLOB, tfds:NAME:VERSION (e.g. tfds:lm1b:1.1.0) or "
+                "megatron:PATH_PREFIX (a Megatron .bin + .idx pair)")
+VOCAB_FORMS = "byte, spm:PATH or gpt2:PATH"
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -68,10 +69,10 @@ def base_config() -> config_dict.ConfigDict:
   b.allow_with_slw = False  # Permit batch warmup together with sequence length warmup.
 
   c.data = d = config_dict.ConfigDict()
-  d.source = "pystdlib"  # pystdlib | files:GLOB (.txt/.jsonl) | tfds:NAME:VERSION.
-  d.vocab = "byte"  # byte (seqio.ByteVocabulary) | spm:PATH (a SentencePiece .model file).
+  d.source = "pystdlib"  # pystdlib | files:GLOB (.txt/.jsonl) | tfds:NAME:VERSION | megatron:PREFIX.
+  d.vocab = "byte"  # byte (seqio's byte ids) | spm:PATH (SentencePiece) | gpt2:PATH (GPT-2 BPE).
   d.dir = config_dict.placeholder(str)  # Prepared data; default data/<source>_<vocab>.
-  d.val_fraction = 0.01  # Documents held out for validation (pystdlib and files sources).
+  d.val_fraction = 0.01  # Documents held out for validation (pystdlib, files, megatron).
   d.text_key = "text"  # Text field of .jsonl lines and TFDS examples.
   d.tfds_data_dir = config_dict.placeholder(str)  # TFDS data_dir (tfds sources).
   d.tfds_train_split = "train"  # TFDS split prepared as train.
@@ -306,14 +307,37 @@ def default_data_dir(d) -> str:
   return os.path.join("data", f"{source}_{vocab}")
 
 
+def no_corpus_config(config) -> config_dict.ConfigDict:
+  """`config` without a default corpus: `data.source` and `data.vocab` must be passed (the
+  paper configs: their 50257-id GPT-2 model needs GPT-2 BPE data, which no machine has
+  offline). Validation accepts it (plan needs no data); reading data asks for them."""
+  config.data.source = config_dict.placeholder(str)
+  config.data.vocab = config_dict.placeholder(str)
+  return config
+
+
+def corpus_missing(d) -> str | None:
+  """The one-line complaint about an unset data.source / data.vocab, or None."""
+  unset = [f"data.{k}" for k in ("source", "vocab") if d[k] is None]
+  if not unset:
+    return None
+  return (f"config.{' and config.'.join(unset)} {'is' if len(unset) == 1 else 'are'} unset: "
+          "this config has no default corpus; pass --config.data.source=files:GLOB (.txt/.jsonl "
+          "documents; or tfds:NAME:VERSION, megatron:PATH_PREFIX) and "
+          "--config.data.vocab=gpt2:PATH (GPT-2's tokenizer.json, or a directory with "
+          "vocab.json + merges.txt); README: Real corpora")
+
+
 def _validate_data(d, model):
-  kind, arg = split_spec(d.source, "pystdlib")
-  ok = (kind == "pystdlib" or (kind == "files" and arg) or
-        (kind == "tfds" and ":" in arg and all(arg.split(":"))))
-  _check(ok, "data.source", d.source, f"must be {SOURCE_FORMS}")
-  kind, arg = split_spec(d.vocab, "byte")
-  _check(kind == "byte" or (kind == "spm" and arg), "data.vocab", d.vocab,
-         f"must be {VOCAB_FORMS}")
+  if d.source is not None:
+    kind, arg = split_spec(d.source, "pystdlib")
+    ok = (kind == "pystdlib" or (kind in ("files", "megatron") and arg) or
+          (kind == "tfds" and ":" in arg and all(arg.split(":"))))
+    _check(ok, "data.source", d.source, f"must be {SOURCE_FORMS}")
+  if d.vocab is not None:
+    kind, arg = split_spec(d.vocab, "byte")
+    _check(kind == "byte" or (kind in ("spm", "gpt2") and arg), "data.vocab", d.vocab,
+           f"must be {VOCAB_FORMS}")
   _check(d.mode in DATA_MODES, "data.mode", d.mode, f"must be one of {', '.join(DATA_MODES)}")
   _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
   _check(_is_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", d.prefetch,
@@ -432,7 +456,7 @@ def _resolve_defaults(c: config_dict.ConfigDict):
     c.pacing.seqlen_end = c.model.max_seqlen
   if c.model.scan_layers is None:
     c.model.scan_layers = c.model.n_layer >= SCAN_LAYERS_FROM
-  if c.data.dir is None:
+  if c.data.dir is None and corpus_missing(c.data) is None:
     c.data.dir = default_data_dir(c.data)
   if c.eval.batch_size is None:
     c.eval.batch_size = c.batch_size

@@ -398,19 +398,22 @@ _USAGE = ("pass --from_hf=HF_DIR --workdir=OUT --config=CONFIG (import) or --to_
           "--workdir=RUN (export)")
 
 
-def _next_steps(argv, workdir: str, meta: dict, changed: dict) -> list[str]:
+def _next_steps(argv, workdir: str, meta: dict, changed: dict,
+                needs_source: bool = False) -> list[str]:
   """What to run after an import: evaluation, and training on with the model's shape."""
   lines = [f"evaluate: python -m slw_jax.evaluate --workdir={workdir} --task=lambada "
            f"--data=PATH" + ("" if meta["vocab"] else " --vocab=gpt2:PATH (no tokenizer files "
                              "came with the weights)")]
-  if meta["vocab"]:
-    lines.append("training on needs data in this GPT-2 tokenizer's ids, which slw_jax.prepare "
-                 "does not make (data.vocab is byte or spm)")
-  else:
-    overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
-    overrides += [f"--config.model.{k}={v}" for k, v in changed.items()]
-    lines.append(f"train on: python -m slw_jax.main --config={cli.config_path(argv)} "
-                 f"--workdir={workdir} {' '.join(overrides)}".rstrip())
+  overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
+  overrides += [f"--config.model.{k}={v}" for k, v in changed.items()]
+  if meta["vocab"]:  # Data in this tokenizer's ids (prepared with it: slw_jax.prepare).
+    tokenizer = os.path.join(os.path.abspath(workdir), meta["vocab"].partition(":")[2])
+    overrides = [a for a in overrides if not a.split("=")[0].endswith("config.data.vocab")]
+    overrides.append(f"--config.data.vocab=gpt2:{tokenizer}")
+  if needs_source:  # A paper config: no default corpus.
+    overrides.append("--config.data.source='files:YOUR_CORPUS/*.jsonl'")
+  lines.append(f"train on: python -m slw_jax.main --config={cli.config_path(argv)} "
+               f"--workdir={workdir} {' '.join(overrides)}".rstrip())
   return lines
 
 
@@ -432,7 +435,8 @@ def main(argv=None):
         raise cli.UsageError("--from_hf needs --config=CONFIG: the recipe the imported model "
                              "trains under (its shape comes from config.json)")
       meta = import_hf(_FROM_HF.value, cli.WORKDIR.value, c)
-      print("\n".join(_next_steps(argv, cli.WORKDIR.value, meta, changed)))
+      print("\n".join(_next_steps(argv, cli.WORKDIR.value, meta, changed,
+                                   needs_source=c.data.source is None)))
     else:
       if c is not None:
         raise cli.UsageError("--to_hf exports with the run's own config: drop --config")

@@ -29,7 +29,8 @@ from slw_jax import cli, reporting
 _TASK = flags.DEFINE_enum("task", None, ["val", "wikitext103", "lambada"], "What to evaluate.")
 _DATA = flags.DEFINE_string("data", None, "wikitext103: the raw test file (wiki.test.raw); "
                             "lambada: a JSONL file of {\"text\": ...}; val: a prepared data "
-                            "directory (default: the run's data.dir).")
+                            "directory (default: the run's data.dir, or the validation "
+                            "documents of its megatron: source).")
 _VOCAB = flags.DEFINE_string("vocab", None, "byte, spm:PATH or gpt2:PATH (default: the run's "
                              "data.vocab, or the tokenizer of an imported GPT-2).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
@@ -169,17 +170,37 @@ def make_scorer(graphdef, params, batch_size: int):
   return scorer
 
 
-def validation(c, data_dir: str, scorer) -> dict:
-  """Loss and perplexity over every full-length window of the validation split."""
-  from slw_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  tokens = input_pipeline.open_split(data_dir, "validation", c.data.verify_max_bytes)
+VAL_BATCHES_IN_FLIGHT = 2  # Dispatched ahead of the one being read back.
+
+
+def validation(c, data_dir: str | None, graphdef, params, batch_size: int) -> dict:
+  """Loss and perplexity over every full-length window of the validation split, streamed:
+  `batch_size` windows at a time are read from the memory-mapped split and reduced to a loss
+  sum on the device, so memory is set by the batch, never by the split. The last batch's rows
+  past the split's end are masked out (padded targets)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from slw_jax import input_pipeline, train_step  # pylint: disable=g-import-not-at-top
+  if data_dir is None and input_pipeline.is_megatron(c.data):
+    tokens = input_pipeline.open_megatron(c.data)[1]["validation"]
+  else:
+    tokens = input_pipeline.open_split(data_dir or c.data.dir, "validation",
+                                       c.data.verify_max_bytes)
   index = input_pipeline.WindowIndex(tokens, c.pacing.seqlen_end, c.seed, "validation")
-  # The trainer's validation windows (file order), all of them in one batch.
-  every = input_pipeline.validation_batch(index, 0, index.num_windows)
-  nll, _ = scorer(every.inputs, every.targets)
-  loss = float(nll.mean())
+  loss_sum = jax.jit(train_step.make_eval_step(graphdef))
+  sums, pending = [], collections.deque()
+  for number in range(-(-index.num_windows // batch_size)):
+    batch = input_pipeline.validation_batch(index, number, batch_size)  # The trainer's windows.
+    targets = batch.targets.copy()
+    targets[index.num_windows - number * batch_size:] = train_step.PAD_TARGET  # Wrapped rows.
+    pending.append(loss_sum(params, {"inputs": batch.inputs, "targets": targets}))
+    if len(pending) > VAL_BATCHES_IN_FLIGHT:
+      sums.append(jax.device_get(pending.popleft()))
+  sums += jax.device_get(list(pending))
+  total, count = (sum(float(part[i]) for part in sums) for i in (0, 1))
+  loss = total / count
   return {"loss": loss, "ppl": reporting.perplexity(loss), "windows": index.num_windows,
-          "tokens": int(nll.size)}
+          "tokens": int(count)}
 
 
 def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int | None,
@@ -200,7 +221,7 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
     if checkpoint.reads_other_ids(loaded.vocab, c.data.vocab):
       raise ValueError(f"--task=val scores data prepared with data.vocab={c.data.vocab!r}, but "
                        f"this model reads {loaded.vocab}: use --task=wikitext103 or lambada")
-    result = validation(c, data or c.data.dir, scorer)
+    result = validation(c, data, loaded.graphdef, loaded.params, batch_size)
   else:
     vocab = vocab or loaded.vocab
     if vocab is None:

@@ -1,4 +1,5 @@
-"""Training-path data loading: numpy memmaps of prepared token files (no TensorFlow here).
+"""Training-path data loading: numpy memmaps of prepared token files or of a Megatron `.bin`
+(no TensorFlow here).
 
 A prepared split is one flat token file (documents joined by the end-of-document token). It is
 indexed into windows of `seqlen_end + 1` tokens at offsets `i * seqlen_end`, shuffled by a seeded
@@ -23,10 +24,15 @@ import hashlib
 import json
 import os
 import queue
+import subprocess
+import sys
+import tempfile
 import threading
 from typing import Iterator
 
 import numpy as np
+
+from slw_jax import config_lib
 
 METADATA = "metadata.json"
 SPLITS = ("train", "validation")
@@ -89,10 +95,23 @@ def open_split(data_dir: str, split: str, verify_max_bytes: int = 2**31) -> np.n
   return np.memmap(path, dtype=dtype, mode="r")
 
 
+VOCAB_ROUNDING = 128  # A model may define up to its data's vocabulary rounded up to this.
+
+
 def check_vocab(meta: dict, model_vocab_size: int, data_dir: str):
-  if meta["vocab_size"] > model_vocab_size:
+  """The model must define every id of the data's vocabulary, and not many more: a model of
+  another vocabulary (GPT-2's 50257 on byte data) would train on a corpus it was not meant for.
+  It may define the data's size rounded up to VOCAB_ROUNDING (nanoGPT's 50304)."""
+  ids = meta["vocab_size"]
+  if ids > model_vocab_size:
     raise CorpusError(f"config.model.vocab_size={model_vocab_size} is too small for the data in "
-                      f"{data_dir}: its vocabulary ({meta['vocab']}) has {meta['vocab_size']} ids")
+                      f"{data_dir}: its vocabulary ({meta['vocab']}) has {ids} ids")
+  largest = -(-ids // VOCAB_ROUNDING) * VOCAB_ROUNDING
+  if model_vocab_size > largest:
+    raise CorpusError(f"config.model.vocab_size={model_vocab_size} does not match the data in "
+                      f"{data_dir}: its vocabulary ({meta['vocab']}) has {ids} ids (allowed: "
+                      f"{ids} to {largest}); prepare data with the model's tokenizer, e.g. "
+                      "--config.data.vocab=gpt2:PATH for GPT-2's 50257")
 
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -104,8 +123,57 @@ def local_rows(batch_size: int, process_index: int, process_count: int) -> np.nd
   return np.arange(process_index * per_process, (process_index + 1) * per_process)
 
 
+# ----- the data order: a keyed permutation of windows per epoch ---------------------------------
+# Each epoch visits every window once, in an order that is a pure function of (seed, epoch,
+# slot) computed with our own integer arithmetic (so it is the same on every numpy version and
+# host) in memory proportional to the batch, not the corpus. The permutation is a balanced
+# Feistel network over the 2^(2h) >= n smallest even power of two, with SplitMix64's finalizer
+# as round function, made a permutation of [0, n) by cycle walking (values >= n are permuted
+# again until they land below n). Earlier releases drew numpy permutations: their data order
+# differs from this one (DATA_ORDER names it in every checkpoint).
+
+DATA_ORDER = "feistel-splitmix64-v1"
+FEISTEL_ROUNDS = 6
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+  """SplitMix64's finalizer on a Python int (the round keys)."""
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+  return x ^ (x >> 31)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+  """The same finalizer on uint64 arrays (numpy's uint64 multiply wraps modulo 2^64)."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def keyed_permutation(slots: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+  """The window at each slot of epoch `epoch`: a bijection of [0, n) keyed by (seed, epoch)."""
+  half = max(1, ((n - 1).bit_length() + 1) // 2)  # 2^(2 * half) >= n.
+  mask = np.uint64((1 << half) - 1)
+  base = _splitmix64((seed & _MASK64) ^ _splitmix64(epoch & _MASK64))
+  keys = [np.uint64(_splitmix64(base + r)) for r in range(FEISTEL_ROUNDS)]
+
+  def feistel(x):
+    left, right = x >> np.uint64(half), x & mask
+    for key in keys:
+      left, right = right, left ^ (_splitmix64_array(right ^ key) & mask)
+    return (left << np.uint64(half)) | right
+
+  out = feistel(np.asarray(slots, np.uint64))
+  outside = out >= n
+  while outside.any():  # Cycle walking: each value's cycle returns into [0, n).
+    out[outside] = feistel(out[outside])
+    outside = out >= n
+  return out.astype(np.int64)
+
+
 class WindowIndex:
-  """Shuffled windows of `seqlen_end + 1` tokens over one token array; new order every epoch."""
+  """Windows of `seqlen_end + 1` tokens over one token array, in a new order every epoch."""
 
   def __init__(self, tokens: np.ndarray, seqlen_end: int, seed: int, split: str = "train"):
     self.tokens, self.seqlen_end, self.seed = tokens, seqlen_end, seed
@@ -113,24 +181,14 @@ class WindowIndex:
     if self.num_windows < 1:
       raise CorpusError(f"the {split!r} split has {len(tokens)} tokens: too few for one window "
                         f"of pacing.seqlen_end + 1 = {seqlen_end + 1} tokens")
-    self._permutations: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      if epoch not in self._permutations:
-        rng = np.random.default_rng([self.seed, epoch])
-        self._permutations = {e: p for e, p in self._permutations.items() if e >= epoch - 1}
-        self._permutations[epoch] = rng.permutation(self.num_windows)
-      return self._permutations[epoch]
 
   def window_starts(self, windows: np.ndarray) -> np.ndarray:
     """Token offset of each global window index (epochs laid end to end)."""
-    epochs, slots = np.divmod(windows, self.num_windows)
-    starts = np.empty_like(windows)
+    epochs, slots = np.divmod(np.asarray(windows, np.int64), self.num_windows)
+    starts = np.empty_like(slots)
     for epoch in np.unique(epochs):
       here = epochs == epoch
-      starts[here] = self._permutation(int(epoch))[slots[here]]
+      starts[here] = keyed_permutation(slots[here], self.num_windows, self.seed, int(epoch))
     return starts * self.seqlen_end
 
   def gather(self, input_index: np.ndarray) -> Batch:
@@ -144,7 +202,7 @@ def loader_state(position: int, mode: str, seed: int, seqlen_end: int, epoch: in
   """The JSON record of a loader's position (`Loader.state`); `loader_state(0, c.data.mode,
   c.seed, c.pacing.seqlen_end, 0)` is a run's start, before any data is opened."""
   return {"position": int(position), "mode": mode, "seed": int(seed),
-          "seqlen_end": int(seqlen_end), "epoch": int(epoch)}
+          "seqlen_end": int(seqlen_end), "epoch": int(epoch), "order": DATA_ORDER}
 
 
 class Loader:
@@ -191,14 +249,24 @@ class Loader:
       return self.position
     return self.position // self.index.seqlen_end
 
-  def restore(self, state: dict):
-    """Continues from `state()`; refuses a state saved under a different data order."""
+  def restore(self, state: dict) -> str | None:
+    """Continues from `state()`; refuses a state saved under a different data order. A state
+    from before DATA_ORDER (numpy permutations) continues at its position in this order: the
+    returned note says so (the rest of that epoch may repeat or skip windows)."""
     for key in ("mode", "seed", "seqlen_end"):
       mine = self.state()[key]
       if state.get(key) != mine:
         raise CorpusError(f"checkpointed loader {key}={state.get(key)!r} differs from this run's "
                           f"{mine!r}: resuming would change the data order")
+    order = state.get("order")
+    if order is not None and order != DATA_ORDER:
+      raise CorpusError(f"checkpointed loader order={order!r} is unknown to this release "
+                        f"({DATA_ORDER!r}): resume with the release that wrote it")
     self.position = int(state["position"])
+    if order is None:
+      return (f"the checkpoint's data order is an earlier release's (numpy permutations): the "
+              f"run continues at position {self.position:,} in this release's {DATA_ORDER} order")
+    return None
 
   def prefetch(self, shapes: Iterator[tuple[int, int]], depth: int) -> Iterator[Batch]:
     """Yields the batches of the (batch_size, seqlen) `shapes` in order, `depth` ahead.
@@ -259,18 +327,50 @@ def validation_batch(index: WindowIndex, number: int, batch_size: int, process_i
   return index.gather(starts[:, None] + np.arange(index.seqlen_end)[None, :])
 
 
+def require_corpus(d):
+  """CorpusError when the config names no corpus (the paper configs have none by default)."""
+  missing = config_lib.corpus_missing(d)
+  if missing:
+    raise CorpusError(missing)
+
+
 def ensure_prepared(c, log=print) -> dict:
-  """Metadata of `c.data.dir`, preparing it first (seqio; needs TensorFlow) when missing."""
+  """Metadata of `c.data.dir`, preparing it first when missing (in a child process)."""
   if not os.path.isfile(os.path.join(c.data.dir, METADATA)):
     log(f"{c.data.dir} is not prepared yet: preparing it now")
-    try:
-      from slw_jax import prepare  # pylint: disable=g-import-not-at-top
-    except ImportError as error:
-      raise CorpusError(f"data.dir={c.data.dir!r} is not prepared and preparing needs the data "
-                        f"packages of requirements.txt ({error}): run python -m slw_jax.prepare "
-                        "where they are installed and copy the directory here") from None
-    prepare.prepare(c, log=log)
+    prepare_in_child(c.data, log)
   return read_metadata(c.data.dir)
+
+
+def prepare_in_child(data, log=print):
+  """Runs `slw_jax.prepare` on the config's `data` section in a child process, which sees no
+  GPU. Preparation may import TensorFlow (TFDS sources), which must never enter a process that
+  trains: it would claim accelerator memory and threads. The child's lines are passed to `log`;
+  its one-line error becomes a CorpusError here."""
+  fd, path = tempfile.mkstemp(prefix="slw-data-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(data.to_dict(), f)
+  package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+  # Unbuffered: the child's progress lines arrive as they are printed, not at its exit.
+  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu",
+         "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
+  lines = []
+  try:
+    with subprocess.Popen([sys.executable, "-m", "slw_jax.prepare", f"--data_json={path}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", env=env) as child:
+      for line in child.stdout:
+        lines.append(line.rstrip("\n"))
+        if not lines[-1].startswith("error: "):
+          log(lines[-1])
+  finally:
+    os.remove(path)
+  if child.returncode:
+    errors = [l[len("error: "):] for l in lines if l.startswith("error: ")]
+    raise CorpusError(errors[-1] if errors else (
+        f"preparing data.dir={data.dir!r} failed in its child process (exit status "
+        f"{child.returncode}): {lines[-1] if lines else 'no output'}"))
 
 
 def check_prepared_here(data_dir: str, process_index: int):
@@ -281,16 +381,41 @@ def check_prepared_here(data_dir: str, process_index: int):
                       "prepare it on every host")
 
 
+def is_megatron(d) -> bool:
+  """Whether `data.source` is a Megatron .bin/.idx pair (read as is: nothing to prepare)."""
+  return d.source is not None and d.source.startswith("megatron:")
+
+
+def open_megatron(d) -> tuple[dict, dict[str, np.ndarray]]:
+  """(vocabulary facts, {split: tokens}) of a `megatron:PREFIX` source."""
+  from slw_jax import megatron_data, tokenizers_lib  # pylint: disable=g-import-not-at-top
+  try:
+    splits = megatron_data.open_splits(d.source.split(":", 1)[1], d.val_fraction)
+    vocab_size = tokenizers_lib.make_tokenizer(d.vocab).vocab_size
+    megatron_data.check_ids(splits, vocab_size, d.source.split(":", 1)[1], d.vocab)
+  except ValueError as error:  # MegatronDataError, or the tokenizer's files.
+    raise CorpusError(f"config.data.source={d.source!r}: {error}") from None
+  return {"vocab": d.vocab, "vocab_size": vocab_size}, splits
+
+
+def open_token_splits(c, log=print) -> tuple[dict, dict[str, np.ndarray]]:
+  """(metadata, {split: token array}) of the config's data: a Megatron pair as is, or the
+  prepared `data.dir` (prepared first, in a child process, when missing)."""
+  require_corpus(c.data)
+  if is_megatron(c.data):
+    return open_megatron(c.data)
+  meta = ensure_prepared(c, log=log)
+  return meta, {s: open_split(c.data.dir, s, c.data.verify_max_bytes) for s in SPLITS}
+
+
 def open_training_data(c, process_index: int = 0, process_count: int = 1,
                        log=print) -> tuple[Loader, WindowIndex]:
   """The train loader and validation windows of a validated config, checked before training."""
-  meta = ensure_prepared(c, log=log)
-  check_vocab(meta, c.model.vocab_size, c.data.dir)
+  meta, tokens = open_token_splits(c, log)
+  check_vocab(meta, c.model.vocab_size, c.data.source if is_megatron(c.data) else c.data.dir)
   seqlen_end = c.pacing.seqlen_end
-  train = WindowIndex(open_split(c.data.dir, "train", c.data.verify_max_bytes), seqlen_end,
-                      c.seed, "train")
-  validation = WindowIndex(open_split(c.data.dir, "validation", c.data.verify_max_bytes),
-                           seqlen_end, c.seed, "validation")
+  train = WindowIndex(tokens["train"], seqlen_end, c.seed, "train")
+  validation = WindowIndex(tokens["validation"], seqlen_end, c.seed, "validation")
   loader = Loader(train, c.data.mode, process_index, process_count)
   loader.check_batch_fits(c.batch_size)
   local_rows(c.batch_size, process_index, process_count)  # Raises when rows do not divide.

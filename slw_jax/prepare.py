@@ -1,16 +1,27 @@
-"""`python -m slw_jax.prepare --config=configs/X.py [--config.data.dir=DIR] [--force]`
+"""`python -m slw_jax.prepare --config=configs/X.py [--config.data.dir=DIR] [--workers=N]
+[--memory_mb=MB] [--force]`
 
-Tokenizes the config's `data.source` with `data.vocab` through a seqio Task, once, into
-`data.dir`: one flat token file per split (documents joined by the end-of-document id; uint16
-when the vocabulary fits, else uint32) and `metadata.json` (source, vocabulary and its size,
-tokens and documents per split, sha256 of each token file). This is the only module that
-imports TensorFlow (through seqio); the trainer reads the output with numpy.
+Tokenizes the config's `data.source` with `data.vocab` once, into `data.dir`: one flat token
+file per split (documents joined by the end-of-document id; uint16 when the vocabulary fits,
+else uint32) and `metadata.json` (source, vocabulary and its size, tokens and documents per
+split, sha256 of each token file).
+
+Vocabularies (slw_jax.tokenizers_lib, the tokenizer code evaluate and convert use too): `byte`
+and `spm:PATH` (the ids of seqio's ByteVocabulary and SentencePieceVocabulary) and `gpt2:PATH`
+(GPT-2's BPE from a local tokenizer.json or vocab.json + merges.txt; end of document
+`<|endoftext|>`).
 
 Sources: `pystdlib` (the running interpreter's standard library source, skipping test/ and
 site-packages/: real text present offline everywhere), `files:GLOB` (.txt files are one document
 each; .jsonl lines are documents with a `data.text_key` field), `tfds:NAME` (any TFDS dataset
-under `data.tfds_data_dir`). For pystdlib and files, a document is held out for validation by a
-hash of its name, so the split is deterministic and no document is in both.
+under `data.tfds_data_dir`; the only source that imports TensorFlow). For pystdlib and files, a
+document is held out for validation by a hash of its name, so the split is deterministic and no
+document is in both.
+
+Documents are read once, in order, and tokenized by `--workers` processes (default: every core
+this process may use) in batches sized so that about `--memory_mb` is in flight
+(slw_jax.parallel_encode): the output bytes do not depend on either flag. Progress (documents,
+MB, tokens/s, ETA) is logged every PROGRESS_EVERY_S seconds.
 """
 
 from __future__ import annotations
@@ -24,16 +35,25 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import time
 from typing import Iterator
 
 from absl import flags
 
-from slw_jax import cli, config_lib
+from slw_jax import cli, config_lib, input_pipeline, parallel_encode, tokenizers_lib
 from slw_jax.input_pipeline import METADATA, SPLITS, CorpusError, read_metadata
 
 _FORCE = flags.DEFINE_bool("force", False, "Prepare again even if data.dir is already prepared.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Tokenizer processes (default: every core this "
+                                "process may use).")
+_DATA_JSON = flags.DEFINE_string("data_json", None, "Instead of --config: a JSON file of a "
+                                 "config's data section (the trainer prepares this way).")
+_MEMORY_MB = flags.DEFINE_integer("memory_mb", 1024, "About how much memory the documents in "
+                                  "flight may take (MB); the corpus size does not matter.")
 
 FORMAT_VERSION = 1
+PROGRESS_EVERY_S = 30.0
+MIN_MEMORY_MB = 16
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -58,21 +78,29 @@ def _read_text(path: str) -> str:
     return f.read()
 
 
-def _named_documents(d) -> Iterator[tuple[str, str]]:
-  """(name, text) of every document of a pystdlib or files source, in a fixed order."""
+def _named_documents(d, on_read=None) -> Iterator[tuple[str, parallel_encode.Document]]:
+  """(name, document) of every document of a pystdlib or files source, in a fixed order: a
+  text, or an undecoded .jsonl line; `on_read(nbytes)` is told the bytes read (progress)."""
+  on_read = on_read or (lambda nbytes: None)
   kind, pattern = config_lib.split_spec(d.source, "pystdlib")
   if kind == "pystdlib":
     root = sysconfig.get_paths()["stdlib"]
     for path in stdlib_files():
       yield os.path.relpath(path, root), _read_text(path)
+      on_read(os.path.getsize(path))
     return
   base = _glob_base(pattern)
-  for path in sorted(glob.glob(pattern, recursive=True)):
+  for path in _source_files(pattern):
     name = os.path.relpath(path, base)  # Where the corpus lives must not change the split.
     if path.endswith(".jsonl"):
-      yield from _jsonl_documents(path, name, d.text_key)
-    elif path.endswith(".txt"):
+      yield from _jsonl_documents(path, name, d.text_key, on_read)
+    else:
       yield name, _read_text(path)
+      on_read(os.path.getsize(path))
+
+
+def _source_files(pattern: str) -> list[str]:
+  return [p for p in sorted(glob.glob(pattern, recursive=True)) if p.endswith((".txt", ".jsonl"))]
 
 
 def _glob_base(pattern: str) -> str:
@@ -82,108 +110,147 @@ def _glob_base(pattern: str) -> str:
   return os.sep.join(fixed[:len(parts) - 1]) or "."
 
 
-def _jsonl_documents(path: str, name: str, text_key: str) -> Iterator[tuple[str, str]]:
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise CorpusError(f"{path}:{number} is not valid JSON ({error.msg})") from None
-      if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-        raise CorpusError(f"{path}:{number} has no string field data.text_key={text_key!r}")
-      yield f"{name}:{number}", record[text_key]
+def _jsonl_documents(path: str, name: str, text_key: str, on_read
+                     ) -> Iterator[tuple[str, parallel_encode.JsonLine]]:
+  """(name, undecoded line) of every non-blank line: the tokenizer workers decode them."""
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      on_read(len(raw))
+      if raw.strip():
+        yield f"{name}:{number}", parallel_encode.JsonLine(path, number, raw, text_key)
 
 
 def split_documents(d, split: str) -> Iterator[str]:
-  """Texts of one split of a pystdlib or files source."""
-  held_out = split == "validation"
-  for name, text in _named_documents(d):
-    if text and is_validation(name, d.val_fraction) == held_out:
-      yield text
+  """Texts of one split of the source (non-empty, decoded)."""
+  texts = (parallel_encode.document_text(doc) for tag, doc in tagged_documents(d) if tag == split)
+  return (text for text in texts if text)
+
+
+def tagged_documents(d, on_read=None) -> Iterator[tuple[str, parallel_encode.Document]]:
+  """(split, document) of the source in a fixed order, read once: texts, or undecoded .jsonl
+  lines (parallel_encode.JsonLine). Empty texts are dropped here or by the workers."""
+  kind, _ = config_lib.split_spec(d.source, "pystdlib")
+  if kind == "tfds":
+    for split, tfds_split in (("train", d.tfds_train_split), ("validation", d.tfds_val_split)):
+      yield from ((split, text) for text in _tfds_texts(d, tfds_split, on_read))
+    return
+  for name, document in _named_documents(d, on_read):
+    if document:
+      yield ("validation" if is_validation(name, d.val_fraction) else "train"), document
 
 
 def check_source(d):
-  """CorpusError when a pystdlib or files source has no text or a malformed document.
+  """CorpusError when a files source matches no .txt or .jsonl file, or the source is a
+  Megatron pair (nothing to prepare). (A source whose documents
+  are all empty, or a malformed line, is reported when reached: reading a 40 GB corpus twice
+  to find it first would double the work.)"""
+  kind, pattern = config_lib.split_spec(d.source, "pystdlib")
+  if kind == "megatron":
+    raise CorpusError(f"config.data.source={d.source!r} is read as is: there is nothing to "
+                      "prepare (train with it directly)")
+  if kind == "files" and not _source_files(pattern):
+    raise CorpusError(f"config.data.source={d.source!r} matches no .txt or .jsonl file")
 
-  Reads every document once, before TensorFlow is involved, so that a bad line is reported
-  as itself rather than wrapped in a tf.data error.
-  """
+
+def source_bytes(d) -> int | None:
+  """Bytes the source will read (for the ETA); None when unknown (TFDS)."""
   kind, pattern = config_lib.split_spec(d.source, "pystdlib")
   if kind == "tfds":
-    return
-  if kind == "files" and not any(p.endswith((".txt", ".jsonl"))
-                                 for p in glob.glob(pattern, recursive=True)):
-    raise CorpusError(f"config.data.source={d.source!r} matches no .txt or .jsonl file")
-  non_empty = sum(1 for _, text in _named_documents(d) if text.strip())
-  if not non_empty:
-    raise CorpusError(f"config.data.source={d.source!r} has no text: every document is empty")
+    return None
+  paths = stdlib_files() if kind == "pystdlib" else _source_files(pattern)
+  return sum(os.path.getsize(p) for p in paths)
 
 
-def make_vocabulary(d):
-  """seqio vocabulary of `data.vocab`: ByteVocabulary or SentencePieceVocabulary."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  kind, path = config_lib.split_spec(d.vocab, "byte")
-  if kind == "byte":
-    return seqio.ByteVocabulary()
-  if not os.path.isfile(path):
-    raise CorpusError(f"config.data.vocab={d.vocab!r} is invalid: no SentencePiece model at "
-                      f"{path} (train one with python -m slw_jax.prepare --train_spm=PATH)")
-  return seqio.SentencePieceVocabulary(path)
+def make_tokenizer(d) -> tokenizers_lib.Tokenizer:
+  """The tokenizer of `data.vocab`, or a one-line CorpusError naming it and the problem."""
+  try:
+    tokenizer = tokenizers_lib.make_tokenizer(d.vocab)
+  except ValueError as error:
+    hint = (" (train one with python -m slw_jax.prepare --train_spm=PATH)"
+            if d.vocab.startswith("spm:") and "does not exist" in str(error) else "")
+    reason = str(error).removeprefix(f"vocabulary {d.vocab} ")
+    raise CorpusError(f"config.data.vocab={d.vocab!r} is invalid: {reason}{hint}") from None
+  if tokenizer.eos_id is None:
+    raise CorpusError(f"config.data.vocab={d.vocab!r} is invalid: it has no "
+                      f"{tokenizers_lib.GPT2_EOS} token to end each document with")
+  return tokenizer
 
 
-def make_task(d, vocabulary):
-  """A seqio Task that yields {'text': token ids + end-of-document} per document."""
-  import functools  # pylint: disable=g-import-not-at-top
-  import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  kind, arg = config_lib.split_spec(d.source, "pystdlib")
-  preprocessors = []
-  if kind == "tfds":
-    splits = {"train": d.tfds_train_split, "validation": d.tfds_val_split}
-    source = seqio.TfdsDataSource(tfds_name=arg, tfds_data_dir=d.tfds_data_dir, splits=splits)
-    preprocessors.append(functools.partial(seqio.preprocessors.rekey,
-                                           key_map={"text": d.text_key}))
-  else:
-    def dataset_fn(split, shuffle_files, seed=None):
-      del shuffle_files, seed  # Order is fixed: the loader shuffles windows instead.
-      texts = tf.data.Dataset.from_generator(lambda: split_documents(d, split),
-                                             output_signature=tf.TensorSpec((), tf.string))
-      return texts.map(lambda text: {"text": text})
-    source = seqio.FunctionDataSource(dataset_fn, splits=SPLITS)
-  preprocessors += [functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-                    seqio.preprocessors.append_eos]
-  name = "slw_" + os.path.basename(d.dir).replace("-", "_")
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  features = {"text": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)}
-  return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
-                                output_features=features)
+class Progress:
+  """Documents, source MB, tokens, rates and an ETA, logged every `every_s` seconds."""
+
+  def __init__(self, total_bytes: int | None, log, every_s: float = PROGRESS_EVERY_S,
+               clock=time.monotonic):
+    self.total_bytes, self.log, self.every_s, self.clock = total_bytes, log, every_s, clock
+    self.start = self.last = clock()
+    self.bytes_read = self.documents = self.tokens = 0
+
+  def read(self, nbytes: int):
+    self.bytes_read += nbytes
+
+  def wrote(self, documents: int, tokens: int):
+    self.documents += documents
+    self.tokens += tokens
+    if self.clock() - self.last >= self.every_s:
+      self.last = self.clock()
+      self.log(self.line())
+
+  def line(self) -> str:
+    seconds = max(self.clock() - self.start, 1e-9)
+    rate = self.bytes_read / seconds
+    eta = ""
+    if self.total_bytes and rate > 0:
+      eta = f", ETA {max(self.total_bytes - self.bytes_read, 0) / rate / 60:.1f} min"
+    done = f" of {self.total_bytes / 2**20:,.1f}" if self.total_bytes else ""
+    return (f"prepare: {self.documents:,} documents, {self.bytes_read / 2**20:,.1f}{done} MB, "
+            f"{self.tokens:,} tokens, {rate / 2**20:.2f} MB/s, {self.tokens / seconds:,.0f} "
+            f"tokens/s{eta}")
 
 
-def _write_split(task, split: str, path: str, dtype: str) -> dict:
-  """Streams one split's token ids into `path`; returns its metadata entry."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                             use_cached=False, try_in_mem_cache=False)
-  digest, tokens, documents = hashlib.sha256(), 0, 0
-  with open(path, "wb") as f:
-    for example in dataset.as_numpy_iterator():
-      data = np.asarray(example["text"]).astype(dtype).tobytes()
-      f.write(data)
-      digest.update(data)
-      tokens += len(example["text"])
-      documents += 1
-  return {"file": os.path.basename(path), "tokens": tokens, "documents": documents,
-          "sha256": digest.hexdigest()}
+def default_workers() -> int:
+  """Every core this process may use."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
+def _check_flags(workers: int, memory_mb: int):
+  if not (isinstance(workers, int) and workers >= 1):
+    raise cli.UsageError(f"--workers={workers} is invalid: must be an integer >= 1")
+  if not (isinstance(memory_mb, int) and memory_mb >= MIN_MEMORY_MB):
+    raise cli.UsageError(f"--memory_mb={memory_mb} is invalid: must be an integer >= "
+                         f"{MIN_MEMORY_MB}")
+
+
+def _write_splits(d, tokenizer, staging: str, dtype: str, workers: int, memory_mb: int,
+                  log) -> dict:
+  """Tokenizes the source into `staging`/<split>.bin; returns each split's metadata entry."""
+  progress = Progress(source_bytes(d), log)
+  files = {s: open(os.path.join(staging, f"{s}.bin"), "wb") for s in SPLITS}
+  digests = {s: hashlib.sha256() for s in SPLITS}
+  counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
+  try:
+    batches = parallel_encode.batches(tagged_documents(d, progress.read),
+                                      parallel_encode.batch_chars(memory_mb, workers))
+    for split, documents, data, tokens in parallel_encode.encode_batches(
+        batches, d.vocab, dtype, workers):
+      files[split].write(data)
+      digests[split].update(data)
+      counts[split]["tokens"] += tokens
+      counts[split]["documents"] += documents
+      progress.wrote(documents, tokens)
+  finally:
+    for f in files.values():
+      f.close()
+  log(progress.line())
+  return {s: {"file": f"{s}.bin", **counts[s], "sha256": digests[s].hexdigest()} for s in SPLITS}
 
 
 def _recipe(d) -> dict:
   """What determines the prepared bytes (compared to decide whether to prepare again)."""
-  kind, path = config_lib.split_spec(d.vocab, "byte")
   recipe = {"source": d.source, "vocab": d.vocab, "text_key": d.text_key,
-            "vocab_sha256": None if kind == "byte" else _sha256_or_none(path)}
+            "vocab_sha256": _vocab_sha256(d.vocab)}
   if d.source.startswith("tfds:"):
     recipe.update(tfds_train_split=d.tfds_train_split, tfds_val_split=d.tfds_val_split)
   else:
@@ -191,8 +258,19 @@ def _recipe(d) -> dict:
   return recipe
 
 
-def _sha256_or_none(path: str):
-  return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else None
+def _vocab_sha256(spec: str):
+  """sha256 of the vocabulary's file (of both files' bytes, for vocab.json + merges.txt)."""
+  try:
+    paths = tokenizers_lib.vocab_files(spec)
+  except ValueError:
+    return None  # Missing files: make_tokenizer reports them.
+  if not paths or not all(os.path.isfile(p) for p in paths):
+    return None
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  return digest.hexdigest()
 
 
 def _replace_dir(new: str, target: str):
@@ -206,36 +284,44 @@ def _replace_dir(new: str, target: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare(c, force: bool = False, log=print) -> dict:
+def _already_prepared(d, recipe: dict, force: bool, log):
+  """The metadata when `d.dir` holds this recipe already; CorpusError when it holds another."""
+  if not os.path.isfile(os.path.join(d.dir, METADATA)) or force:
+    return None
+  meta = read_metadata(d.dir)
+  if {k: meta.get(k) for k in recipe} == recipe:
+    log(f"data already prepared in {d.dir} ({meta['splits']['train']['tokens']:,} train tokens)")
+    return meta
+  key = next(k for k in recipe if meta.get(k) != recipe[k])
+  raise CorpusError(f"config.data.dir={d.dir!r} already holds data prepared with {key}="
+                    f"{meta.get(key)!r}, not {recipe[key]!r}: choose another data.dir or pass "
+                    "--force to replace it")
+
+
+def prepare(c, force: bool = False, log=print, workers: int | None = None,
+            memory_mb: int = 1024) -> dict:
   """Prepares `c.data` into `c.data.dir` unless it already holds the same recipe."""
   d = c.data
+  input_pipeline.require_corpus(d)
+  workers = default_workers() if workers is None else workers
+  _check_flags(workers, memory_mb)
   recipe = _recipe(d)
-  if os.path.isfile(os.path.join(d.dir, METADATA)) and not force:
-    meta = read_metadata(d.dir)
-    if {k: meta.get(k) for k in recipe} == recipe:
-      log(f"data already prepared in {d.dir} ({meta['splits']['train']['tokens']:,} train tokens)")
-      return meta
-    key = next(k for k in recipe if meta.get(k) != recipe[k])
-    raise CorpusError(f"config.data.dir={d.dir!r} already holds data prepared with {key}="
-                      f"{meta.get(key)!r}, not {recipe[key]!r}: choose another data.dir or pass "
-                      "--force to replace it")
+  meta = _already_prepared(d, recipe, force, log)
+  if meta is not None:
+    return meta
   check_source(d)
-  log(f"preparing {d.source} with vocab {d.vocab} into {d.dir} ...")
-  vocabulary = make_vocabulary(d)
-  task = make_task(d, vocabulary)
-  dtype = "uint16" if vocabulary.vocab_size <= 2**16 else "uint32"
+  tokenizer = make_tokenizer(d)  # Bad vocabulary files fail here, before any work.
+  log(f"preparing {d.source} with vocab {d.vocab} into {d.dir} ({workers} workers) ...")
+  dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
   parent = os.path.dirname(os.path.abspath(d.dir))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
   os.chmod(staging, 0o755)  # mkdtemp makes it private; prepared data is for every user.
   try:
-    splits = {s: _write_split(task, s, os.path.join(staging, f"{s}.bin"), dtype) for s in SPLITS}
-    for split, info in splits.items():
-      if info["tokens"] == 0:
-        raise CorpusError(f"the {split!r} split of config.data.source={d.source!r} is empty "
-                          "(for pystdlib/files sources raise data.val_fraction or add documents)")
-    meta = dict(recipe, format=FORMAT_VERSION, vocab_size=vocabulary.vocab_size,
-                eos_id=vocabulary.eos_id, pad_id=vocabulary.pad_id, dtype=dtype, splits=splits)
+    splits = _write_splits(d, tokenizer, staging, dtype, workers, memory_mb, log)
+    _check_splits(d, splits)
+    meta = dict(recipe, format=FORMAT_VERSION, vocab_size=tokenizer.vocab_size,
+                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, dtype=dtype, splits=splits)
     with open(os.path.join(staging, METADATA), "w") as f:
       json.dump(meta, f, indent=1, sort_keys=True)
     _replace_dir(staging, d.dir)
@@ -245,6 +331,15 @@ def prepare(c, force: bool = False, log=print) -> dict:
   log(f"prepared {d.dir}: " + ", ".join(f"{s} {i['tokens']:,} tokens / {i['documents']:,} docs"
                                          for s, i in splits.items()))
   return meta
+
+
+def _check_splits(d, splits: dict):
+  if not any(info["documents"] for info in splits.values()):
+    raise CorpusError(f"config.data.source={d.source!r} has no text: every document is empty")
+  for split, info in splits.items():
+    if info["tokens"] == 0:
+      raise CorpusError(f"the {split!r} split of config.data.source={d.source!r} is empty "
+                        "(for pystdlib/files sources raise data.val_fraction or add documents)")
 
 
 def train_sentencepiece(d, out_path: str, vocab_size: int, model_type: str = "unigram",
@@ -259,11 +354,9 @@ def train_sentencepiece(d, out_path: str, vocab_size: int, model_type: str = "un
   if vocab_size < 260:
     raise CorpusError(f"--spm_vocab_size={vocab_size} is invalid: must be >= 260 (256 byte "
                       "pieces + pad, eos, unk + at least one more)")
+  input_pipeline.require_corpus(d)
   check_source(d)
-  if d.source.startswith("tfds:"):
-    texts = _tfds_texts(d)
-  else:
-    texts = split_documents(d, "train")
+  texts = split_documents(d, "train")
   lines = (line for text in texts for line in text.split("\n") if line.strip())
   prefix = out_path[:-len(".model")] if out_path.endswith(".model") else out_path
   os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
@@ -279,12 +372,22 @@ def train_sentencepiece(d, out_path: str, vocab_size: int, model_type: str = "un
   return prefix + ".model"
 
 
-def _tfds_texts(d) -> Iterator[str]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+def _tfds_texts(d, split: str, on_read=None) -> Iterator[str]:
+  """Non-empty texts of a TFDS split (imports TensorFlow: this process only prepares)."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise CorpusError(f"config.data.source={d.source!r} needs tensorflow-datasets ({error}): "
+                      "prepare where requirements.txt is installed, then copy data.dir") from None
   _, name = config_lib.split_spec(d.source, "pystdlib")
-  dataset = tfds.load(name, split=d.tfds_train_split, data_dir=d.tfds_data_dir)
+  dataset = tfds.load(name, split=split, data_dir=d.tfds_data_dir)
   for example in tfds.as_numpy(dataset):
-    yield example[d.text_key].decode("utf-8", errors="replace")
+    raw = example[d.text_key]
+    if on_read is not None:
+      on_read(len(raw))
+    text = raw.decode("utf-8", errors="replace")
+    if text:
+      yield text
 
 
 _TRAIN_SPM = flags.DEFINE_string("train_spm", None, "Instead of preparing: train a SentencePiece "
@@ -293,14 +396,25 @@ _SPM_VOCAB_SIZE = flags.DEFINE_integer("spm_vocab_size", 8192, "Pieces of --trai
 _SPM_TYPE = flags.DEFINE_enum("spm_type", "unigram", ["unigram", "bpe"], "--train_spm's model type.")
 
 
+def _data_config(path: str):
+  """A config holding just the data section that `input_pipeline.prepare_in_child` wrote."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    return config_dict.ConfigDict({"data": json.load(f)})
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
   with cli.exit_on_bad_input():
-    config = cli.parse_config(argv)
+    if any(arg.startswith("--data_json=") for arg in argv[1:]):
+      cli.parse_flags(argv)
+      config = _data_config(_DATA_JSON.value)
+    else:
+      config = cli.parse_config(argv)
     if _TRAIN_SPM.value:
       train_sentencepiece(config.data, _TRAIN_SPM.value, _SPM_VOCAB_SIZE.value, _SPM_TYPE.value)
     else:
-      prepare(config, force=_FORCE.value)
+      prepare(config, force=_FORCE.value, workers=_WORKERS.value, memory_mb=_MEMORY_MB.value)
 
 
 if __name__ == "__main__":

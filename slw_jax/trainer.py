@@ -58,7 +58,9 @@ class Trainer:
     if c.optim.microbatches != "auto":
       compile_cache.check_microbatches(c.optim.microbatches, self.largest,
                                        self.layout.batch_shards)
-    if jax.process_count() > 1:  # One process prepares missing data; the others wait for it.
+    # One process prepares missing data; the others wait for it (a Megatron pair is read as is).
+    if jax.process_count() > 1 and not input_pipeline.is_megatron(c.data):
+      input_pipeline.require_corpus(c.data)
       if self.primary:
         input_pipeline.ensure_prepared(c, log=self._print)
       multihost_utils.sync_global_devices("slw_jax: data prepared")
@@ -145,7 +147,9 @@ class Trainer:
     self._check_resumable(self.checkpoints.read_meta(latest))
     self.state, meta = self._restore(latest)
     self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
-    self.loader.restore(meta["loader"])
+    note = self.loader.restore(meta["loader"])
+    if note:
+      self._print(note)
     self.monitor.load_state(meta["monitor"])
     self.step = latest
     self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
@@ -184,7 +188,7 @@ class Trainer:
       raise StopTraining(
           f"--workdir={self.workdir} holds a model imported with the tokenizer {recorded} but "
           f"config.data.vocab={self.c.data.vocab!r}: training would feed it other token ids "
-          "(slw_jax.prepare makes byte or spm data only)")
+          f"(train on data prepared with --config.data.vocab={recorded})")
 
   def save(self):
     meta = checkpoint.record(self.step, int(self.schedule.tokens_before[self.step]),

@@ -307,3 +307,28 @@ def test_command_line(tmp_path):
   ]:
     result = _convert(*args)
     assert (result.returncode, result.stderr.strip()) == (2, error)
+
+
+def test_an_imported_gpt2_trains_on_data_in_its_own_tokenizer(tmp_path, make_config,
+                                                               corpus_dir):
+  """Import a GPT-2 with its tokenizer files, prepare data with them (the data.vocab convert
+  prints: gpt2:RUN/tokenizer) and train on: the paper's setting after an import."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))[:10]]
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(texts, vocab_size=320, min_frequency=1,
+                          special_tokens=["<|endoftext|>"])
+  eos, m = bpe.token_to_id("<|endoftext|>"), make_config().model
+  hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
+  hf_gpt2(vocab_size=bpe.get_vocab_size(), n_positions=m.max_seqlen, n_embd=m.d_model,
+          n_layer=m.n_layer, n_head=m.n_head, eos=eos).save_pretrained(hf_dir)
+  bpe.save(str(hf_dir / "tokenizer.json"))
+  c = make_config(model__vocab_size=bpe.get_vocab_size(), data__vocab=f"gpt2:{workdir}/tokenizer",
+                  data__dir=str(tmp_path / "gpt2_data"), train_steps=3, eval__every_steps=3)
+  convert.import_hf(str(hf_dir), str(workdir), c, log=lambda _: None)
+  summary = trainer.Trainer(c, str(workdir)).run()
+  assert summary["completed"] and summary["steps"] == 3
+  meta = json.load(open(tmp_path / "gpt2_data" / "metadata.json"))
+  assert meta["eos_id"] == eos and meta["vocab_size"] == bpe.get_vocab_size()
+  tokens = np.fromfile(tmp_path / "gpt2_data" / "train.bin", np.uint16)
+  assert (tokens == eos).sum() == meta["splits"]["train"]["documents"]

@@ -126,3 +126,26 @@ def test_gpt2_bpe_from_local_files(tmp_path):
     tokenizers_lib.make_tokenizer("bpe:x")
   with pytest.raises(ValueError, match="spm:/nonexistent.model does not exist"):
     tokenizers_lib.make_tokenizer("spm:/nonexistent.model")
+
+
+def test_validation_streams_a_split_larger_than_its_batch(make_config, tmp_path, monkeypatch):
+  """--task=val reads batch_size windows at a time (never the whole split) and gives the loss
+  of scoring every window at once; the last, partial batch counts only its real windows."""
+  from slw_jax import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  trainer.Trainer(make_config(train_steps=3, checkpoint__every_steps=3), workdir).run()
+  loaded = checkpoint.load_params(workdir)
+  c = loaded.config
+  tokens = input_pipeline.open_split(c.data.dir, "validation")
+  index = input_pipeline.WindowIndex(tokens, c.pacing.seqlen_end, c.seed, "validation")
+  assert index.num_windows > 7 and index.num_windows % 3  # Several batches, the last partial.
+  every = input_pipeline.validation_batch(index, 0, index.num_windows)
+  nll, _ = evaluate.make_scorer(loaded.graphdef, loaded.params, index.num_windows)(
+      every.inputs, every.targets)
+  rows, real = [], input_pipeline.validation_batch
+  monkeypatch.setattr(input_pipeline, "validation_batch",
+                      lambda *a, **k: rows.append(len(real(*a, **k).inputs)) or real(*a, **k))
+  streamed = evaluate.run(workdir, "val", None, None, None, batch_size=3, overlap=8)
+  assert max(rows) == 3 and len(rows) == -(-index.num_windows // 3)
+  assert streamed["tokens"] == nll.size and streamed["windows"] == index.num_windows
+  assert streamed["loss"] == pytest.approx(float(nll.mean()), rel=1e-5)

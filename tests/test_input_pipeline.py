@@ -194,3 +194,73 @@ def test_vocab_larger_than_model_is_an_error(tmp_path):
   meta = _write_prepared(tmp_path, np.arange(100), vocab="spm:big.model", vocab_size=32000)
   with pytest.raises(ip.CorpusError, match="config.model.vocab_size=259 is too small"):
     ip.check_vocab(meta, 259, str(tmp_path))
+
+
+def test_a_model_of_another_vocabulary_is_refused(tmp_path):
+  """GPT-2's 50257 ids on byte data (259) is a paper config without its corpus: refused with
+  both sizes; the data's size rounded up to 128 (nanoGPT's 50304 for 50257) is allowed."""
+  meta = _write_prepared(tmp_path, np.arange(100), vocab="byte", vocab_size=259)
+  with pytest.raises(ip.CorpusError, match=r"config.model.vocab_size=50257 does not match the "
+                     r"data in .*: its vocabulary \(byte\) has 259 ids \(allowed: 259 to 384\)"):
+    ip.check_vocab(meta, 50257, str(tmp_path))
+  ip.check_vocab(meta, 384, str(tmp_path))
+  ip.check_vocab(dict(meta, vocab_size=50257, vocab="gpt2:x"), 50304, str(tmp_path))
+
+
+# ----- the keyed data order ----------------------------------------------------------------------
+
+def _reference_permutation(slot: int, n: int, seed: int, epoch: int) -> int:
+  """input_pipeline's documented arithmetic, written again with Python integers only (no
+  numpy): the order must not depend on numpy's integer semantics or version."""
+  mask64 = (1 << 64) - 1
+
+  def mix(x):
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask64
+    return x ^ (x >> 31)
+  half = max(1, ((n - 1).bit_length() + 1) // 2)
+  base = mix(seed ^ mix(epoch))
+  keys = [mix(base + r) for r in range(ip.FEISTEL_ROUNDS)]
+  x = slot
+  while True:
+    left, right = x >> half, x & ((1 << half) - 1)
+    for key in keys:
+      left, right = right, left ^ (mix(right ^ key) & ((1 << half) - 1))
+    x = (left << half) | right
+    if x < n:
+      return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 100, 1000, 4097])
+def test_keyed_permutation_is_a_bijection_matching_its_documented_arithmetic(n):
+  slots = np.arange(n)
+  order = ip.keyed_permutation(slots, n, seed=7, epoch=3)
+  np.testing.assert_array_equal(np.sort(order), slots)
+  picked = slots[:: max(1, n // 50)]
+  assert [int(v) for v in order[picked]] == [_reference_permutation(int(s), n, 7, 3)
+                                             for s in picked]
+  if n >= 64:  # Another epoch or seed: another order.
+    assert not np.array_equal(order, ip.keyed_permutation(slots, n, seed=7, epoch=4))
+    assert not np.array_equal(order, ip.keyed_permutation(slots, n, seed=8, epoch=3))
+
+
+def test_keyed_permutation_needs_memory_of_the_batch_not_the_corpus():
+  """A trillion windows (a numpy permutation would need 8 TB): one batch's slots map to
+  distinct windows, in the range, computed in milliseconds."""
+  n = 10**12
+  slots = np.arange(5 * 10**11, 5 * 10**11 + 512)
+  windows = ip.keyed_permutation(slots, n, seed=0, epoch=0)
+  assert len(set(windows.tolist())) == 512 and windows.min() >= 0 and windows.max() < n
+
+
+def test_a_checkpoint_of_the_earlier_data_order_resumes_with_a_note():
+  loader = ip.Loader(_index(), "truncate")
+  state = loader.state()
+  assert state["order"] == ip.DATA_ORDER
+  old = {k: v for k, v in state.items() if k != "order"}
+  old["position"] = 40
+  note = loader.restore(old)
+  assert "earlier release's (numpy permutations)" in note and loader.position == 40
+  assert loader.restore(state) is None
+  with pytest.raises(ip.CorpusError, match="loader order='shuffle-v9' is unknown"):
+    loader.restore(dict(state, order="shuffle-v9"))
