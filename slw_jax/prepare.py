@@ -311,7 +311,9 @@ def prepare(c, force: bool = False, log=print, workers: int | None = None,
     return meta
   check_source(d)
   tokenizer = make_tokenizer(d)  # Bad vocabulary files fail here, before any work.
-  log(f"preparing {d.source} with vocab {d.vocab} into {d.dir} ({workers} workers) ...")
+  how = ("encoded in this process: faster than sending text to workers"
+         if d.vocab in parallel_encode.IN_PROCESS_VOCABS else f"{workers} workers")
+  log(f"preparing {d.source} with vocab {d.vocab} into {d.dir} ({how}) ...")
   dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
   parent = os.path.dirname(os.path.abspath(d.dir))
   os.makedirs(parent, exist_ok=True)
