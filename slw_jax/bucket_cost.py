@@ -62,7 +62,8 @@ def compile_stall_s(buckets: list[pacing.Bucket], step_s: np.ndarray, compile_s:
   training time; `compile_s[i]` bucket i's compile. Assumes compiles, which run on the host's
   CPU, do not slow the devices, and no rollbacks.
   """
-  largest = max(range(len(buckets)), key=lambda i: buckets[i].batch_size * buckets[i].seqlen)
+  largest_shape = pacing.largest_bucket(buckets)  # The memory check's bucket, as the trainer's.
+  largest = next(i for i, b in enumerate(buckets) if (b.batch_size, b.seqlen) == largest_shape)
   setup = max(compile_s[0], compile_s[largest])
   ready = {0: setup, largest: setup}
   workers = [setup] * threads  # When each compile thread is next free.
