@@ -46,7 +46,7 @@ $(TEST_STAMP): $(VENV)/.installed-cpu requirements-test.txt
 # machine; only this target forces the CPU.
 test: export JAX_PLATFORMS := cpu
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Trains the tiny config on the default corpus (prepared on first use); resumes if interrupted.
 # Uses the accelerator JAX finds; with ACCEL=cpu wheels that is the CPU.

@@ -101,7 +101,8 @@ def main():
   peak = max(peak, hardware.measured_matmul_flops(2048))
   total = sum(kinds.values())
   matmul = sum(v for k, v in kinds.items() if k in MATMUL_KINDS)
-  kernel = models.resolve_attention(cfg.attention, cfg.dtype)[0]
+  kernel = models.resolve_attention(cfg.attention, cfg.dtype,
+                                    attention_dropout=cfg.attention_dropout)[0]
   print(f"{' '.join(args.set)} seqlen {args.seqlen}, attention={kernel}; "
         f"float32 matmul rate {peak / 1e9:.1f} GFLOP/s")
   print(f"step {step_s * 1e3:.0f} ms = {flops / step_s / peak:.1%} MFU; "

@@ -13,7 +13,7 @@ def get_config():
   c.model.vocab_size = 259  # seqio.ByteVocabulary: 256 bytes + pad, eos, unk.
   c.model.max_seqlen = 256
   c.pacing.kind = "linear"
-  c.pacing.seqlen_start = 16
+  c.pacing.seqlen_start = 32  # At least pacing.multiple: lengths round down to a multiple.
   c.pacing.duration_steps = 150  # T: full length after 150 steps.
   c.pacing.multiple = 32  # 8 buckets instead of 31: on a CPU each bucket compiles for seconds.
   c.optim.lr = 2e-3

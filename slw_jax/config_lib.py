@@ -47,6 +47,7 @@ def base_config() -> config_dict.ConfigDict:
   m.max_seqlen = 1024  # Context length: size of the position embedding.
   m.dtype = "float32"  # Compute dtype (parameters are always float32): float32 | bfloat16.
   m.dropout = 0.0  # Dropout on embeddings and residual branches.
+  m.attention_dropout = 0.0  # Dropout on attention probabilities (runs blockwise attention).
   m.attention = "auto"  # auto | dot_product | blockwise | cudnn | splash (auto: per backend+dtype).
   m.attention_block = 128  # Query block of blockwise attention (keys after a block are skipped).
   m.remat = "none"  # Recompute in the backward pass: none | block (whole blocks) | dots.
@@ -94,10 +95,26 @@ def base_config() -> config_dict.ConfigDict:
   c.monitor = mon = config_dict.ConfigDict()
   mon.ratio_threshold = 1.2  # A step with loss / min previous loss above this is "unstable".
   mon.action = "log"  # log | skip (drop bad updates in the step) | rollback (restore, skip data).
-  mon.skip_ratio = 2.0  # A bad step: non-finite loss or loss ratio above this (skip, rollback).
+  # A bad step: non-finite loss or gradient norm, or loss ratio above this (skip, rollback).
+  mon.skip_ratio = 2.0
   mon.max_rollbacks = 3  # Rollbacks allowed before the run stops with an error.
+  mon.max_bad_in_a_row = 20  # Consecutive bad steps (any action) before the run stops.
   mon.spike_window = 100  # Steps in the rolling median adam_nu_max spikes are measured against.
   mon.spike_factor = 2.0  # adam_nu_max above this times its rolling median counts as a spike.
+
+  # The paper's low-cost tuner (python -m slw_jax.tune, Sec. 4): trials of the early steps pick
+  # pacing.seqlen_start, then the largest pacing.duration_steps whose validation stays steady.
+  c.tune = t = config_dict.ConfigDict()
+  t.seqlen_starts = ()  # Starts tried in order; () = pacing.multiple x 1, 2, 4, 8, 16.
+  t.first_duration_warmups = 4  # T while the start is tuned, in LR-warmup lengths.
+  t.max_duration_warmups = 32  # The largest T the search tries, in LR-warmup lengths.
+  t.start_window_warmups = 1.0  # A start's trial: this many warmup lengths ("the beginning").
+  t.window_warmups = 3.0  # A T trial: this many warmup lengths ("first few multiples").
+  t.search_trials = 4  # Bisection trials for T after its two ends.
+  t.evals_per_warmup = 4  # Validation points per warmup length in each trial.
+  t.eval_batches = 2  # Validation batches per point (the same windows every time).
+  t.rise_tolerance = 0.05  # A fluctuation: val perplexity above its running min by this much.
+  t.max_cost_fraction = 0.10  # Refuse a plan whose trials could cost more of the run's tokens.
 
   c.compile = cc = config_dict.ConfigDict()
   cc.background = True  # Compile upcoming buckets in a background thread while training.
@@ -170,6 +187,8 @@ def _validate_model(m):
          f"must divide model.d_model={m.d_model}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+  _check(isinstance(m.attention_dropout, (int, float)) and 0.0 <= m.attention_dropout < 1.0,
+         "model.attention_dropout", m.attention_dropout, "must be in [0, 1)")
   _check(m.attention in ATTENTION_KINDS, "model.attention", m.attention,
          f"must be one of {', '.join(ATTENTION_KINDS)}")
   _check(_is_int(m.attention_block) and m.attention_block >= 1, "model.attention_block",
@@ -209,8 +228,11 @@ def _validate_pacing(p, model):
   _check(end % p.multiple == 0, "pacing.seqlen_end", end,
          f"must be a multiple of pacing.multiple={p.multiple}")
   if p.kind in ("linear", "root"):
-    _check(_is_int(p.seqlen_start) and 1 <= p.seqlen_start <= end, "pacing.seqlen_start",
-           p.seqlen_start, f"must be an integer in [1, pacing.seqlen_end={end}]")
+    # Lengths round down to the multiple (DeepSpeed's rule): a smaller start would give 0.
+    _check(_is_int(p.seqlen_start) and p.multiple <= p.seqlen_start <= end,
+           "pacing.seqlen_start", p.seqlen_start, f"must be an integer in [pacing.multiple="
+           f"{p.multiple}, pacing.seqlen_end={end}] (lengths round down to a multiple of "
+           "pacing.multiple)")
     _check(_is_int(p.duration_steps) and p.duration_steps > 0, "pacing.duration_steps",
            p.duration_steps, f"must be an integer > 0 with pacing.kind={p.kind!r}")
   if p.kind == "root":
@@ -265,7 +287,12 @@ def saved_defaults(config: dict) -> dict:
   """A config saved in a checkpoint, with the keys of later releases at their defaults; a
   release before model.scan_layers kept its blocks unrolled."""
   config = {**config, "model": {"scan_layers": False, **config.get("model", {})}}
-  return _with_defaults(config, base_config().to_dict())
+  config = _with_defaults(config, base_config().to_dict())
+  # Before 2026-11-28 a seqlen_start below pacing.multiple was allowed (rounded up to it).
+  p = config["pacing"]
+  if p["kind"] in ("linear", "root") and p["seqlen_start"] < p["multiple"]:
+    config["pacing"] = {**p, "seqlen_start": p["multiple"]}
+  return config
 
 
 def on_one_device(config: dict) -> config_dict.FrozenConfigDict:
@@ -349,7 +376,7 @@ def _validate_data(d, model):
 def _validate_runtime(c):
   for name in ("eval.every_steps", "eval.batches", "checkpoint.every_steps", "checkpoint.keep",
                "log.every_steps", "log.print_every_steps", "monitor.spike_window",
-               "monitor.max_rollbacks"):
+               "monitor.max_rollbacks", "monitor.max_bad_in_a_row"):
     group, field = name.split(".")
     value = c[group][field]
     _check(_is_int(value) and value >= (0 if field == "max_rollbacks" else 1), name, value,
@@ -422,6 +449,33 @@ def _validate_mesh(mesh):
            "a mesh axis may appear once per rule")
 
 
+def _validate_tune(c):
+  t, p = c.tune, c.pacing
+  for name in ("first_duration_warmups", "max_duration_warmups", "search_trials",
+               "evals_per_warmup", "eval_batches"):
+    _check(_is_int(t[name]) and t[name] >= 1, f"tune.{name}", t[name], "must be an integer >= 1")
+  _check(t.max_duration_warmups >= t.first_duration_warmups, "tune.max_duration_warmups",
+         t.max_duration_warmups, f"must be >= tune.first_duration_warmups="
+         f"{t.first_duration_warmups}")
+  for name in ("start_window_warmups", "window_warmups"):
+    _check(isinstance(t[name], (int, float)) and 0 < t[name] <= 100, f"tune.{name}", t[name],
+           "must be a number in (0, 100]")
+  for name in ("start_window_warmups", "window_warmups"):  # A rise needs two points.
+    _check(t[name] * t.evals_per_warmup >= 2, f"tune.{name}", t[name],
+           f"must give at least 2 validation points with tune.evals_per_warmup="
+           f"{t.evals_per_warmup} (window x evals_per_warmup >= 2)")
+  _check(isinstance(t.rise_tolerance, (int, float)) and 0 < t.rise_tolerance < 10,
+         "tune.rise_tolerance", t.rise_tolerance, "must be a number in (0, 10)")
+  _check(isinstance(t.max_cost_fraction, (int, float)) and 0 < t.max_cost_fraction <= 1,
+         "tune.max_cost_fraction", t.max_cost_fraction, "must be a number in (0, 1]")
+  starts = t.seqlen_starts
+  ok = isinstance(starts, (tuple, list)) and all(
+      _is_int(s) and s % p.multiple == 0 and p.multiple <= s <= p.seqlen_end for s in starts)
+  _check(ok and list(starts) == sorted(set(starts)), "tune.seqlen_starts", starts,
+         f"must be ascending distinct multiples of pacing.multiple={p.multiple} in "
+         f"[{p.multiple}, pacing.seqlen_end={p.seqlen_end}], or () for the default")
+
+
 def _validate_optim(c):
   o = c.optim
   _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -482,6 +536,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
   _validate_stop(c)
   _resolve_defaults(c)
   _validate_pacing(c.pacing, c.model)
+  _validate_tune(c)
   _validate_batch_warmup(c)
   _validate_optim(c)
   _validate_data(c.data, c.model)

@@ -326,13 +326,15 @@ def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
 
 # ----- export ---------------------------------------------------------------------------------
 
-def hf_config(cfg: models.GPTConfig, dropout: float, tokens: dict) -> dict:
-  """A `config.json` that `transformers`' GPT2LMHeadModel reads as this model."""
+def hf_config(cfg: models.GPTConfig, dropout: float, tokens: dict,
+              attention_dropout: float = 0.0) -> dict:
+  """A `config.json` that `transformers`' GPT2LMHeadModel reads as this model (with the run's
+  dropout rates, for whoever fine-tunes it)."""
   return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
           "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seqlen, "n_embd": cfg.d_model,
           "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
           "activation_function": TANH_GELUS[0], "layer_norm_epsilon": models.LN_EPS,
-          "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": 0.0,
+          "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": attention_dropout,
           "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
           "bos_token_id": None, "eos_token_id": None, **tokens, "dtype": "float32"}
 
@@ -381,7 +383,8 @@ def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
   os.replace(partial, path)  # Atomic: a killed export leaves no truncated model file.
   tokens = _export_tokens(loaded.meta, loaded.vocab, cfg.vocab_size)
   reporting.write_json(os.path.join(out_dir, "config.json"),
-                       hf_config(cfg, loaded.config.model.dropout, tokens))
+                       hf_config(cfg, loaded.config.model.dropout, tokens,
+                                 loaded.config.model.attention_dropout))
   kind, _, tokenizer_dir = (loaded.vocab or "").partition(":")
   if kind == "gpt2" and os.path.isdir(tokenizer_dir):
     for name in TOKENIZER_FILES:

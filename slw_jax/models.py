@@ -66,6 +66,7 @@ class GPTConfig:
   max_seqlen: int
   dtype: str = "float32"
   dropout: float = 0.0
+  attention_dropout: float = 0.0
   vocab_pad_multiple: int = 1
   attention: str = "auto"
   attention_block: int = 128
@@ -74,7 +75,8 @@ class GPTConfig:
 
   # Fields that change how the model computes but not its parameters' shapes: a checkpoint
   # resumes under other values of these, and must match every other field.
-  RUNTIME_FIELDS = ("dtype", "dropout", "attention", "attention_block", "remat")
+  RUNTIME_FIELDS = ("dtype", "dropout", "attention_dropout", "attention", "attention_block",
+                    "remat")
   # Fields that change how the parameters are laid out but not what they are: a checkpoint
   # resumes under the other value through `restack_blocks`.
   LAYOUT_FIELDS = ("scan_layers",)
@@ -162,15 +164,27 @@ class AttentionError(config_lib.ConfigError):
   """An attention kind this backend or dtype cannot run (raised before anything compiles)."""
 
 
-def resolve_attention(attention: str, dtype: str, backend: str | None = None) -> tuple[str, str]:
+def resolve_attention(attention: str, dtype: str, backend: str | None = None,
+                      attention_dropout: float = 0.0) -> tuple[str, str]:
   """(kernel, why) for `model.attention` on `backend` (default: JAX's default backend).
 
   auto: cuDNN's fused kernel on a GPU computing in bf16/fp16 (cuDNN has no float32 flash
   attention: float32 falls back to XLA, said in `why`), the Pallas splash kernel on a TPU,
-  blockwise einsums on a CPU, XLA's attention elsewhere. An explicit kernel the backend cannot
-  run raises AttentionError naming the value and what is allowed.
+  blockwise einsums on a CPU, XLA's attention elsewhere. With `attention_dropout` > 0 the
+  fused kernels are out (they do not expose the probabilities to drop): auto picks XLA-compiled
+  attention that forms them (`dot_product`, one query block), blockwise on a CPU. An explicit
+  kernel the backend (or the dropout) rules out raises AttentionError naming the value and what
+  is allowed.
   """
   backend = backend or jax.default_backend()
+  if attention_dropout > 0 and attention in ("cudnn", "splash"):
+    raise AttentionError(
+        f"config.model.attention={attention!r} is invalid with model.attention_dropout="
+        f"{attention_dropout}: the fused kernels apply no dropout to the attention "
+        "probabilities; use auto, dot_product or blockwise, or model.attention_dropout=0.0")
+  if attention_dropout > 0 and attention == "auto" and backend != "cpu":
+    return "dot_product", (f"auto: model.attention_dropout={attention_dropout} needs the "
+                           "attention probabilities, which the fused kernels do not expose")
   if attention == "cudnn" and (backend != "gpu" or dtype not in HALF_DTYPES):
     raise AttentionError(
         f"config.model.attention='cudnn' is invalid here: cuDNN fused attention needs a GPU and "
@@ -195,10 +209,11 @@ def resolve_attention(attention: str, dtype: str, backend: str | None = None) ->
 
 
 def bucket_attention(attention: str, dtype: str, seqlen: int, head_dim: int,
-                     backend: str | None = None) -> tuple[str, str]:
+                     backend: str | None = None,
+                     attention_dropout: float = 0.0) -> tuple[str, str]:
   """The kernel a bucket of length `seqlen` runs, and why: the resolved kernel, unless its shape
   limits rule this bucket out, in which case XLA's attention (the reason says so)."""
-  kernel, why = resolve_attention(attention, dtype, backend)
+  kernel, why = resolve_attention(attention, dtype, backend, attention_dropout)
   if kernel == "cudnn" and (head_dim % 8 or head_dim > 128):
     return "dot_product", f"cuDNN needs a head dim that is a multiple of 8 up to 128, not " \
         f"{head_dim}"
@@ -209,10 +224,12 @@ def bucket_attention(attention: str, dtype: str, seqlen: int, head_dim: int,
 
 def attention_lines(cfg: "GPTConfig", seqlens) -> list[str]:
   """Log lines: the kernel the config resolves to here, and the buckets that fall back."""
-  kernel, why = resolve_attention(cfg.attention, cfg.dtype)
+  kernel, why = resolve_attention(cfg.attention, cfg.dtype,
+                                  attention_dropout=cfg.attention_dropout)
   lines, fallbacks = [f"attention: {kernel} ({why})"], {}
   for seqlen in seqlens:
-    used = bucket_attention(cfg.attention, cfg.dtype, seqlen, cfg.head_dim)
+    used = bucket_attention(cfg.attention, cfg.dtype, seqlen, cfg.head_dim,
+                            attention_dropout=cfg.attention_dropout)
     if used[0] != kernel:
       fallbacks.setdefault(used, []).append(seqlen)
   for (used, reason), lengths in fallbacks.items():
@@ -222,15 +239,20 @@ def attention_lines(cfg: "GPTConfig", seqlens) -> list[str]:
   return lines
 
 
-def attend(q_blhk, k_blhk, v_blhk, attention: str, block: int):
+def attend(q_blhk, k_blhk, v_blhk, attention: str, block: int, dropout=None):
   """Causal self-attention [B, L, H, K] -> [B, L, H, K] by the kernel `bucket_attention` picks.
 
-  Every kernel computes the scores and their softmax in float32.
+  Every kernel computes the scores and their softmax in float32. `dropout`: an
+  `AttentionDropout` for the probabilities (training with model.attention_dropout > 0), or None.
   """
   seqlen, head_dim = q_blhk.shape[1], q_blhk.shape[3]
-  kernel, _ = bucket_attention(attention, str(q_blhk.dtype), seqlen, head_dim)
+  rate = 0.0 if dropout is None else dropout.rate
+  kernel, _ = bucket_attention(attention, str(q_blhk.dtype), seqlen, head_dim,
+                               attention_dropout=rate)
   if kernel == "blockwise":
-    return blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block)
+    return blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block, dropout)
+  if dropout is not None:  # dot_product with dropout: XLA's attention as one query block.
+    return blockwise_causal_attention(q_blhk, k_blhk, v_blhk, seqlen, dropout)
   if kernel == "splash":
     return splash_causal_attention(q_blhk, k_blhk, v_blhk)
   implementation = "cudnn" if kernel == "cudnn" else "xla"
@@ -238,8 +260,49 @@ def attend(q_blhk, k_blhk, v_blhk, attention: str, block: int):
                                       implementation=implementation)
 
 
-def blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block: int):
-  """Causal attention, same result as `jax.nn.dot_product_attention(..., is_causal=True)`.
+def _mix32(x):
+  """MurmurHash3's 32-bit finalizer: every input bit flips each output bit with probability
+  about 1/2 (uint32 arithmetic wraps)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionDropout:
+  """Dropout on attention probabilities whose mask at (b, h, query q, key s) is a hash of those
+  indices and a per-step, per-layer seed: it does not depend on the sequence length, the query
+  block or the padding, so a padded bucket drops exactly what the real length drops (the
+  residual dropout's `PositionKeyedDropout` gives the same guarantee another way)."""
+  seed: jax.Array  # uint32 [2], from the layer's dropout key.
+  rate: float
+  max_seqlen: int  # Positions are numbered q * max_seqlen + s: unique below max_seqlen.
+
+  @classmethod
+  def from_key(cls, key, rate: float, max_seqlen: int) -> "AttentionDropout":
+    return cls(jax.random.bits(key, (2,), jnp.uint32), rate, max_seqlen)
+
+  def keep(self, batch: int, heads: int, queries: tuple[int, int], keys: int):
+    """Keep mask [B, H, Q, S] for queries at positions range(*queries), keys at range(keys)."""
+    # Iotas, not constants: a [Q, S] constant per query block would bloat the compiled program.
+    bh = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1, 1)
+    position = (jnp.arange(*queries, dtype=jnp.uint32)[:, None] * jnp.uint32(self.max_seqlen)
+                + jnp.arange(keys, dtype=jnp.uint32)[None, :])
+    row = _mix32(bh * jnp.uint32(0x9E3779B9) + self.seed[0])
+    bits = _mix32(_mix32(row ^ position) + self.seed[1])
+    threshold = np.uint32(min(round(self.rate * 2.0**32), 2**32 - 1))
+    return bits >= threshold
+
+  def __call__(self, p_bhqs, queries: tuple[int, int], keys: int):
+    keep = self.keep(p_bhqs.shape[0], p_bhqs.shape[1], queries, keys)
+    return jnp.where(keep, p_bhqs / (1.0 - self.rate), 0).astype(p_bhqs.dtype)
+
+
+def blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block: int, dropout=None):
+  """Causal attention, same result as `jax.nn.dot_product_attention(..., is_causal=True)`
+  (without `dropout`; with it, each probability is dropped by its `AttentionDropout` mask).
 
   Queries go in blocks of `block` positions; each block scores only the keys up to its own end,
   so the masked-out upper triangle is mostly never computed (at 2 blocks, 25% less work than the
@@ -258,7 +321,10 @@ def blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block: int):
                         preferred_element_type=jnp.float32)
     visible_qs = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
     s_bhqs = jnp.where(visible_qs, s_bhqs, jnp.finfo(jnp.float32).min)
-    p_bhqs = jax.nn.softmax(s_bhqs, axis=-1).astype(v_bhlk.dtype)
+    p_bhqs = jax.nn.softmax(s_bhqs, axis=-1)
+    if dropout is not None:
+      p_bhqs = dropout(p_bhqs, (start, end), end)
+    p_bhqs = p_bhqs.astype(v_bhlk.dtype)
     outs.append(jnp.einsum("bhqs,bhsk->bhqk", p_bhqs, v_bhlk[:, :, :end]))
   return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
@@ -305,12 +371,19 @@ class CausalSelfAttention(nnx.Module):
     self.out_bias_d = _param(rngs, (d,), ("embed",), None)
     self.dtype = cfg.compute_dtype
     self.attention, self.block = cfg.attention, cfg.attention_block
+    self.dropout_rate, self.max_seqlen = cfg.attention_dropout, cfg.max_seqlen
 
-  def __call__(self, x_bld):
+  def __call__(self, x_bld, deterministic: bool = True, rngs: nnx.Rngs | None = None):
     w = self.qkv_weight_dchk[...].astype(self.dtype)
     qkv_blchk = jnp.einsum("bld,dchk->blchk", x_bld, w) + self.qkv_bias_chk[...].astype(self.dtype)
     q_blhk, k_blhk, v_blhk = qkv_blchk[:, :, 0], qkv_blchk[:, :, 1], qkv_blchk[:, :, 2]
-    attn_blhk = attend(q_blhk, k_blhk, v_blhk, self.attention, self.block)
+    dropout = None
+    if not deterministic and self.dropout_rate > 0:
+      if rngs is None:
+        raise ValueError("attention dropout with deterministic=False needs rngs with a 'dropout' "
+                         "stream")
+      dropout = AttentionDropout.from_key(rngs.dropout(), self.dropout_rate, self.max_seqlen)
+    attn_blhk = attend(q_blhk, k_blhk, v_blhk, self.attention, self.block, dropout)
     out_w = self.out_weight_hkd[...].astype(self.dtype)
     return jnp.einsum("blhk,hkd->bld", attn_blhk, out_w) + self.out_bias_d[...].astype(self.dtype)
 
@@ -343,7 +416,7 @@ class Block(nnx.Module):
 
   def __call__(self, x_bld, deterministic: bool, rngs: nnx.Rngs | None):
     drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)  # noqa: E731
-    x_bld = x_bld + drop(self.attn(self.ln_1(x_bld)))
+    x_bld = x_bld + drop(self.attn(self.ln_1(x_bld), deterministic, rngs))
     return x_bld + drop(self.mlp(self.ln_2(x_bld)))
 
 

@@ -6,8 +6,13 @@ spikes of `adam_nu_max` above `spike_factor` x its rolling median, and accumulat
 for the Pearson correlation of the loss ratio with `adam_nu_l1` and `adam_nu_max` (Table 3).
 Its state is small (no per-step history beyond the rolling window) and is checkpointed.
 
+A bad step (`is_bad`) has a non-finite loss, a non-finite gradient norm (a finite loss does
+not prove finite gradients), or a loss ratio above `monitor.skip_ratio`.
+
 It decides, but does not act: `observe` returns "rollback" when a bad step is seen under
-`monitor.action=rollback`; the trainer restores and skips data. `skip` happens inside the step.
+`monitor.action=rollback`, and "stop" once `monitor.max_bad_in_a_row` consecutive steps were
+bad (whatever the action: a run that only produces NaN must not spend its token budget); the
+trainer restores and skips data, or stops. `skip` happens inside the step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,24 @@ from scipy import stats as scipy_stats
 _PAIRS = ("adam_nu_l1", "adam_nu_max")
 
 
+def is_bad(loss: float, grad_norm: float, ratio: float, skip_ratio: float) -> bool:
+  """The host's copy of `train_step.is_bad_step`, on fetched floats."""
+  finite = math.isfinite(loss) and math.isfinite(grad_norm)
+  return not finite or ratio > skip_ratio
+
+
+_COUNTERS = ("steps", "unstable_steps", "skipped_steps", "bad_steps", "nu_spikes", "rollbacks",
+             "max_ratio", "bad_in_a_row", "spike_steps")
+# SpikeScore as OLMo-core's StabilityMonitorCallback defines it ("SpikeScore (total)"): a step
+# spikes when its loss or its gradient norm is above the mean of the previous SPIKE_WINDOW
+# values of that series by more than SPIKE_SIGMAS (population) standard deviations (no spike
+# before a full window, or when the std is below 1e-10); the score is spiking steps over all
+# steps, reported from SPIKE_WINDOW steps on. A non-finite value is no spike there either; we
+# keep it out of the window (OLMo-core's would then hold a NaN and see no spike again).
+SPIKE_WINDOW, SPIKE_SIGMAS = 128, 6.0
+_SPIKE_SERIES = ("loss", "grad_norm")
+
+
 class StabilityMonitor:
 
   def __init__(self, m, state: dict | None = None):
@@ -32,6 +55,9 @@ class StabilityMonitor:
     self.nu_spikes = 0
     self.rollbacks = 0
     self.max_ratio = 0.0
+    self.bad_in_a_row = 0  # Consecutive bad steps up to the last one observed.
+    self.spike_steps = 0
+    self.recent = {k: collections.deque(maxlen=SPIKE_WINDOW) for k in _SPIKE_SERIES}
     self.recent_nu_max: collections.deque = collections.deque(maxlen=m.spike_window)
     # Running sums for Pearson r of loss_ratio (x) against each nu statistic (y).
     self.sums = {k: {"n": 0, "x": 0.0, "y": 0.0, "xx": 0.0, "yy": 0.0, "xy": 0.0} for k in _PAIRS}
@@ -40,27 +66,33 @@ class StabilityMonitor:
       self.load_state(state)
 
   def observe(self, step: int, metrics: dict) -> str | None:
-    """Takes one step's metrics; returns "rollback" when the trainer must roll back."""
+    """Takes one step's metrics; returns "stop" when the run must stop (too many bad steps in
+    a row), "rollback" when the trainer must roll back, else None."""
     self.steps += 1
     ratio, loss = float(metrics["loss_ratio"]), float(metrics["loss"])
-    finite = math.isfinite(loss)
-    if finite and math.isfinite(ratio):
+    grad_norm = float(metrics["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(ratio):
       self.max_ratio = max(self.max_ratio, ratio)
       self.unstable_steps += ratio > self.cfg.ratio_threshold
       self._accumulate(ratio, metrics)
     self._check_nu_spike(step, float(metrics["adam_nu_max"]))
-    bad = not finite or ratio > self.cfg.skip_ratio
-    if not bad:
+    self._score_spikes({"loss": loss, "grad_norm": grad_norm})
+    if not is_bad(loss, grad_norm, ratio, self.cfg.skip_ratio):
+      self.bad_in_a_row = 0
       return None
     self.bad_steps += 1
-    values = {"loss": loss, "loss_ratio": ratio}
+    self.bad_in_a_row += 1
+    values = {"loss": loss, "loss_ratio": ratio, "grad_norm": grad_norm}
     if bool(metrics.get("skipped", False)):
       self.skipped_steps += 1
       self.event(step, "skip", **values)
-      return None
-    if self.cfg.action == "rollback":
+    elif self.cfg.action != "rollback":
+      self.event(step, "unstable", **values)
+    if self.bad_in_a_row >= self.cfg.max_bad_in_a_row:
+      self.event(step, "stop", bad_in_a_row=self.bad_in_a_row)
+      return "stop"
+    if self.cfg.action == "rollback" and not metrics.get("skipped", False):
       return "rollback"
-    self.event(step, "unstable", **values)
     return None
 
   def _accumulate(self, ratio: float, metrics: dict):
@@ -77,6 +109,22 @@ class StabilityMonitor:
       s["xx"] += ratio * ratio
       s["yy"] += y * y
       s["xy"] += ratio * y
+
+  def _score_spikes(self, values: dict):
+    spiked = False
+    for key, value in values.items():
+      window = self.recent[key]
+      if len(window) == SPIKE_WINDOW and math.isfinite(value):
+        history = np.asarray(window)
+        std = history.std()
+        spiked |= bool(std >= 1e-10 and value > history.mean() + SPIKE_SIGMAS * std)
+      if math.isfinite(value):
+        window.append(value)
+    self.spike_steps += spiked
+
+  def spike_score(self) -> float | None:
+    """OLMo-core's SpikeScore of the steps so far (None before SPIKE_WINDOW steps)."""
+    return self.spike_steps / self.steps if self.steps >= SPIKE_WINDOW else None
 
   def _check_nu_spike(self, step: int, nu_max: float):
     window = self.recent_nu_max
@@ -119,6 +167,8 @@ class StabilityMonitor:
         "unstable_fraction": self.unstable_steps / self.steps if self.steps else 0.0,
         "max_loss_ratio": self.max_ratio, "bad_steps": self.bad_steps,
         "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+        "bad_in_a_row": self.bad_in_a_row, "spike_score": self.spike_score(),
+        "spike_steps": self.spike_steps,
         "adam_nu_max_spikes": self.nu_spikes,
         "pearson_loss_ratio_vs_adam_nu_l1": self.pearson("adam_nu_l1"),
         "pearson_loss_ratio_vs_adam_nu_max": self.pearson("adam_nu_max"),
@@ -126,15 +176,15 @@ class StabilityMonitor:
 
   def state(self) -> dict:
     """JSON-ready state for checkpoints."""
-    keys = ("steps", "unstable_steps", "skipped_steps", "bad_steps", "nu_spikes", "rollbacks",
-            "max_ratio")
-    return {**{k: getattr(self, k) for k in keys}, "recent_nu_max": list(self.recent_nu_max),
-            "sums": self.sums}
+    return {**{k: getattr(self, k) for k in _COUNTERS}, "recent_nu_max": list(self.recent_nu_max),
+            "recent": {k: list(v) for k, v in self.recent.items()}, "sums": self.sums}
 
   def load_state(self, state: dict):
-    for key in ("steps", "unstable_steps", "skipped_steps", "bad_steps", "nu_spikes",
-                "rollbacks", "max_ratio"):
-      setattr(self, key, state[key])
+    for key in _COUNTERS:  # A checkpoint from before a counter existed: it counts from 0.
+      setattr(self, key, state.get(key, 0))
     self.recent_nu_max.clear()
     self.recent_nu_max.extend(state["recent_nu_max"])
+    for key, window in self.recent.items():
+      window.clear()
+      window.extend(state.get("recent", {}).get(key, []))
     self.sums = {k: dict(v) for k, v in state["sums"].items()}

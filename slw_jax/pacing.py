@@ -1,8 +1,10 @@
 """Sequence-length and batch-size schedules, token accounting and the bucket list.
 
 Step convention: step `t` is the t-th optimizer update, counted from 0. The sequence length of
-step t is the pacing formula evaluated at t, so step 0 trains at `seqlen_start` (rounded). As a
-function, `seqlens(p, t)` equals DeepSpeed's `CurriculumScheduler.get_difficulty(t)` for the
+step t is the pacing formula evaluated at t, so step 0 trains at `seqlen_start` rounded down to
+a multiple of `pacing.multiple` (DeepSpeed rounds every length down, the first one included;
+a start below the multiple would round to 0 and is a config error). As a function,
+`seqlens(p, t)` equals DeepSpeed's `CurriculumScheduler.get_difficulty(t)` for the
 `fixed_linear` / `fixed_root` / `fixed_discrete` schedules with the same parameters
 (`min_difficulty=seqlen_start`, `max_difficulty=seqlen_end`, `total_curriculum_step=T`,
 `difficulty_step=multiple`). DeepSpeed's engine calls it with `global_steps + 1`, so its k-th
@@ -39,13 +41,13 @@ def seqlens(p, steps) -> np.ndarray:
     lengths = np.array([s for s, _ in p.stages] + [end], dtype=np.int64)
     last_steps = np.array([last for _, last in p.stages], dtype=np.int64)
     return lengths[np.searchsorted(last_steps, steps, side="left")]
-  start, multiple = p.seqlen_start, p.multiple
+  start, multiple = p.seqlen_start, p.multiple  # config_lib: start >= multiple.
   # Same float64 operations, in the same order, as DeepSpeed's fixed_root (linear = degree 1).
   degree = 1.0 if p.kind == "linear" else float(p.root_degree)
   fraction = np.minimum((steps.astype(np.float64) / p.duration_steps) ** (1.0 / degree), 1.0)
   lengths = np.floor(fraction * (end - start) + start).astype(np.int64)
-  lengths -= lengths % multiple
-  return np.clip(lengths, _round_up(start, multiple), end)
+  lengths -= lengths % multiple  # Down, as DeepSpeed does: step 0 runs start - start % multiple.
+  return np.minimum(lengths, end)
 
 
 def seqlen_at(p, step: int) -> int:

@@ -190,7 +190,9 @@ def memory_report(config, devices, device_memory_gib: float) -> dict:
       compile_s=round(stats.compile_s, 2), total_s=round(time.perf_counter() - start, 2),
       microbatches=policy.largest_count, microbatches_setting=config.optim.microbatches,
       remat=config.model.remat, dtype=config.model.dtype,
-      attention=models.resolve_attention(config.model.attention, config.model.dtype)[0],
+      attention=models.resolve_attention(
+          config.model.attention, config.model.dtype,
+          attention_dropout=config.model.attention_dropout)[0],
       caveat=MEMORY_CAVEAT + note)
 
 

@@ -179,14 +179,14 @@ def markdown(runs: list[Run], stats: dict, target, reached, plots: list[str],
   lines += [
            f"## Stability (loss ratio > {ratio_threshold}: the paper's Tables 1 and 3)", "",
            "| run | steps | steps with ratio > threshold | % | max loss ratio | r (ratio vs "
-           "adam_nu_l1) | p | r (ratio vs adam_nu_max) | p |", "| --- " * 9 + "|"]
+           "adam_nu_l1) | p | r (ratio vs adam_nu_max) | p | SpikeScore |", "| --- " * 10 + "|"]
   for run in runs:
     s = stats[run.name]
     l1, mx = s["pearson_loss_ratio_vs_adam_nu_l1"], s["pearson_loss_ratio_vs_adam_nu_max"]
     lines.append(f"| {run.name} | {s['steps']} | {s['unstable_steps']} | "
                  f"{100 * s['unstable_fraction']:.2f} | {_fmt(s['max_loss_ratio'])} | "
                  f"{_fmt(l1['r'], '.3f')} | {_fmt(l1['p'], '.2g')} | {_fmt(mx['r'], '.3f')} | "
-                 f"{_fmt(mx['p'], '.2g')} |")
+                 f"{_fmt(mx['p'], '.2g')} | {_fmt(s['spike_score'], '.4f')} |")
   lines += ["", "## Time to the best validation loss all runs reach (Table 2 style)", ""]
   if target is None:
     lines.append("No run has validation results yet.")

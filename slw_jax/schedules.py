@@ -47,9 +47,34 @@ def learning_rates(c, schedule: pacing.Schedule) -> np.ndarray:
   return np.where(in_warmup, warm, lr)
 
 
+# Weight decay by parameter name (Megatron-LM's rule: weight matrices and embeddings decay,
+# biases and LayerNorm parameters do not), never by rank: the QKV bias is [3, heads, head_dim]
+# and a scanned model's LayerNorm scale is [layers, d_model]. models.py names every parameter
+# by what it is and its axes; a name in neither list is an error, so a new parameter is classed
+# on purpose.
+DECAYED_PREFIXES = ("wte_", "wpe_", "qkv_weight_", "out_weight_", "fc_weight_", "proj_weight_")
+NOT_DECAYED_PREFIXES = ("qkv_bias_", "out_bias_", "fc_bias_", "proj_bias_", "bias_", "scale_")
+
+
+def parameter_name(path) -> str:
+  """The name of a parameter leaf: its last dict key or attribute in `path` (not `.value`)."""
+  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  return [n for n in names if isinstance(n, str) and n != "value"][-1]
+
+
+def decays(name: str) -> bool:
+  """Whether the parameter called `name` takes weight decay."""
+  if name.startswith(DECAYED_PREFIXES):
+    return True
+  if name.startswith(NOT_DECAYED_PREFIXES):
+    return False
+  raise ValueError(f"parameter {name!r} is neither a weight nor a bias/LayerNorm name: add it to "
+                   "schedules.DECAYED_PREFIXES or NOT_DECAYED_PREFIXES")
+
+
 def _decay_mask(params):
-  """Weight decay on matrices and embeddings only, not on biases or LayerNorm (GPT-2, nanoGPT)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for the parameters that take weight decay (`decays`), by name."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: decays(parameter_name(path)), params)
 
 
 def make_optimizer(o) -> optax.GradientTransformation:

@@ -110,7 +110,7 @@ def make_loss_and_grads(c, graphdef, microbatches: int):
   """(params, batch, step) -> (mean token loss, its gradients), over `microbatches` sequential
   microbatches whose loss sums and gradients accumulate in float32: equal to one pass over the
   whole batch up to float rounding, with the activation memory of one microbatch."""
-  deterministic = c.model.dropout == 0.0
+  deterministic = c.model.dropout == 0.0 and c.model.attention_dropout == 0.0
   seed_key = jax.random.key(c.seed)
   chunked = c.model.remat != "none"  # Remat recomputes the output head too, in chunks.
 
@@ -147,10 +147,17 @@ def make_loss_and_grads(c, graphdef, microbatches: int):
   return loss_and_grads
 
 
+def is_bad_step(loss, grad_norm, ratio, skip_ratio):
+  """A bad step: its loss or its gradients' norm is not finite (a finite loss can still have
+  inf/NaN gradients, which would turn every parameter into NaN), or its loss ratio exceeds
+  `skip_ratio`. The monitor applies the same rule on the host (`monitor.is_bad`)."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return jnp.logical_not(finite) | (ratio > skip_ratio)
+
+
 def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 1):
-  """The pure step, over `microbatches` microbatches. With `skip_bad`, an update whose loss is
-  non-finite or whose loss ratio exceeds `monitor.skip_ratio` is not applied (parameters and
-  optimizer state stay as they were).
+  """The pure step, over `microbatches` microbatches. With `skip_bad`, a bad update
+  (`is_bad_step`) is not applied: parameters and optimizer state stay as they were.
   """
   skip_ratio = c.monitor.skip_ratio
   loss_and_grads = make_loss_and_grads(c, graphdef, microbatches)
@@ -158,19 +165,20 @@ def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 
   def step_fn(state, batch, lr):
     params = state["params"]
     loss, grads = loss_and_grads(params, batch, state["step"])
+    grad_norm = optax.tree.norm(grads)
     opt_state = schedules.set_learning_rate(state["opt_state"], lr)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss)
     ratio = loss / state["min_loss"]  # min_loss starts at inf: the first ratio is 0.
-    bad = jnp.logical_not(finite) | (ratio > skip_ratio) if skip_bad else jnp.array(False)
+    bad = is_bad_step(loss, grad_norm, ratio, skip_ratio) if skip_bad else jnp.array(False)
     keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(bad, o, n), old, new)  # noqa
     if skip_bad:
       new_params, new_opt_state = keep(params, new_params), keep(opt_state, new_opt_state)
     min_loss = jnp.where(finite, jnp.minimum(state["min_loss"], loss), state["min_loss"])
     new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1,
                  "min_loss": min_loss, "skipped": state["skipped"] + bad.astype(jnp.int32)}
-    metrics = {"loss": loss, "loss_ratio": ratio, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "loss_ratio": ratio, "grad_norm": grad_norm,
                "skipped": bad, **schedules.adam_nu_stats(new_opt_state)}
     return new_state, metrics
 
@@ -203,7 +211,8 @@ class OnMesh:
 def on_mesh(c, devices=None) -> OnMesh:
   """Builds the model and optimizer abstractly (nothing allocated) and lays the train state out
   on the config's mesh over `devices` (default: all). Raises ConfigError for a bad mesh."""
-  models.resolve_attention(c.model.attention, c.model.dtype)  # AttentionError before compiling.
+  models.resolve_attention(c.model.attention, c.model.dtype,  # AttentionError before compiling.
+                           attention_dropout=c.model.attention_dropout)
   optimizer = schedules.make_optimizer(c.optim)
   graphdef, abstract_params = build_model(c)
   shapes = jax.eval_shape(make_init_fn(c, optimizer))

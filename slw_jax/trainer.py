@@ -34,6 +34,10 @@ class StopTraining(RuntimeError):
   """The run cannot continue (e.g. too many rollbacks); checkpoints are kept."""
 
 
+class BadStepsStop(StopTraining):
+  """monitor.max_bad_in_a_row bad steps in a row: the run diverged (checkpoints are kept)."""
+
+
 class Trainer:
   """One run in `workdir`. `run()` trains to the end (or to a stop signal)."""
 
@@ -152,6 +156,12 @@ class Trainer:
       self._print(note)
     self.monitor.load_state(meta["monitor"])
     self.step = latest
+    if meta["tokens"] != int(self.schedule.tokens_before[latest]):
+      self._print(f"note: the checkpoint's step {latest} came after {meta['tokens']:,} tokens but "
+                  f"this config's schedule reaches it after "
+                  f"{int(self.schedule.tokens_before[latest]):,}: the pacing or batch schedule "
+                  "changed since it was saved (e.g. a seqlen_start now rounded down); the run "
+                  "continues on this config's schedule")
     self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
 
   def _restore(self, step: int):
@@ -324,15 +334,35 @@ class Trainer:
   def _settle(self, pending) -> bool:
     """Finishes a launched step; returns True when it triggered a rollback."""
     step, metrics, position_after = pending
-    if self._finish_step(step, metrics) != "rollback":
+    action = self._finish_step(step, metrics)
+    if action == "stop":
+      self._stop_on_bad_steps(step)
+    if action != "rollback":
       return False
     self._rollback(step, position_after)
     return True
 
+  def _stop_on_bad_steps(self, step: int):
+    """Stops after monitor.max_bad_in_a_row bad steps in a row, naming the newest checkpoint
+    saved before them (none is saved during a streak of applied bad updates: `_periodic`)."""
+    m, count = self.c.monitor, self.monitor.bad_in_a_row
+    self.checkpoints.wait()
+    first_bad = step - count + 1  # Consecutive in the data; a rollback may have rewound steps.
+    clean = [k for k in self.checkpoints.steps() if m.action == "skip" or k <= first_bad]
+    newest = f"the newest before them: step {max(clean)}" if clean else "none before them"
+    raise BadStepsStop(
+        f"the last {count} steps (up to step {step}) were all bad (monitor.max_bad_in_a_row="
+        f"{m.max_bad_in_a_row}: non-finite loss or gradient norm, or loss ratio above "
+        f"monitor.skip_ratio={m.skip_ratio}); stopped with the checkpoints kept in "
+        f"{self.workdir}/checkpoints ({newest}): lower optim.lr or lengthen "
+        "pacing.duration_steps, then resume")
+
   def _periodic(self):
     if self._due(self.c.eval.every_steps):
       self.evaluate()
-    if self._due(self.c.checkpoint.every_steps):
+    # During a streak of bad updates that were applied (log), the state may hold NaN: no save.
+    streak = self.monitor.bad_in_a_row and self.c.monitor.action != "skip"
+    if self._due(self.c.checkpoint.every_steps) and not streak:
       self.save()
     self._last_done = time.perf_counter()  # Keep eval/save time out of the next step's time.
 

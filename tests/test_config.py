@@ -1,5 +1,6 @@
 """Configs: every file loads, validates and builds; every validation error names its field."""
 
+import re
 import subprocess
 import sys
 
@@ -150,3 +151,53 @@ def test_scan_layers_defaults_on_from_12_blocks_and_off_for_old_checkpoints(load
   del saved["model"]["scan_layers"]  # Saved by a release that always unrolled its blocks.
   assert not config_lib.on_one_device(saved).model.scan_layers
   assert not models.GPTConfig.from_config(saved["model"]).scan_layers
+
+
+# The recipes the paper configs follow, written out from their sources (configs/*.py cite them
+# line by line): the paper (Sec. 3, 5.2), GPT-3 (Table 2.1, Appendix B), Megatron-LM's defaults.
+GPT2_RECIPE = {"batch_size": 512, "train_tokens": 157_286_400_000, "model.max_seqlen": 1024,
+               "model.dropout": 0.1, "model.attention_dropout": 0.1, "optim.lr": 1.5e-4,
+               "optim.min_lr": 1e-5, "optim.warmup_steps": 3000, "optim.b1": 0.9,
+               "optim.b2": 0.999, "optim.eps": 1e-8, "optim.weight_decay": 0.01,
+               "optim.clip_norm": 1.0}
+RECIPES = {
+    "gpt2_117m": {**GPT2_RECIPE, "model.n_layer": 12, "model.d_model": 768,
+                  "pacing.seqlen_start": 8, "pacing.duration_steps": 60_000},
+    "gpt2_1p5b": {**GPT2_RECIPE, "model.n_layer": 48, "model.d_model": 1600,
+                  "model.remat": "block", "pacing.seqlen_start": 64,
+                  "pacing.duration_steps": 270_000},
+    "gpt3_125m": {"batch_size": 2048, "train_tokens": 30_000_000_000, "model.n_layer": 12,
+                  "model.d_model": 768, "model.max_seqlen": 2048, "model.dropout": 0.1,
+                  "model.attention_dropout": 0.1, "optim.lr": 2.4e-2, "optim.min_lr": 0.0,
+                  "optim.warmup_tokens": 375_000_000, "optim.warmup_steps": 0,
+                  "optim.b1": 0.9, "optim.b2": 0.95, "optim.eps": 1e-8,
+                  "optim.weight_decay": 0.1, "optim.clip_norm": 1.0, "pacing.seqlen_start": 72,
+                  "pacing.duration_steps": 11_500, "batch_warmup.start": 0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_paper_configs_follow_their_recipes_and_cite_every_value(name):
+  c = config_lib.load_config_file(f"configs/{name}.py")
+  for key, expected in RECIPES[name].items():
+    group, _, field = key.rpartition(".")
+    value = c[group][field] if group else c[field]
+    assert value == expected, f"{name}: {key}={value!r}, the recipe says {expected!r}"
+  # Every optimizer, pacing and dropout line names its source.
+  with open(f"configs/{name}.py") as f:
+    lines = [l for l in f if re.match(r"\s*c\.(optim\.(?!microbatches)|pacing\.|model\.\w*dropout"
+                                      r"|batch_size|train_tokens)", l)]
+  uncited = [l.strip() for l in lines if not re.search(r"\[(paper|gpt3|script|megatron)\]", l)]
+  assert lines and not uncited, uncited  # gpt2_1p5b cites what it changes of gpt2_117m.
+
+
+def test_a_saved_config_from_before_rounding_down_still_loads():
+  """Checkpoints of runs whose seqlen_start was below pacing.multiple (then rounded up to it)
+  are still evaluated and converted: the saved start is read as the multiple."""
+  saved = config_lib.base_config().to_dict()
+  saved["pacing"].update(seqlen_start=16, multiple=32, seqlen_end=256)
+  saved["model"].update(max_seqlen=256, vocab_size=259)
+  saved["data"].update(source="pystdlib", vocab="byte")
+  saved["train_tokens"] = 1_000_000
+  c = config_lib.on_one_device(saved)
+  assert c.pacing.seqlen_start == 32

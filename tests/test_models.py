@@ -150,6 +150,53 @@ def test_dropout_is_off_when_deterministic():
   assert not np.allclose(forward(model, tokens, deterministic=False), forward(model, tokens))
 
 
+def test_attention_dropout_drops_its_rate_of_probabilities_and_rescales_the_rest():
+  drop = models.AttentionDropout.from_key(jax.random.key(0), 0.1, 128)
+  keep = np.asarray(drop.keep(8, 4, (0, 128), 128))
+  assert abs(keep.mean() - 0.9) < 0.005  # 524,288 draws: 5 sigma is 0.002.
+  # Neighbouring positions, heads and rows are not correlated.
+  for axis in (1, 2, 3):
+    a, b = np.moveaxis(keep, axis, 0)[:-1].ravel(), np.moveaxis(keep, axis, 0)[1:].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
+  other = np.asarray(models.AttentionDropout.from_key(jax.random.key(1), 0.1, 128).keep(
+      8, 4, (0, 128), 128))
+  assert abs(np.corrcoef(keep.ravel(), other.ravel())[0, 1]) < 0.01  # Another key, other masks.
+  p = jnp.full((8, 4, 128, 128), 0.5)
+  np.testing.assert_allclose(np.asarray(drop(p, (0, 128), 128)), np.where(keep, 0.5 / 0.9, 0.0),
+                             rtol=1e-6)
+
+
+def test_attention_dropout_masks_do_not_depend_on_length_or_query_block():
+  """A position's mask is the same in a padded bucket and in any query block: padded training
+  stays exact with attention dropout on."""
+  drop = models.AttentionDropout.from_key(jax.random.key(2), 0.3, 64)
+  q = jax.random.normal(jax.random.key(1), (2, 48, 3, 16))
+  long = models.blockwise_causal_attention(q, q, q, 16, drop)
+  short = models.blockwise_causal_attention(q[:, :32], q[:, :32], q[:, :32], 8, drop)
+  np.testing.assert_allclose(np.asarray(long[:, :32]), np.asarray(short), rtol=1e-5, atol=1e-6)
+  plain = models.blockwise_causal_attention(q, q, q, 16)
+  assert not np.allclose(np.asarray(long), np.asarray(plain))
+  one_call = models.attend(q, q, q, "dot_product", 16, drop)  # One block: the accelerators' path.
+  np.testing.assert_allclose(np.asarray(one_call), np.asarray(long), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_dropout_leaves_the_fused_kernels_and_refuses_them_explicitly():
+  for backend in ("gpu", "tpu"):
+    kernel, why = models.resolve_attention("auto", "bfloat16", backend, attention_dropout=0.1)
+    assert kernel == "dot_product" and "model.attention_dropout=0.1" in why
+  assert models.resolve_attention("auto", "bfloat16", "cpu", attention_dropout=0.1)[0] == \
+      "blockwise"
+  for kernel, backend in (("cudnn", "gpu"), ("splash", "tpu")):
+    with pytest.raises(config_lib.ConfigError, match=rf"config.model.attention='{kernel}' is "
+                       r"invalid with model.attention_dropout=0.1: the fused kernels apply no"):
+      models.resolve_attention(kernel, "bfloat16", backend, attention_dropout=0.1)
+  cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=32, n_head=2, max_seqlen=16,
+                         attention_dropout=0.5)
+  model, tokens = build(cfg), jnp.ones((2, 16), jnp.int32)
+  np.testing.assert_array_equal(forward(model, tokens), forward(model, tokens))
+  assert not np.allclose(forward(model, tokens, deterministic=False), forward(model, tokens))
+
+
 def test_train_flops_per_token(load_config):
   cfg = _model_cfg(load_config, "gpt2_117m")
   flops = models.train_flops_per_token(cfg, 1024, PUBLISHED["gpt2_117m"])
@@ -226,7 +273,8 @@ def test_cudnn_attention_lowers_to_the_fused_kernel(monkeypatch):
   from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=all
   fake_cudnn = types.SimpleNamespace(cudnn_get_version=lambda: 91000)
   monkeypatch.setattr(fused, "cuda_versions", fake_cudnn)
-  monkeypatch.setattr(models, "resolve_attention", lambda a, d, b=None: ("cudnn", "test"))
+  monkeypatch.setattr(models, "resolve_attention",
+                      lambda a, d, b=None, attention_dropout=0.0: ("cudnn", "test"))
   q = jnp.ones((2, 64, 4, 64), jnp.bfloat16)
   loss = lambda q: models.attend(q, q, q, "cudnn", 128).astype(jnp.float32).sum()  # noqa
   text = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
@@ -263,10 +311,10 @@ def test_bfloat16_accumulates_scores_and_head_in_float32_and_stays_close():
 @pytest.mark.parametrize("remat,dropout", [("block", 0.0), ("dots", 0.0), ("block", 0.1),
                                            ("dots", 0.1)])
 def test_remat_gives_the_same_gradients(remat, dropout):
-  """Recomputation changes no value: with dropout on, the recomputed forward draws the same
-  masks as the first one and as remat=none."""
+  """Recomputation changes no value: with dropout on (residual and attention), the recomputed
+  forward draws the same masks as the first one and as remat=none."""
   cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=32,
-                         dropout=dropout)
+                         dropout=dropout, attention_dropout=dropout)
   tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, 259)
   _, _, (loss, _), reference = loss_and_grads(cfg, tokens)
   graphdef, params, (loss_remat, _), ours = loss_and_grads(
@@ -290,7 +338,8 @@ def loss_and_grads(cfg, tokens):
   graphdef, params = nnx.split(build(cfg), nnx.Param)
 
   def loss(p):
-    logits = nnx.merge(graphdef, p)(tokens[:, :-1], deterministic=cfg.dropout == 0.0,
+    deterministic = cfg.dropout == 0.0 and cfg.attention_dropout == 0.0
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1], deterministic=deterministic,
                                      rngs=nnx.Rngs(dropout=5))
     return optax_ce(logits, tokens[:, 1:]), logits
 

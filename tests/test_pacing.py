@@ -8,32 +8,58 @@ import pytest
 from slw_jax import config_lib, pacing
 
 
-def deepspeed_difficulty(t, kind, start, end, total, step, degree=1.0, stages=None):
-  """DeepSpeed CurriculumScheduler.get_difficulty, re-derived from its documented arithmetic."""
-  if kind == "discrete":
-    difficulties, max_steps = [s for s, _ in stages] + [end], [m for _, m in stages]
-    for difficulty, max_step in zip(difficulties, max_steps):
-      if t <= max_step:
-        return difficulty
-    return difficulties[-1]
-  degree = 1 if kind == "linear" else degree
-  value = (float(t) / total) ** (1.0 / degree)
-  value = math.floor(value * (end - start) + start)
-  value -= value % step
-  value = max(value, -(-start // step) * step)
-  return min(value, end)
+class DeepSpeedCurriculum:
+  """An independent transcription of DeepSpeed's stateful `CurriculumScheduler`
+  (deepspeed/runtime/data_pipeline/curriculum_scheduler.py): it keeps a current difficulty,
+  returns it unchanged once it reaches the maximum, and otherwise computes
+  floor(((t / total) ** (1 / degree)) * (max - min) + min), minus that value modulo
+  difficulty_step, capped at the maximum; `fixed_discrete` moves to the next difficulty once
+  t passes the current one's max_step. Nothing here is shared with slw_jax.pacing."""
+
+  def __init__(self, kind, start, end, total, step, degree=1.0, stages=None):
+    self.kind, self.min, self.max, self.current = kind, start, end, start
+    self.total, self.step, self.degree = total, step, 1.0 if kind == "linear" else degree
+    if kind == "discrete":  # {difficulty: [its max_step, the next difficulty]}
+      difficulties = [s for s, _ in stages] + [end]
+      self.schedule = {d: [m, difficulties[i + 1]] for i, (d, m) in enumerate(stages)}
+
+  def next_difficulty(self, global_steps):
+    if self.current >= self.max:
+      return self.current
+    if self.kind == "discrete":
+      max_step, following = self.schedule[self.current]
+      if global_steps > max_step:
+        self.current = following
+      return self.current
+    value = (float(global_steps) / self.total) ** (1.0 / self.degree)
+    value = math.floor(value * (self.max - self.min) + self.min)
+    value -= value % self.step
+    self.current = min(value, self.max)
+    return self.current
+
+
+def deepspeed_difficulties(steps, kind, start, end, total, step, degree=1.0, stages=None):
+  """DeepSpeed's difficulty at each of `steps` (ascending), from one scheduler stepped through
+  them in order as its engine does."""
+  scheduler = DeepSpeedCurriculum(kind, start, end, total, step, degree, stages)
+  return [scheduler.next_difficulty(t) for t in steps]
 
 
 def _pacing(load_config, **overrides):
   overrides.setdefault("pacing__multiple", 8)  # The paper's rounding (tiny.py uses 32 on CPU).
+  overrides.setdefault("pacing__seqlen_start", 16)
   return config_lib.validate(load_config("tiny", **overrides))
 
 
 BOUNDARY_CASES = [
     dict(pacing__kind="linear", pacing__seqlen_start=16, pacing__duration_steps=150),
     dict(pacing__kind="linear", pacing__seqlen_start=12, pacing__duration_steps=7),
-    dict(pacing__kind="linear", pacing__seqlen_start=8, pacing__duration_steps=1,
+    dict(pacing__kind="linear", pacing__seqlen_start=20, pacing__duration_steps=1,
          pacing__multiple=16),
+    dict(pacing__kind="linear", pacing__seqlen_start=72, pacing__duration_steps=115,
+         pacing__seqlen_end=256),  # gpt3_125m's start, a multiple of 8.
+    dict(pacing__kind="linear", pacing__seqlen_start=100, pacing__duration_steps=40,
+         pacing__multiple=32),  # Rounds down to 96 at step 0.
     dict(pacing__kind="linear", pacing__seqlen_start=256, pacing__duration_steps=10),
     dict(pacing__kind="root", pacing__seqlen_start=8, pacing__duration_steps=150,
          pacing__root_degree=2.0),
@@ -51,16 +77,32 @@ def test_linear_and_root_match_deepspeed_everywhere(load_config, overrides):
   total = p.duration_steps
   steps = sorted(set(range(0, 3 * total + 5)) | {0, 1, total - 1, total, total + 1, 10**7})
   ours = pacing.seqlens(p, np.array(steps))
-  theirs = [deepspeed_difficulty(t, p.kind, p.seqlen_start, p.seqlen_end, total, p.multiple,
-                                 p.root_degree) for t in steps]
+  theirs = deepspeed_difficulties(steps, p.kind, p.seqlen_start, p.seqlen_end, total, p.multiple,
+                                  p.root_degree)
   np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("start,multiple,first", [(12, 8, 8), (13, 8, 8), (100, 32, 96),
+                                                  (72, 8, 72), (31, 16, 16)])
+def test_a_start_off_the_multiple_rounds_down_like_deepspeed(load_config, start, multiple, first):
+  p = _pacing(load_config, pacing__seqlen_start=start, pacing__multiple=multiple,
+              pacing__duration_steps=50).pacing
+  assert pacing.seqlen_at(p, 0) == first
+  assert deepspeed_difficulties([0], "linear", start, p.seqlen_end, 50, multiple) == [first]
+
+
+@pytest.mark.parametrize("start,multiple", [(4, 8), (7, 8), (16, 32)])
+def test_a_start_below_the_multiple_is_a_config_error(load_config, start, multiple):
+  with pytest.raises(config_lib.ConfigError, match=rf"config.pacing.seqlen_start={start} is "
+                     rf"invalid: must be an integer in \[pacing.multiple={multiple}, "):
+    _pacing(load_config, pacing__seqlen_start=start, pacing__multiple=multiple)
 
 
 @pytest.mark.parametrize("overrides", BOUNDARY_CASES)
 def test_boundaries_rounding_and_monotonicity(load_config, overrides):
   p = _pacing(load_config, **overrides).pacing
   total, m = p.duration_steps, p.multiple
-  first_multiple = -(-p.seqlen_start // m) * m
+  first_multiple = p.seqlen_start - p.seqlen_start % m  # Rounded down, as DeepSpeed does.
   values = pacing.seqlens(p, np.arange(0, 3 * total + 2))
   assert pacing.seqlen_at(p, 0) == min(first_multiple, p.seqlen_end)
   assert pacing.seqlen_at(p, total) == p.seqlen_end
@@ -93,7 +135,7 @@ def test_discrete_matches_deepspeed_fixed_discrete(load_config):
   p = _pacing(load_config, pacing__kind="discrete", pacing__stages=stages).pacing
   steps = list(range(0, 40))
   ours = pacing.seqlens(p, np.array(steps))
-  theirs = [deepspeed_difficulty(t, "discrete", 0, 256, 0, 8, stages=stages) for t in steps]
+  theirs = deepspeed_difficulties(steps, "discrete", stages[0][0], 256, 0, 8, stages=stages)
   np.testing.assert_array_equal(ours, theirs)
   assert [pacing.seqlen_at(p, t) for t in (0, 9, 10, 19, 20, 10**6)] == [32, 32, 128, 128, 256,
                                                                         256]

@@ -144,7 +144,8 @@ def _paper(name, **overrides):
 
 
 def test_plan_shows_padded_bucket_lengths_and_their_padding():
-  c = _paper("tiny", **{"pacing.multiple": 8, "compile.pad_multiple": 64})
+  c = _paper("tiny", **{"pacing.multiple": 8, "pacing.seqlen_start": 8,
+                        "compile.pad_multiple": 64})
   built = plan.build_plan(c)
   assert [b["seqlen"] for b in built["buckets"]] == [64, 128, 192, 256]
   assert built["buckets"][0]["padding_fraction"] > 0.3  # Lengths 8..64 run at 64.
@@ -211,7 +212,7 @@ def test_measured_compile_seconds_compile_the_shortest_and_longest_bucket(monkey
   c = _paper("tiny", **{"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2,
                         "model.max_seqlen": 64, "pacing.multiple": 8, "batch_size": 4,
                         "train_tokens": None, "train_steps": 20, "pacing.duration_steps": 10,
-                        "optim.warmup_steps": 2})
+                        "optim.warmup_steps": 2, "pacing.seqlen_start": 16})
   seen, real = [], plan.simulated_steps
   monkeypatch.setattr(plan, "simulated_steps",
                       lambda config, *a, **k: seen.append(config.model.attention) or real(

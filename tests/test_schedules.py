@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from slw_jax import config_lib, pacing, schedules
+from slw_jax import config_lib, pacing, schedules, train_step
 
 
 def _lrs(load_config, **overrides):
@@ -72,7 +72,8 @@ def test_no_warmup(load_config):
 
 
 def _tiny_params():
-  return {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "b": jnp.array([0.1, -0.2])}
+  return {"fc_weight_df": jnp.array([[1.0, -2.0], [3.0, 0.5]]),
+          "fc_bias_f": jnp.array([0.1, -0.2])}
 
 
 def test_optimizer_equals_hand_written_adamw_with_clipping(load_config):
@@ -80,12 +81,13 @@ def test_optimizer_equals_hand_written_adamw_with_clipping(load_config):
   o = c.optim
   opt = schedules.make_optimizer(o)
   params = _tiny_params()
-  grads = {"w": jnp.array([[3.0, 0.0], [0.0, 4.0]]), "b": jnp.array([0.0, 0.0])}
+  grads = {"fc_weight_df": jnp.array([[3.0, 0.0], [0.0, 4.0]]),
+           "fc_bias_f": jnp.array([0.0, 0.0])}
   state = schedules.set_learning_rate(opt.init(params), 0.01)
   updates, state = opt.update(grads, state, params)
   new = optax.apply_updates(params, updates)
   scale = 1.0 / 5.0  # Global norm 5 clipped to 1.
-  for name, decay in (("w", True), ("b", False)):
+  for name, decay in (("fc_weight_df", True), ("fc_bias_f", False)):
     g = np.asarray(grads[name]) * scale
     m, v = (1 - o.b1) * g, (1 - o.b2) * g * g
     step = (m / (1 - o.b1)) / (np.sqrt(v / (1 - o.b2)) + o.eps)
@@ -107,3 +109,40 @@ def test_adam_nu_stats_equal_numpy(load_config):
   stats = schedules.adam_nu_stats(state)
   assert float(stats["adam_nu_l1"]) == pytest.approx(roots.sum(), rel=1e-6)
   assert float(stats["adam_nu_max"]) == pytest.approx(roots.max(), rel=1e-6)
+
+
+# Written out, not derived: every parameter of the model that takes weight decay.
+DECAYED = {"wte_vd", "wpe_ld", "qkv_weight_dchk", "out_weight_hkd", "fc_weight_df",
+           "proj_weight_fd"}
+NOT_DECAYED = {"qkv_bias_chk", "out_bias_d", "fc_bias_f", "proj_bias_d", "bias_d", "scale_d"}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_goes_to_weights_and_embeddings_by_name(load_config, scan_layers):
+  """By name, never by rank: the [3, H, K] QKV bias and a scanned model's stacked [layers, D]
+  LayerNorm parameters and biases take none."""
+  c = config_lib.validate(load_config("tiny", model__scan_layers=scan_layers))
+  _, params = train_step.build_model(c)
+  mask = schedules._decay_mask(params)
+  decayed, plain = set(), set()
+  for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    (decayed if flag else plain).add(schedules.parameter_name(path))
+  assert decayed == DECAYED and plain == NOT_DECAYED
+
+
+def test_a_parameter_name_in_neither_list_is_refused():
+  with pytest.raises(ValueError, match="parameter 'gate_df' is neither a weight nor a bias"):
+    schedules.decays("gate_df")
+
+
+def test_weight_decay_reaches_exactly_the_decayed_names(load_config):
+  """One AdamW update with zero gradients moves only the decayed parameters."""
+  c = config_lib.validate(load_config("tiny", model__scan_layers=True, optim__weight_decay=0.5))
+  _, abstract = train_step.build_model(c)
+  params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract)
+  opt = schedules.make_optimizer(c.optim)
+  state = schedules.set_learning_rate(opt.init(params), 0.1)
+  updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    moved = bool(jnp.any(update != 0))
+    assert moved == (schedules.parameter_name(path) in DECAYED), jax.tree_util.keystr(path)

@@ -43,12 +43,14 @@ def test_one_step_equals_hand_computed_adamw(setup):
   norm = np.sqrt(sum((g * g).sum() for g in leaves))
   assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5)
   scale = min(1.0, o.clip_norm / norm)
-  for p, g, new in zip(jax.tree.leaves(state["params"]), leaves,
-                       jax.tree.leaves(new_state["params"])):
+  paths = [schedules.parameter_name(path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]]
+  for name, p, g, new in zip(paths, jax.tree.leaves(state["params"]), leaves,
+                             jax.tree.leaves(new_state["params"])):
     g = g * scale
     m, v = (1 - o.b1) * g, (1 - o.b2) * g * g
     update = (m / (1 - o.b1)) / (np.sqrt(v / (1 - o.b2)) + o.eps)
-    if p.ndim >= 2:
+    if name in ("wte_vd", "wpe_ld") or "_weight_" in name:  # Weight decay by name.
       update = update + o.weight_decay * np.asarray(p)
     expected = np.asarray(p) - lr * update
     # Where |g| is near eps (e.g. key biases: zero gradient in exact arithmetic) Adam amplifies
@@ -87,6 +89,28 @@ def test_skip_leaves_parameters_unchanged_on_a_nan_batch(setup):
   assert int(after["skipped"]) == 1 and float(after["min_loss"]) == float(before["min_loss"])
   fine, metrics = step(after, batch, jnp.float32(1e-3))
   assert np.isfinite(float(metrics["loss"])) and not bool(metrics["skipped"])
+
+
+def test_skip_drops_an_update_whose_loss_is_finite_but_gradients_are_not(setup, monkeypatch):
+  """A finite loss does not prove finite gradients: the step must look at the gradient norm."""
+  c, optimizer, graphdef, state, batch = setup
+  original = train_step.make_loss_and_grads
+
+  def nan_gradients(*args):
+    loss_and_grads = original(*args)
+
+    def poisoned(params, batch, step):
+      loss, grads = loss_and_grads(params, batch, step)
+      return loss, jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    return poisoned
+  monkeypatch.setattr(train_step, "make_loss_and_grads", nan_gradients)
+  before = jax.tree.map(np.asarray, state)
+  after, metrics = _step(c, graphdef, optimizer, True)(jax.tree.map(jnp.copy, state), batch,
+                                                       jnp.float32(1e-3))
+  assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+  assert bool(metrics["skipped"]) and int(after["skipped"]) == 1
+  for old, new in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"])):
+    np.testing.assert_array_equal(old, new)
 
 
 def test_skip_on_loss_ratio_above_threshold(setup):
@@ -239,11 +263,13 @@ def test_chunked_head_equals_the_whole_head(seqlen, pad):
 @pytest.mark.parametrize("overrides,microbatches", [
     ({}, 1), ({"model.remat": "block"}, 2), ({"model.scan_layers": True}, 4),
     ({"model.dropout": 0.1}, 1),
-    ({"model.dropout": 0.1, "model.scan_layers": True, "model.remat": "block"}, 2)])
+    ({"model.dropout": 0.1, "model.attention_dropout": 0.1, "model.scan_layers": True,
+      "model.remat": "block"}, 2)])
 def test_a_padded_bucket_trains_exactly_like_the_real_length(overrides, microbatches):
   """compile.pad_multiple: a length-20 batch right-padded to 32 (targets PAD_TARGET, inputs
   token 0) gives the loss, gradient norm, Adam statistics and updates of the length-20 step;
-  with dropout on, the real positions draw the same masks (models.PositionKeyedDropout)."""
+  with dropout on, the real positions draw the same masks (models.PositionKeyedDropout,
+  models.AttentionDropout)."""
   from slw_jax import trainer  # pylint: disable=g-import-not-at-top
   c = _microbatch_config(**overrides)
   optimizer = schedules.make_optimizer(c.optim)

@@ -9,11 +9,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO, TEST_RUN, metric_rows as _rows
-from slw_jax import config_lib, hardware, input_pipeline, prepare, reporting, trainer
+from slw_jax import (config_lib, hardware, input_pipeline, prepare, reporting, train_step,
+                     trainer)
 
 
 
@@ -206,6 +208,50 @@ def test_repeated_rollbacks_never_replay_skipped_data(make_config, tmp_path, mon
   assert sum(r["loss"] == "nan" for r in _rows(tmp_path)) == 2  # Each bad batch seen once.
   saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert saved[-1] == 12 and all(k % 4 == 0 for k in saved)
+
+
+def _nan_gradients_at(monkeypatch, hit):
+  """Steps where `hit(step)` (traced) get a finite loss but NaN gradients, inside the step."""
+  original = train_step.make_loss_and_grads
+
+  def poisoned_factory(*args):
+    loss_and_grads = original(*args)
+
+    def poisoned(params, batch, step):
+      loss, grads = loss_and_grads(params, batch, step)
+      return loss, jax.tree.map(lambda g: jnp.where(hit(step), jnp.nan, g), grads)
+    return poisoned
+  monkeypatch.setattr(train_step, "make_loss_and_grads", poisoned_factory)
+
+
+def test_bad_gradients_are_skipped_then_too_many_in_a_row_stop_the_run(make_config, tmp_path,
+                                                                       monkeypatch):
+  """Skip drops one finite-loss NaN-gradient update (step 3); from step 6 every update is bad,
+  and after monitor.max_bad_in_a_row of them the run stops with one line, checkpoints kept."""
+  _nan_gradients_at(monkeypatch, lambda step: (step == 3) | (step >= 6))
+  c = make_config(monitor__action="skip", monitor__max_bad_in_a_row=3, checkpoint__every_steps=4)
+  with pytest.raises(trainer.BadStepsStop, match=r"^the last 3 steps \(up to step 8\) were all "
+                     r"bad \(monitor.max_bad_in_a_row=3: non-finite loss or gradient norm.*"
+                     r"checkpoints kept in .*\(the newest before them: step 8\)"):
+    trainer.Trainer(c, str(tmp_path)).run()
+  rows = _rows(tmp_path)
+  assert [r["step"] for r in rows if r.get("skipped")] == [3, 6, 7, 8]
+  assert all(np.isfinite(r["loss"]) for r in rows)  # The skipped updates never reached params.
+  assert [e["event"] for e in _events(tmp_path)] == ["skip", "skip", "skip", "skip", "stop"]
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert saved == [0, 4, 8]  # Skipped updates leave nothing bad to save.
+
+
+def test_applied_bad_updates_are_never_checkpointed(make_config, tmp_path, monkeypatch):
+  """Under monitor.action=log NaN gradients reach the parameters: no checkpoint is saved during
+  the streak, and the stop names the newest checkpoint from before it."""
+  _nan_gradients_at(monkeypatch, lambda step: step >= 5)
+  c = make_config(monitor__max_bad_in_a_row=4, checkpoint__every_steps=2)
+  with pytest.raises(trainer.BadStepsStop, match=r"the last 4 steps \(up to step 8\).*"
+                     r"\(the newest before them: step 4\)"):
+    trainer.Trainer(c, str(tmp_path)).run()
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert saved == [0, 2, 4]  # Steps 6 and 8 came after bad updates: not saved.
 
 
 def test_memory_check_stops_before_step_0(make_config, tmp_path, monkeypatch):
