@@ -233,6 +233,8 @@ class Tuner:
       self.log(f"T={low} already fluctuates; taking it, the shortest T the search allows")
       return low
     if high == low or steady(high):
+      self.log(f"T={high} (tune.max_duration_warmups) is steady: taking the search's upper end "
+               "(raise tune.max_duration_warmups to search further)")
       return high
     for _ in range(t.search_trials):
       if high - low <= 1:
