@@ -9,6 +9,8 @@ copy in which defaults that depend on other fields are filled in (`pacing.seqlen
 
 from __future__ import annotations
 
+import json
+
 import os
 
 from ml_collections import config_dict
@@ -281,6 +283,27 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
 
 
 ACCELERATOR_KERNELS = ("cudnn", "splash")  # Attention kernels only a GPU / TPU compiles.
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """A nested config dict as {"a.b": value}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def first_difference(saved: dict, current: dict) -> str:
+  """"a.b=X there, Y here" for the first field (sorted) where two configs, nested or flat,
+  differ after a JSON round trip (tuples and lists compare equal); "" when none does."""
+  there, here = (flatten(json.loads(json.dumps(d))) for d in (saved, current))
+  for key in sorted(set(there) | set(here)):
+    if there.get(key) != here.get(key):
+      return f"{key}={there.get(key)!r} there, {here.get(key)!r} here"
+  return ""
 
 
 def saved_defaults(config: dict) -> dict:

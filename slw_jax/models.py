@@ -523,7 +523,7 @@ def _scan_blocks(remat: str, stacked: Block, x_bld, deterministic: bool, keys):
   return x_bld
 
 
-def _path_names(path) -> tuple:
+def path_names(path) -> tuple:
   """A pytree key path as plain names and indices (dict keys, attributes, list indices)."""
   return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 
@@ -532,11 +532,11 @@ def restack_blocks(source, target, n_layer: int):
   """`source`, a pytree holding the model's parameters (params, optimizer state, or a pure
   dict) with unrolled or stacked blocks, rearranged like `target` (arrays or
   ShapeDtypeStructs, with the other setting): "blocks/i/x" <-> row i of "blocks/x"."""
-  flat = {_path_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+  flat = {path_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
   paths, treedef = jax.tree_util.tree_flatten_with_path(target)
   leaves = []
   for path, _ in paths:
-    names = _path_names(path)
+    names = path_names(path)
     if names in flat:
       leaves.append(flat[names])
       continue

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slw_jax import pacing
+from slw_jax import models, pacing
 
 
 def learning_rates(c, schedule: pacing.Schedule) -> np.ndarray:
@@ -58,8 +58,7 @@ NOT_DECAYED_PREFIXES = ("qkv_bias_", "out_bias_", "fc_bias_", "proj_bias_", "bia
 
 def parameter_name(path) -> str:
   """The name of a parameter leaf: its last dict key or attribute in `path` (not `.value`)."""
-  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-  return [n for n in names if isinstance(n, str) and n != "value"][-1]
+  return [n for n in models.path_names(path) if isinstance(n, str) and n != "value"][-1]
 
 
 def decays(name: str) -> bool:

@@ -186,13 +186,10 @@ class Trainer:
     # Only what shapes the parameters must match; attention, dtype and dropout may change.
     saved_model = {k: v for k, v in meta["config"]["model"].items() if k in PARAM_SHAPING}
     current = {k: v for k, v in self.c.model.to_dict().items() if k in PARAM_SHAPING}
-    if saved_model != current:
-      changed = sorted(k for k in set(saved_model) | set(current)
-                       if saved_model.get(k) != current.get(k))
-      raise StopTraining(
-          f"--workdir={self.workdir} holds checkpoints of another model (model."
-          f"{changed[0]}={saved_model.get(changed[0])!r} there, {self.c.model.get(changed[0])!r} "
-          "here): use a new --workdir or the same model config")
+    changed = config_lib.first_difference({"model": saved_model}, {"model": current})
+    if changed:
+      raise StopTraining(f"--workdir={self.workdir} holds checkpoints of another model "
+                         f"({changed}): use a new --workdir or the same model config")
     recorded = checkpoint.model_vocab(meta, self.c.data.vocab, self.workdir)
     if checkpoint.reads_other_ids(recorded, self.c.data.vocab):
       raise StopTraining(

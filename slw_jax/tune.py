@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from slw_jax import cli, config_lib, pacing, reporting
+from slw_jax import cli, config_lib, pacing, report, reporting
 
 STATE_FILE = "tune_state.json"
 # Fields a tuner directory may differ in from the config that started it: what it tunes, and
@@ -117,22 +117,25 @@ def _window(c, warmups: float) -> int:
   return max(2, round(warmups * warmup_steps(c)))
 
 
-def _plan_bounds(c) -> tuple[list[Trial], list[int]]:
-  """(start trials, T candidates): every trial the tuner could run, for the cost bound."""
-  t, warmup = c.tune, warmup_steps(c)
-  first = t.first_duration_warmups * warmup
-  starts = [Trial(s, first, _window(c, t.start_window_warmups)) for s in seqlen_starts(c)]
-  durations = [first, t.max_duration_warmups * warmup]
-  return starts, durations
+def start_trials(c) -> list[Trial]:
+  """Step 1's trials, in order: each start at the first T, over the start window."""
+  first = duration_range(c)[0]
+  return [Trial(s, first, _window(c, c.tune.start_window_warmups)) for s in seqlen_starts(c)]
+
+
+def duration_range(c) -> tuple[int, int]:
+  """The shortest and longest T the search tries, in steps."""
+  warmup = warmup_steps(c)
+  return c.tune.first_duration_warmups * warmup, c.tune.max_duration_warmups * warmup
 
 
 def cost_bound(c) -> int:
   """An upper bound on the tokens of all trials: every start, then the T search's two ends and
   `search_trials` bisection points, each costing at most the largest T-trial of any start
   (a longer T means shorter sequences early, so it bounds from the shortest T)."""
-  starts, durations = _plan_bounds(c)
-  window = _window(c, c.tune.window_warmups)
-  per_search_trial = max(trial_tokens(c, Trial(s.seqlen_start, durations[0], window))
+  starts, window = start_trials(c), _window(c, c.tune.window_warmups)
+  shortest = duration_range(c)[0]
+  per_search_trial = max(trial_tokens(c, Trial(s.seqlen_start, shortest, window))
                          for s in starts)
   return (sum(trial_tokens(c, s) for s in starts)
           + (2 + c.tune.search_trials) * per_search_trial)
@@ -160,7 +163,7 @@ class Tuner:
   # ----- state -------------------------------------------------------------------------------
 
   def _fingerprint(self) -> dict:
-    return {k: v for k, v in _flatten(self.c.to_dict()).items() if k not in FREE_FIELDS}
+    return {k: v for k, v in config_lib.flatten(self.c.to_dict()).items() if k not in FREE_FIELDS}
 
   def _load_state(self) -> dict:
     path = os.path.join(self.workdir, STATE_FILE)
@@ -168,14 +171,10 @@ class Tuner:
       return {}
     with open(path) as f:
       state = json.load(f)
-    mine = json.loads(json.dumps(self._fingerprint()))
-    theirs = state["config"]
-    changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    changed = config_lib.first_difference(state["config"], self._fingerprint())
     if changed:
-      key = changed[0]
       raise TuneError(f"--workdir={self.workdir} holds a tuner run of another config "
-                      f"({key}={theirs.get(key)!r} there, {mine.get(key)!r} here): use a new "
-                      "--workdir or the same config")
+                      f"({changed}): use a new --workdir or the same config")
     return {row["name"]: row for row in state["trials"]}
 
   def _save_state(self):
@@ -215,20 +214,19 @@ class Tuner:
     return row
 
   def choose_start(self) -> int:
-    t = self.c.tune
-    first, window = t.first_duration_warmups * self.warmup, _window(self.c, t.start_window_warmups)
-    starts = seqlen_starts(self.c)
-    for start in starts:
-      if not self.judge(Trial(start, first, window))["fluctuates"]:
-        return start
-    self.log(f"every start fluctuates at the beginning; taking the largest, {starts[-1]}")
-    return starts[-1]
+    trials = start_trials(self.c)
+    for trial in trials:
+      if not self.judge(trial)["fluctuates"]:
+        return trial.seqlen_start
+    largest = trials[-1].seqlen_start
+    self.log(f"every start fluctuates at the beginning; taking the largest, {largest}")
+    return largest
 
   def choose_duration(self, start: int) -> int:
     """The largest T in [first, max] warmup lengths whose window is steady (bisection)."""
     t, window = self.c.tune, _window(self.c, self.c.tune.window_warmups)
     steady = lambda T: not self.judge(Trial(start, T, window))["fluctuates"]  # noqa: E731
-    low, high = t.first_duration_warmups * self.warmup, t.max_duration_warmups * self.warmup
+    low, high = duration_range(self.c)
     if not steady(low):
       self.log(f"T={low} already fluctuates; taking it, the shortest T the search allows")
       return low
@@ -260,17 +258,6 @@ class Tuner:
     return result
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + "."))
-    else:
-      flat[name] = value
-  return flat
-
-
 def _verdict(row: dict) -> str:
   if row.get("diverged"):  # (Rows of an older tuner have no such key.)
     return "diverged (monitor.max_bad_in_a_row)"
@@ -287,8 +274,7 @@ def _trained_tokens(workdir: str) -> int:
 
 
 def _metric_rows(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return report.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 def _val_curve(workdir: str) -> list[tuple[int, float]]:

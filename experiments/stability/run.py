@@ -121,7 +121,7 @@ def run_arm(c, workdir: str) -> dict:
     with open(done) as f:
       record = json.load(f)
     if record["config"] != config:
-      changed = _first_difference(record["config"], config)
+      changed = config_lib.first_difference(record["config"], config)
       raise StudyError(f"{workdir} holds a run of another regime ({changed}): use a new --out "
                        "for another regime")
     print(f"{workdir}: finished earlier, reused", flush=True)
@@ -147,19 +147,6 @@ def run_arm(c, workdir: str) -> dict:
 def _record(workdir: str) -> dict:
   with open(os.path.join(workdir, DONE_FILE)) as f:
     return json.load(f)
-
-
-def _first_difference(saved: dict, current: dict, prefix: str = "") -> str:
-  """'a.b=X there, Y here' for the first field where two nested config dicts differ."""
-  for key in sorted(set(saved) | set(current)):
-    there, here = saved.get(key), current.get(key)
-    if isinstance(there, dict) and isinstance(here, dict):
-      found = _first_difference(there, here, f"{prefix}{key}.")
-      if found:
-        return found
-    elif there != here:
-      return f"{prefix}{key}={there!r} there, {here!r} here"
-  return ""
 
 
 def check_unstable(run: report.Run, config) -> float:
