@@ -9,12 +9,22 @@ This module saves and restores; when to do so is the trainer's decision.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 
 import orbax.checkpoint as ocp
 
 from slw_jax import config_lib
+
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # A save in progress (renamed to its step when complete).
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, directory not writable); the checkpoints
+  written before it are intact (orbax renames a save into place only once it is complete)."""
 
 
 class Checkpoints:
@@ -24,6 +34,7 @@ class Checkpoints:
                                            enable_async_checkpointing=async_save)
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving = None  # The step of the newest save started (its error may come later).
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -31,23 +42,65 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def complete_steps(self) -> list[int]:
+    """The steps whose save finished, as the directory shows them now (a save in progress is
+    still a temporary directory; orbax renames it to its step when complete)."""
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
   def save(self, step: int, state, meta: dict):
     """Starts saving (returns at once when asynchronous); a step already saved is kept as is
     (it holds the same state: steps are deterministic). Raises if orbax refuses the save."""
     if step in self._manager.all_steps():
       return
-    saved = self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    with self._reporting_save_errors(step):  # Also raises an earlier async save's error.
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self._saving = step
     if not saved:
       raise RuntimeError(f"orbax did not save step {step} in {self.directory} (newest there: "
                          f"{self.latest_step()}); refusing to continue without checkpoints")
 
-  def delete_from(self, step: int):
-    """Deletes the checkpoints at `step` and after (an abandoned trajectory)."""
-    self._manager.wait_until_finished()
+  @contextlib.contextmanager
+  def _reporting_save_errors(self, step: int | None):
+    """Turns a failed write into one SaveError line naming the step, the directory and the
+    newest checkpoint still intact."""
+    try:
+      yield
+    except SaveError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except  # orbax and tensorstore's own.
+      complete = self.complete_steps()
+      newest = f"newest: step {complete[-1]}" if complete else "none was saved yet"
+      # An asynchronous save's error comes with the next call: name the save left unfinished.
+      unfinished = sorted(n.split(".")[0] for n in os.listdir(self.directory)
+                          if n.endswith(TMP_SUFFIX))
+      step = ", ".join(unfinished) or step
+      raise SaveError(f"could not save checkpoint {step} in {self.directory} "
+                      f"({config_lib.one_line(error, 300)}); the checkpoints saved before it are "
+                      f"intact ({newest}): free disk space or make the directory writable, then "
+                      "resume") from error
+
+  def delete_after(self, step: int):
+    """Deletes the checkpoints after `step` (an abandoned trajectory); `step` itself stays."""
+    self.wait()
     for existing in self.steps():
-      if existing >= step:
+      if existing > step:
         self._manager.delete(existing)
+
+  def set_aside(self, step: int, where: str) -> str:
+    """Moves an unreadable checkpoint out of the directory (kept for inspection: nothing is
+    deleted) so that it is neither resumed nor mistaken for a saved step; returns its path."""
+    os.makedirs(where, exist_ok=True)
+    moved = os.path.join(where, f"step_{step}")
+    while os.path.exists(moved):
+      moved += "_again"
+    shutil.move(os.path.join(self.directory, str(step)), moved)
+    self.reload()
+    return moved
+
+  def reload(self):
+    """Lists the saved steps again (after another process changed the directory)."""
+    self._manager.reload()
 
   def restore(self, step: int, abstract_state):
     """(state, meta) of a saved step, laid out like `abstract_state` (shapes and shardings)."""
@@ -71,13 +124,13 @@ class Checkpoints:
     return restored["meta"]
 
   def wait(self):
-    """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is on disk; raises SaveError if one failed."""
+    with self._reporting_save_errors(self._saving):
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
-
 
 
 @dataclasses.dataclass(frozen=True)

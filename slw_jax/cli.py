@@ -36,9 +36,7 @@ class UsageError(ValueError):
   """A bad flag or file given on the command line."""
 
 
-def _one_line(error: BaseException, limit: int = 400) -> str:
-  text = " ".join(str(error).split()) or type(error).__name__
-  return text if len(text) <= limit else text[:limit] + " ..."
+one_line = config_lib.one_line
 
 
 @contextlib.contextmanager
@@ -47,7 +45,7 @@ def exit_on_bad_input():
   try:
     yield
   except (ValueError, TypeError, flags.Error, OSError) as error:
-    print(f"error: {_one_line(error)}", file=sys.stderr)
+    print(f"error: {one_line(error)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -79,7 +77,7 @@ def parse_flags(argv) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    raise UsageError(_one_line(error)) from None
+    raise UsageError(one_line(error)) from None
 
 
 def config_path(argv) -> str | None:
@@ -107,7 +105,7 @@ def parse_config(argv, adjust=None) -> config_dict.FrozenConfigDict:
   try:
     plain = config_lib.load_config_file(path)
   except Exception as error:  # The config file itself failed to import or run.
-    raise UsageError(f"--config={path} could not be loaded: {_one_line(error)}") from None
+    raise UsageError(f"--config={path} could not be loaded: {one_line(error)}") from None
   _check_override_paths(plain, _override_paths(argv))
   parse_flags(argv)
   if adjust is not None:

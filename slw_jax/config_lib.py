@@ -93,6 +93,10 @@ def base_config() -> config_dict.ConfigDict:
   k.every_steps = 1000  # Save every this many steps (and at the end, and on SIGTERM/SIGINT).
   k.keep = 3  # Checkpoints kept (older ones are deleted).
   k.async_save = True  # Save in the background while training continues.
+  # SIGTERM/SIGINT: finish the step, save, exit 0 within this many seconds of the signal; a
+  # save that cannot finish in time is abandoned (the previous checkpoint stays the newest).
+  # 30 s: the grace period of Kubernetes, SLURM's KillWait and GCE spot preemption.
+  k.preemption_timeout_s = 30.0
 
   c.monitor = mon = config_dict.ConfigDict()
   mon.ratio_threshold = 1.2  # A step with loss / min previous loss above this is "unstable".
@@ -167,6 +171,12 @@ def base_config() -> config_dict.ConfigDict:
 
 class ConfigError(ValueError):
   """A bad config value: the message names the field, the value and what is allowed."""
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+  """An error's message on one line, cut at `limit` characters (for `error: ...` lines)."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _fail(field: str, value, allowed: str):
@@ -296,14 +306,24 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def first_difference(saved: dict, current: dict) -> str:
-  """"a.b=X there, Y here" for the first field (sorted) where two configs, nested or flat,
-  differ after a JSON round trip (tuples and lists compare equal); "" when none does."""
+def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+  """(field, saved value, current value) for every field (sorted) where two configs, nested or
+  flat, differ after a JSON round trip (tuples and lists compare equal)."""
   there, here = (flatten(json.loads(json.dumps(d))) for d in (saved, current))
-  for key in sorted(set(there) | set(here)):
-    if there.get(key) != here.get(key):
-      return f"{key}={there.get(key)!r} there, {here.get(key)!r} here"
-  return ""
+  return [(key, there.get(key), here.get(key)) for key in sorted(set(there) | set(here))
+          if there.get(key) != here.get(key)]
+
+
+def describe_difference(difference: tuple[str, object, object]) -> str:
+  key, there, here = difference
+  return f"{key}={there!r} there, {here!r} here"
+
+
+def first_difference(saved: dict, current: dict) -> str:
+  """"a.b=X there, Y here" for the first field (sorted) where two configs differ; "" when none
+  does (see `differences`)."""
+  found = differences(saved, current)
+  return describe_difference(found[0]) if found else ""
 
 
 def saved_defaults(config: dict) -> dict:
@@ -406,6 +426,9 @@ def _validate_runtime(c):
            "must be an integer >= 1" if field != "max_rollbacks" else "must be an integer >= 0")
   _check(c.eval.batch_size is None or (_is_int(c.eval.batch_size) and c.eval.batch_size >= 1),
          "eval.batch_size", c.eval.batch_size, "must be an integer >= 1, or unset")
+  timeout = c.checkpoint.preemption_timeout_s
+  _check(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
+         "checkpoint.preemption_timeout_s", timeout, "must be a number of seconds > 0")
   m = c.monitor
   _check(m.action in MONITOR_ACTIONS, "monitor.action", m.action,
          f"must be one of {', '.join(MONITOR_ACTIONS)}")

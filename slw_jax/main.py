@@ -4,6 +4,7 @@ Several processes (launch/*): add --coordinator_address=HOST:PORT --num_processe
 --process_id=I (or the SLW_* variables), or run under SLURM / a TPU pod, which are detected.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -15,6 +16,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run; env "
                                       "SLW_NUM_PROCESSES.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index; env SLW_PROCESS_ID.")
+_ALLOW_SCHEDULE_CHANGE = flags.DEFINE_bool(
+    "allow_schedule_change", False, "Resume checkpoints saved under another recipe (batch "
+    "size, token budget, pacing, optimizer, seed), recorded as an event; without it such a "
+    "resume stops naming the field.")
 
 
 def main(argv=None):
@@ -30,16 +35,23 @@ def main(argv=None):
     hardware.use_gpu_memory_fraction()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-      run = trainer.Trainer(config, cli.WORKDIR.value)  # Checks mesh, data and config ...
+      run = trainer.Trainer(config, cli.WORKDIR.value,  # Checks mesh, data and config ...
+                            allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
       run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
     except trainer.StopTraining as error:
       raise cli.UsageError(str(error)) from None
+  from slw_jax import checkpoint  # pylint: disable=g-import-not-at-top
   try:
     summary = run.run()
-  except trainer.StopTraining as error:
-    print(f"error: {error}", file=sys.stderr)
+  except (trainer.StopTraining, checkpoint.SaveError, OSError) as error:  # E.g. a full disk.
+    print(f"error: {cli.one_line(error)}", file=sys.stderr)
     sys.exit(1)
-  sys.exit(0 if summary["completed"] or summary["stopped_by"] else 1)
+  status = 0 if summary["completed"] or summary["stopped_by"] else 1
+  if summary["save_abandoned"]:  # Within the preemption deadline: orbax's writer not awaited.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ def truncate_jsonl(path: str, before_step: int):
     if (step < before_step or ("val_loss" in row and step == before_step) or
         row.get("event") == "rollback"):
       kept.append(line)
-  with open(path, "w") as f:
-    f.writelines(kept)
+  replace_durably(path, lambda f: f.writelines(kept))
 
 
 class RunLog:
@@ -145,9 +144,23 @@ def perplexity(loss: float) -> float:
   return math.exp(min(loss, 700.0))
 
 
-def write_json(path: str, data: dict):
-  """Writes atomically (temp file + rename): a reader never sees half a summary."""
+def replace_durably(path: str, write):
+  """Replaces `path` with what `write(file)` writes, atomically and durably: a temp file,
+  flushed to disk, renamed over it. A crash at any moment leaves the old or the new file whole,
+  never half of one (a history of metrics rewritten in place could be lost)."""
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, default=_json_value)
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+  directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  try:
+    os.fsync(directory)  # The rename itself survives a power loss.
+  finally:
+    os.close(directory)
+
+
+def write_json(path: str, data: dict):
+  """Writes atomically and durably (`replace_durably`): a reader never sees half a file."""
+  replace_durably(path, lambda f: json.dump(data, f, indent=1, default=_json_value))

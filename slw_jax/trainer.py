@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -18,8 +19,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from slw_jax import (checkpoint, compile_cache, config_lib, distributed, hardware,
-                     input_pipeline, models, monitor, pacing, reporting, schedules, sharding,
-                     train_step)
+                     input_pipeline, models, monitor, pacing, reporting, resume, schedules,
+                     sharding, train_step)
 
 
 PARAM_SHAPING = models.GPTConfig.param_shaping_fields()  # Must match to resume.
@@ -39,10 +40,15 @@ class BadStepsStop(StopTraining):
 
 
 class Trainer:
-  """One run in `workdir`. `run()` trains to the end (or to a stop signal)."""
+  """One run in `workdir`. `run()` trains to the end (or to a stop signal).
 
-  def __init__(self, c, workdir: str, devices=None):
+  `allow_schedule_change`: resume checkpoints saved under another recipe (batch size, token
+  budget, pacing, optimizer; see slw_jax.resume), recording the change as an event.
+  """
+
+  def __init__(self, c, workdir: str, devices=None, allow_schedule_change: bool = False):
     self.c, self.workdir, self.devices = c, workdir, devices
+    self.allow_schedule_change = allow_schedule_change
     self.schedule = pacing.run_schedule(c)
     self.lrs = schedules.learning_rates(c, self.schedule)
     self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
@@ -71,6 +77,9 @@ class Trainer:
       input_pipeline.check_prepared_here(c.data.dir, jax.process_index())
     self.loader, self.val_index = input_pipeline.open_training_data(
         c, *self.layout.process_rows, log=self._print)
+    # Saved with every checkpoint: a resume on other token files is refused (slw_jax.resume).
+    self.data_fingerprint = {"train": resume.split_fingerprint(self.loader.index.tokens),
+                             "validation": resume.split_fingerprint(self.val_index.tokens)}
     hardware.enable_compilation_cache(c.compile.cache_dir)
     self.device = train_step.sharded_steps(
         c, placed, skip_bad=c.monitor.action == "skip", background=c.compile.background,
@@ -81,8 +90,9 @@ class Trainer:
     self.monitor = monitor.StabilityMonitor(c.monitor)
     self.num_params = placed.num_params
     self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
-    self.stop_signal, self._stop_before = None, None
+    self.stop_signal, self._stop_before, self.stop_time = None, None, None
     self.state, self.step = None, 0
+    self._journal_target = None  # The step of a rollback whose journal is still needed.
     self.carried_meta = {}  # Kept from the checkpoint resumed (CARRIED_META).
 
   def _batch_sizes(self) -> dict[str, int]:
@@ -141,21 +151,30 @@ class Trainer:
                 f"{limit / 2**30:.2f} GiB")
 
   def restore_or_init(self):
-    latest = self.checkpoints.latest_step()
-    if latest is None:
+    journal = self._read_journal()
+    if journal is not None:  # A rollback cut short: its abandoned checkpoints go first.
+      self.checkpoints.delete_after(journal["target"])
+    found = self._newest_usable()
+    if found is None:
       # Compiled here, beside the first bucket's compile in the pool.
       init = self.steps.compile_other("init", self.device.init, here=True).result()
       self.state, self.step = init(), 0
       self.save()  # A step-0 checkpoint: rollback always has a state older than any spike.
       return
-    self._check_resumable(self.checkpoints.read_meta(latest))
-    self.state, meta = self._restore(latest)
+    latest, self.state, meta = found
+    if journal is not None and journal["target"] == latest:
+      meta = {**meta, "loader": journal["loader"], "monitor": journal["monitor"]}
+      self._journal_target = latest
+      self._print(f"continuing the rollback to step {latest} recorded in {resume.JOURNAL}")
+    elif journal is not None and self.primary:
+      resume.clear_journal(self.workdir)  # Its target was unreadable: an older step resumes.
     self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
     note = self.loader.restore(meta["loader"])
     if note:
       self._print(note)
     self.monitor.load_state(meta["monitor"])
     self.step = latest
+    self._log_config_changes(latest)
     if meta["tokens"] != int(self.schedule.tokens_before[latest]):
       self._print(f"note: the checkpoint's step {latest} came after {meta['tokens']:,} tokens but "
                   f"this config's schedule reaches it after "
@@ -163,6 +182,49 @@ class Trainer:
                   "changed since it was saved (e.g. a seqlen_start now rounded down); the run "
                   "continues on this config's schedule")
     self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
+
+  def _read_journal(self) -> dict | None:
+    try:
+      return resume.read_journal(self.workdir)
+    except resume.ResumeError as error:
+      raise StopTraining(str(error)) from None
+
+  def _newest_usable(self):
+    """(step, state, meta) of the newest checkpoint that reads back whole; None when none is
+    saved. Unreadable newer ones (truncated files, missing items, garbage metadata) are set
+    aside with a warning, never deleted; when every one is unreadable the run stops."""
+    unreadable = []
+    for step in reversed(self.checkpoints.steps()):
+      try:
+        meta = self.checkpoints.read_meta(step)
+      except Exception as error:  # pylint: disable=broad-except  # orbax's and JSON's errors.
+        unreadable.append((step, error))
+        continue
+      self._check_resumable(meta)  # A config mismatch is not damage: it stops the run.
+      try:
+        state, meta = self._restore(step)
+      except Exception as error:  # pylint: disable=broad-except  # tensorstore's errors.
+        unreadable.append((step, error))
+        continue
+      for bad, error in unreadable:
+        self._set_aside(bad, error, step)
+      return step, state, meta
+    if unreadable:
+      listed = "; ".join(f"step {k}: {config_lib.one_line(e, 120)}" for k, e in unreadable)
+      raise StopTraining(f"every checkpoint in {self.checkpoints.directory} is unreadable "
+                         f"({listed}): restore them from a backup, or start a new --workdir")
+    return None
+
+  def _set_aside(self, step: int, error: Exception, resumed: int):
+    moved = os.path.join(self.workdir, "unreadable_checkpoints", f"step_{step}")
+    if self.primary:
+      moved = self.checkpoints.set_aside(step, os.path.dirname(moved))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("slw_jax: unreadable checkpoint set aside")
+      self.checkpoints.reload()
+    self._print(f"warning: checkpoint {step} in {self.checkpoints.directory} is unreadable "
+                f"({config_lib.one_line(error, 200)}); moved to {moved}, resuming from step "
+                f"{resumed}")
 
   def _restore(self, step: int):
     """(state, meta) of checkpoint `step`, laid out as this run's: a checkpoint saved with the
@@ -181,15 +243,18 @@ class Trainer:
     return restack(state), meta
 
   def _check_resumable(self, meta: dict):
-    """Refuses a checkpoint of another model shape, or whose model reads other token ids than
-    this run's data (an imported GPT-2 with its own tokenizer)."""
-    # Only what shapes the parameters must match; attention, dtype and dropout may change.
-    saved_model = {k: v for k, v in meta["config"]["model"].items() if k in PARAM_SHAPING}
-    current = {k: v for k, v in self.c.model.to_dict().items() if k in PARAM_SHAPING}
-    changed = config_lib.first_difference({"model": saved_model}, {"model": current})
-    if changed:
-      raise StopTraining(f"--workdir={self.workdir} holds checkpoints of another model "
-                         f"({changed}): use a new --workdir or the same model config")
+    """Refuses a checkpoint of another model shape or vocabulary, of another recipe (unless
+    allow_schedule_change), of other token files, or whose model reads other token ids than
+    this run's data (an imported GPT-2 with its own tokenizer); see slw_jax.resume."""
+    saved = config_lib.saved_defaults(meta["config"])
+    where = f"--workdir={self.workdir}"
+    try:
+      self._config_changes = resume.check_config(saved, self.c.to_dict(), PARAM_SHAPING, where,
+                                                 self.allow_schedule_change)
+      resume.check_data(meta.get("data"), self.data_fingerprint, f"checkpoint {meta['step']}",
+                        self.c.data.dir or self.c.data.source)
+    except resume.ResumeError as error:
+      raise StopTraining(str(error)) from None
     recorded = checkpoint.model_vocab(meta, self.c.data.vocab, self.workdir)
     if checkpoint.reads_other_ids(recorded, self.c.data.vocab):
       raise StopTraining(
@@ -197,11 +262,27 @@ class Trainer:
           f"config.data.vocab={self.c.data.vocab!r}: training would feed it other token ids "
           f"(train on data prepared with --config.data.vocab={recorded})")
 
+  def _log_config_changes(self, step: int):
+    """Logs the settings changed since the checkpoint; an accepted recipe change is also an
+    event (events.jsonl), so the run's record says where its schedule changed."""
+    allowed, schedule = self._config_changes
+    if allowed:
+      self._print(f"resuming with changed settings: {'; '.join(allowed)}")
+    if schedule:
+      self._print(f"resuming with a changed recipe (--allow_schedule_change): "
+                  f"{'; '.join(schedule)}")
+      self.monitor.event(step, "schedule_change", changes="; ".join(schedule))
+
   def save(self):
     meta = checkpoint.record(self.step, int(self.schedule.tokens_before[self.step]),
                              self.loader.state(), self.monitor.state(), self.c.to_dict(),
-                             **self.carried_meta)
+                             data=self.data_fingerprint, **self.carried_meta)
     self.checkpoints.save(self.step, self.state, meta)
+    if self._journal_target is not None and self.step > self._journal_target:
+      self.checkpoints.wait()  # The rollback's journal may go once a later step is on disk.
+      if self.primary:
+        resume.clear_journal(self.workdir)
+      self._journal_target = None
 
   # ----- the loop ----------------------------------------------------------------------------
 
@@ -271,13 +352,17 @@ class Trainer:
     return self._finish()
 
   def _abort(self):
-    """On an error: stop the data and compile threads, let started saves finish."""
+    """On an error: stop the data and compile threads, let started saves finish. Each part is
+    cleaned up even if another fails (a full disk fails them all): the error raised is the
+    first one, never one from the cleanup."""
     iterator = getattr(self, "_batch_iter", None)
-    if iterator is not None:
-      iterator.close()
-    self.steps.close(wait=False)
-    self.checkpoints.close()
-    self.log.close()
+    for cleanup in (iterator.close if iterator is not None else None,
+                    lambda: self.steps.close(wait=False), self.checkpoints.close, self.log.close):
+      try:
+        if cleanup is not None:
+          cleanup()
+      except Exception:  # pylint: disable=broad-except  # Reported by the error in flight.
+        pass
 
   def _loop(self):
     self._stall_before_loop = None
@@ -311,6 +396,7 @@ class Trainer:
     if self._stop_before is None or self.step < self._stop_before:
       return False
     self.stop_signal = self.stop_signal or "signal to another process"
+    self.stop_time = self.stop_time or time.monotonic()
     return True
 
   def _launch(self):
@@ -390,11 +476,13 @@ class Trainer:
 
   def _rollback(self, bad_step: int, position_after_bad: int):
     """Restores the newest checkpoint at or before `bad_step` and skips the data up to and
-    including the bad step's batch.
+    including the bad step's batch; the monitor's counters come back with the state (replayed
+    steps are not counted twice), plus one rollback.
 
-    Checkpoints after the target belong to the abandoned trajectory and are deleted; the
-    target is saved again at once with the new data position and rollback count, so a crash
-    right after a rollback neither replays the bad batch nor forgets the rollback.
+    Crash-safe at every moment: a journal (slw_jax.resume) records the target, the data
+    position past the bad batch and the monitor state before anything is deleted; only then
+    are the checkpoints after the target (the abandoned trajectory) deleted. The target itself
+    is never deleted, and the journal goes once a later checkpoint is on disk.
     """
     if self.monitor.rollbacks >= self.c.monitor.max_rollbacks:
       raise StopTraining(f"step {bad_step} is unstable again after monitor.max_rollbacks="
@@ -402,19 +490,31 @@ class Trainer:
                          "pacing.duration_steps, then resume from the checkpoints")
     self.checkpoints.wait()
     target = max(k for k in self.checkpoints.steps() if k <= bad_step)
-    self.state, meta = self._restore(target)
-    self.checkpoints.delete_from(target)
-    self.loader.restore({**meta["loader"], "position": position_after_bad})
-    self.monitor.rollbacks += 1
+    saved = self.checkpoints.read_meta(target)
+    loader = {**saved["loader"], "position": position_after_bad}
+    counters = {**saved["monitor"], "rollbacks": self.monitor.rollbacks + 1}
+    if self.primary:
+      resume.write_journal(self.workdir, target, loader, counters)
+    self.checkpoints.delete_after(target)
+    self._journal_target = target
+    self._free_state()  # Before the restore: peak memory stays one train state.
+    self.state, _ = self._restore(target)
+    self.loader.restore(loader)
+    self.monitor.load_state(counters)
     self.monitor.event(bad_step, "rollback", to_step=target,
                        skipped_batches=bad_step + 1 - target)
     self.log.events(self.monitor.pop_events())
     self._batch_iter.close()
     self.step = target
-    self.save()
-    self.checkpoints.wait()
     self._batch_iter = self._batches()
     self._last_done = time.perf_counter()
+
+  def _free_state(self):
+    """Deletes the train state's device buffers (after the step computing them finishes)."""
+    jax.block_until_ready(self.state)
+    for leaf in jax.tree.leaves(self.state):
+      leaf.delete()
+    self.state = None
 
   def evaluate(self) -> dict:
     """Validation loss and perplexity at full length over `eval.batches` batches."""
@@ -439,12 +539,40 @@ class Trainer:
     self.last_eval = row
     return row
 
+  def _saved_in_time(self) -> bool:
+    """Waits for the started saves; after a stop signal only until
+    checkpoint.preemption_timeout_s after it. False: the save was abandoned (its temporary
+    directory is never read as a checkpoint; the previous one stays the newest)."""
+    if self.stop_signal is None or self.stop_time is None:
+      self.checkpoints.wait()
+      return True
+    failed = []
+
+    def wait():
+      try:
+        self.checkpoints.wait()
+      except Exception as error:  # pylint: disable=broad-except  # Raised below, in this thread.
+        failed.append(error)
+    waiter = threading.Thread(target=wait, daemon=True, name="slw_jax-final-save")
+    waiter.start()
+    waiter.join(self.stop_time + self.c.checkpoint.preemption_timeout_s - time.monotonic())
+    if failed:
+      raise failed[0]
+    return not waiter.is_alive()
+
   def _finish(self) -> dict:
     completed = self.step >= self.schedule.num_steps
     if completed and getattr(self, "last_eval", {}).get("step") != self.step:
       self.evaluate()
     self.save()
-    self.checkpoints.close()
+    saved = self._saved_in_time()
+    if saved:
+      self.checkpoints.close()
+    else:
+      self.log.info(f"abandoned the save of step {self.step}: not finished "
+                    f"checkpoint.preemption_timeout_s={self.c.checkpoint.preemption_timeout_s} s "
+                    f"after {self.stop_signal}; the newest complete checkpoint is step "
+                    f"{self.checkpoints.complete_steps()[-1]}")
     self.steps.close(wait=self.stop_signal is None)  # A preempted run does not wait on compiles.
     last_eval = getattr(self, "last_eval", {})
     summary = {
@@ -457,7 +585,7 @@ class Trainer:
         "buckets": [vars(s) for s in self.steps.stats.values()],
         "other_compile_s": dict(self.steps.other_compile_s),
         "executables_released": self.steps.released,
-        "stability": self.monitor.summary(),
+        "stability": self.monitor.summary(), "save_abandoned": not saved,
     }
     if self.primary:
       reporting.write_json(os.path.join(self.workdir, "summary.json"), summary)
@@ -492,6 +620,7 @@ class _StopOnSignal:
     if self.trainer.stop_signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C stops at once.
     self.trainer.stop_signal = signal.Signals(signum).name
+    self.trainer.stop_time = time.monotonic()  # checkpoint.preemption_timeout_s counts from it.
     print(f"{self.trainer.stop_signal}: finishing the current step and saving", flush=True)
 
   def __enter__(self):

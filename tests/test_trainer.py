@@ -118,16 +118,23 @@ def test_resume_restacks_a_checkpoint_of_the_other_scan_layers_setting(make_conf
   a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
   assert [r["step"] for r in b] == list(range(12))
   np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
-  back = trainer.Trainer(make_config(model__n_layer=2, model__scan_layers=False,
-                                     train_steps=13), str(tmp_path / "b"))
+  longer = make_config(model__n_layer=2, model__scan_layers=False, train_steps=13)
+  with pytest.raises(trainer.StopTraining, match=r"another recipe \(.*train_steps=12 there, 13 "
+                     r"here\).*--allow_schedule_change"):
+    trainer.Trainer(longer, str(tmp_path / "b")).setup()
+  back = trainer.Trainer(longer, str(tmp_path / "b"), allow_schedule_change=True)
   assert back.run()["completed"]  # The scanned checkpoint of step 12 restacked the other way.
 
 
 def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
-  c = make_config(train_steps=400, checkpoint__every_steps=1000, eval__every_steps=1000)
+  # Both budgets given: the command line cannot unset tiny.py's train_tokens, and a resume
+  # must see the recipe it was started with.
+  c = make_config(train_steps=400, train_tokens=10**9, checkpoint__every_steps=1000,
+                  eval__every_steps=1000)
   workdir = tmp_path / "run"
   overrides = [f"--config.{k}={v}" for k, v in {
-      **TEST_RUN, "train_steps": 400, "eval.every_steps": 1000, "checkpoint.every_steps": 1000,
+      **TEST_RUN, "train_steps": 400, "train_tokens": 10**9, "eval.every_steps": 1000,
+      "checkpoint.every_steps": 1000,
       "data.source": c.data.source, "data.dir": c.data.dir,
       "compile.cache_dir": c.compile.cache_dir}.items() if v is not None]
   process = subprocess.Popen(

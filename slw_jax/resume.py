@@ -1,0 +1,123 @@
+"""What a resumed run may change, and the journal that makes a rollback survive a crash.
+
+A run resumes from its newest checkpoint under the config it is started with. Some fields may
+differ from the saved config and are only logged (evaluation, logging, compile and checkpoint
+settings, the mesh, the attention kernel); fields of the training recipe (batch size, token
+budget, pacing, optimizer, seed, data order) change the learning-rate curve or the data a step
+sees, so they are refused unless the user accepts them knowingly (--allow_schedule_change);
+the model's shape and vocabulary never change. The token files are compared too: their sizes
+and a sampled checksum are saved with every checkpoint (`data_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from slw_jax import config_lib, reporting
+
+
+class ResumeError(ValueError):
+  """The workdir's checkpoints cannot be continued with this config or data (one line)."""
+
+
+# Changes a resume accepts and logs: none of them alters what or how a step trains.
+ALLOWED_GROUPS = ("eval", "log", "compile", "checkpoint", "monitor", "hardware", "mesh", "tune",
+                  "distributed")
+ALLOWED_FIELDS = ("data.dir", "data.source", "data.prefetch", "data.verify_max_bytes",
+                  "data.tfds_data_dir", "model.attention", "model.attention_block",
+                  "model.remat", "model.scan_layers", "model.dtype")
+# Changes no flag allows: the parameters or the token ids would no longer match.
+NEVER_FIELDS = ("data.vocab",)
+
+
+def classify(field: str, param_shaping: tuple[str, ...]) -> str:
+  """"allowed", "never" or "schedule" (any other field: the recipe of the run)."""
+  if field.split(".")[0] in ALLOWED_GROUPS or field in ALLOWED_FIELDS:
+    return "allowed"
+  if field in NEVER_FIELDS or field in {f"model.{name}" for name in param_shaping}:
+    return "never"
+  return "schedule"
+
+
+def check_config(saved: dict, current: dict, param_shaping: tuple[str, ...], where: str,
+                 allow_schedule_change: bool) -> tuple[list[str], list[str]]:
+  """(allowed changes, accepted schedule changes) as "a.b=X there, Y here" lines.
+
+  Raises ResumeError naming the first field that may not change: a model shape or vocabulary
+  field always, a schedule field unless `allow_schedule_change`. `where` names the checkpoint.
+  """
+  found = {"allowed": [], "never": [], "schedule": []}
+  for difference in config_lib.differences(saved, current):
+    found[classify(difference[0], param_shaping)].append(
+        config_lib.describe_difference(difference))
+  if found["never"]:
+    raise ResumeError(f"{where} holds checkpoints of another model ({found['never'][0]}): use "
+                      "a new --workdir or the same model config")
+  if found["schedule"] and not allow_schedule_change:
+    raise ResumeError(
+        f"{where} was trained with another recipe ({'; '.join(found['schedule'])}): resuming "
+        "would change the learning-rate curve or the data order; resume with the saved "
+        "values, or pass --allow_schedule_change to accept the change knowingly")
+  return found["allowed"], found["schedule"]
+
+
+SAMPLES, SAMPLE_TOKENS = 64, 4096  # Sampled checksum: 64 evenly spaced runs of 4096 tokens.
+
+
+def split_fingerprint(tokens: np.ndarray) -> dict:
+  """The size and a sampled sha256 of one split's tokens: cheap at any size (a full checksum
+  of a 100 GB corpus would take minutes at every start), and any re-preparation changes it."""
+  starts = np.linspace(0, max(len(tokens) - SAMPLE_TOKENS, 0), SAMPLES).astype(np.int64)
+  digest = hashlib.sha256()
+  for start in np.unique(starts):
+    digest.update(np.asarray(tokens[start:start + SAMPLE_TOKENS]).tobytes())
+  return {"tokens": int(len(tokens)), "dtype": str(tokens.dtype),
+          "sample_sha256": digest.hexdigest()}
+
+
+def check_data(saved: dict | None, current: dict, where: str, data_dir: str):
+  """Raises ResumeError when the token files differ from those the checkpoint trained on
+  (`saved`: {split: split_fingerprint}; None for checkpoints of older releases: unchecked)."""
+  for split, then in (saved or {}).items():
+    now = current.get(split)
+    if now != then:
+      what = ("its tokens differ (sampled sha256)" if now and now["tokens"] == then["tokens"]
+              else f"{then['tokens']:,} tokens there, {now['tokens'] if now else 0:,} here")
+      raise ResumeError(
+          f"the {split!r} token files of data.dir={data_dir!r} changed since {where} was "
+          f"saved ({what}): resume with the data it trained on, or start a new --workdir")
+
+
+JOURNAL = "rollback.json"
+
+
+def write_journal(workdir: str, target: int, loader: dict, monitor: dict):
+  """Records a rollback before any checkpoint is deleted: resume from `target` with this
+  loader position (past the bad batch) and monitor state, whatever the newest checkpoint."""
+  reporting.write_json(os.path.join(workdir, JOURNAL),
+                       {"target": target, "loader": loader, "monitor": monitor})
+
+
+def read_journal(workdir: str) -> dict | None:
+  """The unfinished rollback's record, or None. A journal cut short (a kill while writing is
+  impossible: it is renamed into place) or unreadable is an error, not silence."""
+  path = os.path.join(workdir, JOURNAL)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise ResumeError(f"{path} is unreadable ({error}): delete it to resume from the newest "
+                      "checkpoint (the rollback it recorded will then be redone)") from None
+
+
+def clear_journal(workdir: str):
+  """Called once a checkpoint after the rollback's target is on disk."""
+  path = os.path.join(workdir, JOURNAL)
+  if os.path.exists(path):
+    os.remove(path)
