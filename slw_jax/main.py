@@ -17,8 +17,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index; env SLW_PROCESS_ID.")
 
 
+EXAMPLE = "python -m slw_jax.main --config=configs/tiny.py --workdir=runs/tiny"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR))
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:
