@@ -3,6 +3,7 @@
 Usage: .venv/bin/python benchmarks/plan_speed.py
 """
 
+import argparse
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ CONFIGS = ["configs/gpt2_117m.py", "configs/gpt2_1p5b.py", "configs/gpt3_125m.py
 
 
 def main():
+  argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help, not a run.
   for config in CONFIGS:
     for fmt in ("text", "json"):
       start = time.perf_counter()

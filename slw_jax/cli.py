@@ -3,7 +3,8 @@
 Every entry point (`plan`, `main`, `prepare`, ...) parses its flags through `parse_config`,
 which loads `--config=configs/<name>.py`, applies `--config.a.b=v` overrides and validates,
 all before any model is built. Bad input ends the process with status 2 and one line on
-stderr: the bad value and what is allowed, never a traceback.
+stderr: the bad value and what is allowed, never a traceback. `--help` (or `-h`) on any of them
+prints its usage, its flags and an example (`exit_on_help`) and exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import glob
 import os
 import sys
+import textwrap
 
 from absl import flags
 from ml_collections import config_dict, config_flags
@@ -31,6 +33,16 @@ WORKDIR = flags.DEFINE_string(
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir to read (default: the "
                             "newest).")
 
+# A file where a run directory belongs would otherwise fail later as an OSError about a path
+# inside it (checkpoints/, metrics.jsonl), or be mistaken for an existing directory.
+flags.register_validator("workdir", lambda path: path is None or not os.path.isfile(path),
+                         message="is a file, not a directory")
+
+HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "--helpfull")
+_CONFIG_OVERRIDES = ("--config.<group>.<field>=<value>: override one config field, e.g. "
+                     "--config.optim.lr=3e-4 (repeatable; every field: README.md, "
+                     "\"Config reference\"). An unknown field is an error.")
+
 
 class UsageError(ValueError):
   """A bad flag or file given on the command line."""
@@ -47,6 +59,50 @@ def exit_on_bad_input():
   except (ValueError, TypeError, flags.Error, OSError) as error:
     print(f"error: {one_line(error)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _wrapped(text: str) -> str:
+  return textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="      ")
+
+
+def _flag_line(flag) -> str:
+  name = f"[no]{flag.name}" if flag.boolean else flag.name
+  if flag.default is None:
+    return _wrapped(f"--{name}: {flag.help}")
+  default = flag.default_as_str.strip("'")  # absl quotes every default: 'text', '1'.
+  return _wrapped(f"--{name}: {flag.help} (default: {default})")
+
+
+def help_text(module_name: str, example: str, shared=(), usage: str | None = None) -> str:
+  """An entry point's help: usage, its docstring, its own flags (those `module_name` defines)
+  after the shared ones it takes (`shared`: CONFIG, WORKDIR, STEP), and `example`."""
+  module = sys.modules[module_name]
+  command = f"python -m {module.__spec__.name}" if module.__spec__ else os.path.basename(
+      sys.argv[0])
+  own = flags.FLAGS.get_flags_for_module(module)  # `__main__` under `python -m`: absl maps it.
+  lines = [f"usage: {usage or command + ' [--flag=value ...]'}", "",
+           (module.__doc__ or "").strip(), "", "flags:"]
+  for holder in shared:  # First: they say what the command works on.
+    lines.append(_flag_line(flags.FLAGS[holder.name]))
+    if holder is CONFIG:
+      lines.append(_wrapped(_CONFIG_OVERRIDES))
+  lines += [_flag_line(flag) for flag in own]
+  lines += ["  --help, -h: this message; --helpfull: with absl's own flags too", "",
+            f"example:\n  {example}"]
+  return "\n".join(lines)
+
+
+def exit_on_help(argv, module_name: str, example: str, shared=(), usage: str | None = None):
+  """Prints `help_text` and exits 0 when argv asks for help (any of HELP_ARGS). Called first by
+  every entry point: help must work without the flags a run requires, and absl answers --help
+  itself only under absl.app, which we do not use."""
+  asked = [arg for arg in argv[1:] if arg in HELP_ARGS]
+  if not asked:
+    return
+  print(help_text(module_name, example, shared, usage))
+  if "--helpfull" in asked:
+    print("\nevery flag this process defines:" + flags.FLAGS.get_help())
+  sys.exit(0)
 
 
 def _override_paths(argv) -> list[str]:
@@ -76,6 +132,8 @@ def parse_flags(argv) -> list[str]:
   arguments. Raises UsageError for an unknown or malformed flag."""
   try:
     return flags.FLAGS(argv)
+  except flags.CantOpenFlagFileError as error:  # absl's text starts with "ERROR:: ".
+    raise UsageError(_one_line(error).removeprefix("ERROR:: ")) from None
   except flags.Error as error:
     raise UsageError(one_line(error)) from None
 
@@ -107,7 +165,10 @@ def parse_config(argv, adjust=None) -> config_dict.FrozenConfigDict:
   except Exception as error:  # The config file itself failed to import or run.
     raise UsageError(f"--config={path} could not be loaded: {one_line(error)}") from None
   _check_override_paths(plain, _override_paths(argv))
-  parse_flags(argv)
+  positional = parse_flags(argv)[1:]
+  if positional:  # E.g. `--memory true` (a bool takes no value): never ignored in silence.
+    raise UsageError(f"unexpected argument {positional[0]!r}: flags take the form --name=value "
+                     "(see --help)")
   if adjust is not None:
     adjust(CONFIG.value)
   return config_lib.validate(CONFIG.value)

@@ -420,8 +420,12 @@ def _next_steps(argv, workdir: str, meta: dict, changed: dict,
   return lines
 
 
+EXAMPLE = "python -m slw_jax.convert --to_hf=exported/ --workdir=runs/tiny"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR, cli.STEP))
   changed = {}
 
   def take_shape(config):  # Between the overrides and validation (cli.parse_config).

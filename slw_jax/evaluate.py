@@ -240,8 +240,12 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
   return result
 
 
+EXAMPLE = "python -m slw_jax.evaluate --workdir=runs/tiny --task=val"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.WORKDIR, cli.STEP))
   with cli.exit_on_bad_input():
     cli.parse_flags(argv)
     if not cli.WORKDIR.value or not _TASK.value:

@@ -22,8 +22,12 @@ _ALLOW_SCHEDULE_CHANGE = flags.DEFINE_bool(
     "resume stops naming the field.")
 
 
+EXAMPLE = "python -m slw_jax.main --config=configs/tiny.py --workdir=runs/tiny"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR))
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:

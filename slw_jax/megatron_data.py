@@ -85,8 +85,8 @@ def read_index(prefix: str) -> MegatronIndex:
   idx_path, bin_path = prefix + ".idx", prefix + ".bin"
   for path in (idx_path, bin_path):
     if not os.path.isfile(path):
-      raise MegatronDataError(f"data.source=megatron:{prefix}: {path} does not exist (a "
-                              "Megatron dataset is PREFIX.bin + PREFIX.idx)")
+      raise MegatronDataError(f"{path} does not exist (a Megatron dataset is PREFIX.bin + "
+                              "PREFIX.idx)")
   with open(idx_path, "rb") as f:
     dtype, sequences, boundaries = _header(idx_path, f.read(HEADER_BYTES))
   arrays, size = HEADER_BYTES + 12 * sequences + 8 * boundaries, os.path.getsize(idx_path)

@@ -265,8 +265,12 @@ def compile_estimate(config, devices: int, compile_s: float | None, tokens_per_s
               options=[row(o) for o in options])
 
 
+EXAMPLE = "python -m slw_jax.plan --config=configs/gpt2_117m.py --every=1000"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG,))
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not (_MEMORY.value or _COMPILE_ESTIMATE.value) and _DEVICES.value is not None:

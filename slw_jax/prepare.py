@@ -284,6 +284,18 @@ def _replace_dir(new: str, target: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_replaceable(target: str):
+  """Preparing replaces `data.dir` whole (`_replace_dir`): refuse a file, or a directory that
+  holds something other than prepared data (a corpus, a run), which that would delete."""
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise CorpusError(f"config.data.dir={target!r} is a file: it must be a directory (new, "
+                      "empty or prepared before)")
+  if (os.path.isdir(target) and os.listdir(target) and
+      not os.path.isfile(os.path.join(target, METADATA))):
+    raise CorpusError(f"config.data.dir={target!r} holds files but no prepared data ({METADATA} "
+                      "missing) and preparing replaces it whole: choose a new or empty data.dir")
+
+
 def _already_prepared(d, recipe: dict, force: bool, log):
   """The metadata when `d.dir` holds this recipe already; CorpusError when it holds another."""
   if not os.path.isfile(os.path.join(d.dir, METADATA)) or force:
@@ -309,6 +321,7 @@ def prepare(c, force: bool = False, log=print, workers: int | None = None,
   meta = _already_prepared(d, recipe, force, log)
   if meta is not None:
     return meta
+  _check_replaceable(d.dir)
   check_source(d)
   tokenizer = make_tokenizer(d)  # Bad vocabulary files fail here, before any work.
   how = ("encoded in this process: faster than sending text to workers"
@@ -405,8 +418,12 @@ def _data_config(path: str):
     return config_dict.ConfigDict({"data": json.load(f)})
 
 
+EXAMPLE = "python -m slw_jax.prepare --config=configs/tiny.py"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG,))
   with cli.exit_on_bad_input():
     if any(arg.startswith("--data_json=") for arg in argv[1:]):
       cli.parse_flags(argv)

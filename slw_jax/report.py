@@ -231,8 +231,13 @@ def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2) -> str:
   return path
 
 
+USAGE = "python -m slw_jax.report DIR [DIR ...] --out=OUT [--flag=value ...]"
+EXAMPLE = "python -m slw_jax.report runs/slw runs/baseline --out=reports/slw_vs_baseline"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (), usage=USAGE)
   with cli.exit_on_bad_input():
     workdirs = cli.parse_flags(argv)[1:]
     if not workdirs:

@@ -296,8 +296,12 @@ def render(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+EXAMPLE = "python -m slw_jax.tune --config=configs/tiny.py --workdir=runs/tune_tiny"
+
+
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR))
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:

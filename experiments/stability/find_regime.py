@@ -47,7 +47,9 @@ def probe(batch: int, lr: float, width: int, steps: int, seqlen: int, workdir: s
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="example: "
+                                   "python experiments/stability/find_regime.py --lrs=0.03,0.1 "
+                                   "--steps=30")
   parser.add_argument("--batches", default="64")
   parser.add_argument("--lrs", default="0.01,0.03,0.1")
   parser.add_argument("--widths", default="128")

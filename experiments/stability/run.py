@@ -274,7 +274,8 @@ def analyse(study: Study, tuned, tune_result, results: str, command: str):
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="example: "
+                                   "python experiments/stability/run.py --smoke --out=/tmp/study")
   parser.add_argument("--out", default=os.path.join(REPO, "runs", "stability"),
                       help="Directory of the runs (reused when the study resumes).")
   parser.add_argument("--results", default=None, help="Markdown results file (default: "
