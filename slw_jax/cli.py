@@ -133,7 +133,7 @@ def parse_flags(argv) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.CantOpenFlagFileError as error:  # absl's text starts with "ERROR:: ".
-    raise UsageError(_one_line(error).removeprefix("ERROR:: ")) from None
+    raise UsageError(one_line(error).removeprefix("ERROR:: ")) from None
   except flags.Error as error:
     raise UsageError(one_line(error)) from None
 
