@@ -27,6 +27,21 @@ class SaveError(RuntimeError):
   written before it are intact (orbax renames a save into place only once it is complete)."""
 
 
+# What storage says when a write fails, as the C library words it (tensorstore's and
+# Python's errors both carry it inside longer text).
+STORAGE_REASONS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                   "Permission denied", "File too large")
+
+
+def storage_reason(error: BaseException) -> str:
+  """The storage failure behind `error` in a few words (or its first line, shortened)."""
+  text = str(error)
+  for reason in STORAGE_REASONS:
+    if reason in text:
+      return reason
+  return config_lib.one_line(error, 120)
+
+
 class Checkpoints:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
@@ -76,9 +91,9 @@ class Checkpoints:
                           if n.endswith(TMP_SUFFIX))
       step = ", ".join(unfinished) or step
       raise SaveError(f"could not save checkpoint {step} in {self.directory} "
-                      f"({config_lib.one_line(error, 300)}); the checkpoints saved before it are "
-                      f"intact ({newest}): free disk space or make the directory writable, then "
-                      "resume") from error
+                      f"({storage_reason(error)}); the checkpoints saved before it are intact "
+                      f"({newest}): free disk space or make the directory writable, then "
+                      f"resume (details: {config_lib.one_line(error, 300)})") from error
 
   def delete_after(self, step: int):
     """Deletes the checkpoints after `step` (an abandoned trajectory); `step` itself stays."""

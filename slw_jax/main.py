@@ -48,14 +48,19 @@ def main(argv=None):
   try:
     summary = run.run()
   except (trainer.StopTraining, checkpoint.SaveError, OSError) as error:  # E.g. a full disk.
-    print(f"error: {cli.one_line(error)}", file=sys.stderr)
-    sys.exit(1)
+    print(f"error: {cli.one_line(error, 2000)}", file=sys.stderr)  # Ours: whole, one line.
+    _exit_now(1)  # The saves that could finish did (Trainer._abort): orbax's failed writer
+    # threads would abort the interpreter's shutdown.
   status = 0 if summary["completed"] or summary["stopped_by"] else 1
   if summary["save_abandoned"]:  # Within the preemption deadline: orbax's writer not awaited.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)  # pylint: disable=protected-access
+    _exit_now(status)
   sys.exit(status)
+
+
+def _exit_now(status: int):
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

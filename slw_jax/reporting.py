@@ -27,12 +27,13 @@ def _write_jsonl(f, row: dict):
   f.flush()
 
 
-def truncate_jsonl(path: str, before_step: int):
+def truncate_jsonl(path: str, before_step: int) -> list[dict]:
   """Drops what a run resumed at `before_step` will write again: step rows and events from
   that step on, evaluations after it (the evaluation at the resume step itself is not redone).
-  Rollback events are kept: they record a trajectory the resumed run will not repeat."""
+  Rollback events are kept: they record a trajectory the resumed run will not repeat.
+  Returns the rows kept."""
   if not os.path.isfile(path):
-    return
+    return []
   with open(path) as f:
     lines = f.readlines()
   kept = []
@@ -46,6 +47,7 @@ def truncate_jsonl(path: str, before_step: int):
         row.get("event") == "rollback"):
       kept.append(line)
   replace_durably(path, lambda f: f.writelines(kept))
+  return [json.loads(line) for line in kept]
 
 
 class RunLog:
@@ -61,8 +63,11 @@ class RunLog:
       return
     os.makedirs(workdir, exist_ok=True)
     paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("metrics", "events")}
-    for path in paths.values():
-      truncate_jsonl(path, start_step)
+    truncate_jsonl(paths["metrics"], start_step)
+    # A rollback's events are logged again by a resume that completes it (its journal): once.
+    self._rollbacks_logged = {json.dumps(e, sort_keys=True) for e in
+                              truncate_jsonl(paths["events"], start_step)
+                              if e.get("event") == "rollback"}
     self.metrics = open(paths["metrics"], "a")
     self.events_file = open(paths["events"], "a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -116,6 +121,11 @@ class RunLog:
     if not self.primary:
       return
     for event in events:
+      if event.get("event") == "rollback":
+        key = json.dumps(event, sort_keys=True)
+        if key in self._rollbacks_logged:
+          continue
+        self._rollbacks_logged.add(key)
       _write_jsonl(self.events_file, event)
       details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in event.items() if k not in ("step", "event"))

@@ -95,11 +95,13 @@ def check_data(saved: dict | None, current: dict, where: str, data_dir: str):
 JOURNAL = "rollback.json"
 
 
-def write_journal(workdir: str, target: int, loader: dict, monitor: dict):
+def write_journal(workdir: str, target: int, loader: dict, monitor: dict, events: list[dict]):
   """Records a rollback before any checkpoint is deleted: resume from `target` with this
-  loader position (past the bad batch) and monitor state, whatever the newest checkpoint."""
+  loader position (past the bad batch) and monitor state, whatever the newest checkpoint, and
+  log its `events` (if the crash came before they were)."""
   reporting.write_json(os.path.join(workdir, JOURNAL),
-                       {"target": target, "loader": loader, "monitor": monitor})
+                       {"target": target, "loader": loader, "monitor": monitor,
+                        "events": events})
 
 
 def read_journal(workdir: str) -> dict | None:

@@ -165,6 +165,7 @@ class Trainer:
     if journal is not None and journal["target"] == latest:
       meta = {**meta, "loader": journal["loader"], "monitor": journal["monitor"]}
       self._journal_target = latest
+      self.monitor.events.extend(journal.get("events", []))  # Logged at the first step.
       self._print(f"continuing the rollback to step {latest} recorded in {resume.JOURNAL}")
     elif journal is not None and self.primary:
       resume.clear_journal(self.workdir)  # Its target was unreadable: an older step resumes.
@@ -311,6 +312,7 @@ class Trainer:
     start = self.checkpoints.latest_step() or 0
     first = self.schedule.bucket_shape(start) if start < self.schedule.num_steps else None
     try:
+      self._check_newest_resumable()
       self.check_memory(first)
       self._prefetch_upcoming(start)
       self._compile_eval(start)
@@ -318,6 +320,17 @@ class Trainer:
     except BaseException:
       self.steps.close(wait=False)  # Stops compiles queued for a run that will not start.
       raise
+
+  def _check_newest_resumable(self):
+    """The config and data checks of a resume, on the newest checkpoint's record (cheap: no
+    arrays), before anything compiles; an unreadable one is dealt with in restore_or_init."""
+    latest = self.checkpoints.latest_step()
+    try:
+      meta = None if latest is None else self.checkpoints.read_meta(latest)
+    except Exception:  # pylint: disable=broad-except  # Unreadable: set aside later.
+      meta = None
+    if meta is not None:
+      self._check_resumable(meta)
 
   def _compile_eval(self, start: int):
     """Queues the eval step's compile at the priority of the first evaluation after `start`."""
@@ -331,6 +344,25 @@ class Trainer:
   def run(self) -> dict:
     if self.state is None:
       self.setup()
+    self.started = time.time()
+    try:
+      self._open_log()
+      with _StopOnSignal(self):
+        self._loop()
+      return self._finish()
+    except OSError as error:  # The run's outputs (metrics, TensorBoard): e.g. a full disk.
+      self._abort()
+      raise StopTraining(f"could not write the run's outputs in {self.workdir} "
+                         f"({checkpoint.storage_reason(error)}: {error.filename}); the "
+                         "complete checkpoints "
+                         f"(newest: step {max(self.checkpoints.complete_steps(), default=None)})"
+                         " are intact: free disk space or make the directory writable, then "
+                         "resume") from error
+    except BaseException:
+      self._abort()
+      raise
+
+  def _open_log(self):
     self.log = reporting.RunLog(self.workdir, self.schedule.num_steps, self.schedule.total_tokens,
                                 self.step, int(self.schedule.tokens_before[self.step]),
                                 self.c.log.print_every_steps, self.primary)
@@ -342,22 +374,15 @@ class Trainer:
                   f"process(es); this one loads batch rows block {self.layout.process_rows}")
     for note in self.layout.replicated_dims:
       self.log.info(f"replicated, not sharded: {note}")
-    self.started = time.time()
-    try:
-      with _StopOnSignal(self):
-        self._loop()
-    except BaseException:
-      self._abort()
-      raise
-    return self._finish()
 
   def _abort(self):
     """On an error: stop the data and compile threads, let started saves finish. Each part is
     cleaned up even if another fails (a full disk fails them all): the error raised is the
     first one, never one from the cleanup."""
-    iterator = getattr(self, "_batch_iter", None)
+    iterator, log = getattr(self, "_batch_iter", None), getattr(self, "log", None)
     for cleanup in (iterator.close if iterator is not None else None,
-                    lambda: self.steps.close(wait=False), self.checkpoints.close, self.log.close):
+                    lambda: self.steps.close(wait=False), self.checkpoints.close,
+                    log.close if log is not None else None):
       try:
         if cleanup is not None:
           cleanup()
@@ -493,17 +518,18 @@ class Trainer:
     saved = self.checkpoints.read_meta(target)
     loader = {**saved["loader"], "position": position_after_bad}
     counters = {**saved["monitor"], "rollbacks": self.monitor.rollbacks + 1}
+    self.monitor.event(bad_step, "rollback", to_step=target,
+                       skipped_batches=bad_step + 1 - target)
+    events = self.monitor.pop_events()
     if self.primary:
-      resume.write_journal(self.workdir, target, loader, counters)
+      resume.write_journal(self.workdir, target, loader, counters, events)
+    self.log.events(events)  # A resume logs them again from the journal: RunLog skips repeats.
     self.checkpoints.delete_after(target)
     self._journal_target = target
     self._free_state()  # Before the restore: peak memory stays one train state.
     self.state, _ = self._restore(target)
     self.loader.restore(loader)
     self.monitor.load_state(counters)
-    self.monitor.event(bad_step, "rollback", to_step=target,
-                       skipped_batches=bad_step + 1 - target)
-    self.log.events(self.monitor.pop_events())
     self._batch_iter.close()
     self.step = target
     self._batch_iter = self._batches()

@@ -2,8 +2,10 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # Unless a process started by a test chose its own count (tests/faults/driver.py).
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -45,6 +47,27 @@ def metric_rows(workdir, key="loss"):
   return [r for r in report.read_metrics(os.path.join(workdir, "metrics.jsonl")) if key in r]
 
 
+def poison(batch_at):
+  """`Loader.batch_at` with an out-of-vocabulary id (a NaN loss) in the batches starting at
+  the loader positions of `poison.positions` (a set the caller fills)."""
+  def poisoned(self, at, batch_size, seqlen):
+    batch = batch_at(self, at, batch_size, seqlen)
+    if at in poisoned.positions:
+      batch.inputs[0, 0] = 10**6
+    return batch
+  poisoned.positions = set()
+  return poisoned
+
+
+def poison_position(monkeypatch, *positions):
+  """The batches starting at these loader positions get a NaN loss (4 windows per test step
+  in truncate mode: step k starts at 4 k)."""
+  from slw_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  poisoned = poison(input_pipeline.Loader.batch_at)
+  poisoned.positions.update(positions)
+  monkeypatch.setattr(input_pipeline.Loader, "batch_at", poisoned)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
   """A small prepared corpus: 40 standard-library files, byte vocabulary."""
@@ -60,10 +83,11 @@ def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))  # Shared: later runs reuse executables.
 
 
-@pytest.fixture
-def make_config(corpus_dir, cache_dir, tmp_path_factory):
+@pytest.fixture(scope="session")
+def session_config(corpus_dir, cache_dir, tmp_path_factory):
+  """session_config(**overrides) -> the validated test-run config (TEST_RUN + data + cache),
+  for fixtures shared by a module or the session; tests use `make_config`."""
   from slw_jax import config_lib  # pylint: disable=g-import-not-at-top
-  """make_config(**overrides) -> the validated test-run config (TEST_RUN + data + cache)."""
   data_dir = str(tmp_path_factory.getbasetemp() / "prepared")
 
   def make(**overrides):
@@ -75,3 +99,7 @@ def make_config(corpus_dir, cache_dir, tmp_path_factory):
   return make
 
 
+@pytest.fixture
+def make_config(session_config):
+  """make_config(**overrides) -> the validated test-run config (TEST_RUN + data + cache)."""
+  return session_config

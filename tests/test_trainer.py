@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TEST_RUN, metric_rows as _rows
+from conftest import REPO, TEST_RUN, metric_rows as _rows, poison_position
 from slw_jax import (config_lib, hardware, input_pipeline, prepare, reporting, train_step,
                      trainer)
 
@@ -157,25 +157,13 @@ def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
   assert [r["step"] for r in _rows(workdir)] == list(range(400))
 
 
-def _poison_position(monkeypatch, position):
-  """The batch starting at loader position `position` gets an out-of-vocabulary id (NaN loss)."""
-  original = input_pipeline.Loader.batch_at
-
-  def batch_at(self, at, batch_size, seqlen):
-    batch = original(self, at, batch_size, seqlen)
-    if at == position:
-      batch.inputs[0, 0] = 10**6
-    return batch
-  monkeypatch.setattr(input_pipeline.Loader, "batch_at", batch_at)
-
-
 def _events(workdir):
   with open(os.path.join(workdir, "events.jsonl")) as f:
     return [json.loads(line) for line in f]
 
 
 def test_skip_action_drops_the_nan_update(make_config, tmp_path, monkeypatch):
-  _poison_position(monkeypatch, 3 * 4)  # Step 3 (4 windows per step in truncate mode).
+  poison_position(monkeypatch, 3 * 4)  # Step 3 (4 windows per step in truncate mode).
   summary = trainer.Trainer(make_config(monitor__action="skip"), str(tmp_path)).run()
   assert summary["completed"] and summary["stability"]["skipped_steps"] == 1
   assert [e["event"] for e in _events(tmp_path)] == ["skip"] and _events(tmp_path)[0]["step"] == 3
@@ -184,7 +172,7 @@ def test_skip_action_drops_the_nan_update(make_config, tmp_path, monkeypatch):
 
 
 def test_rollback_recovers_from_an_injected_spike(make_config, tmp_path, monkeypatch):
-  _poison_position(monkeypatch, 6 * 4)  # Step 6's batch.
+  poison_position(monkeypatch, 6 * 4)  # Step 6's batch.
   c = make_config(monitor__action="rollback", checkpoint__every_steps=2)
   summary = trainer.Trainer(c, str(tmp_path)).run()
   assert summary["completed"] and summary["stability"]["rollbacks"] == 1
@@ -198,15 +186,7 @@ def test_rollback_recovers_from_an_injected_spike(make_config, tmp_path, monkeyp
 
 
 def test_repeated_rollbacks_never_replay_skipped_data(make_config, tmp_path, monkeypatch):
-  original = input_pipeline.Loader.batch_at
-  poisoned = {5 * 4, 6 * 4}  # The batches of steps 5 and 6.
-
-  def batch_at(self, at, batch_size, seqlen):
-    batch = original(self, at, batch_size, seqlen)
-    if at in poisoned:
-      batch.inputs[0, 0] = 10**6
-    return batch
-  monkeypatch.setattr(input_pipeline.Loader, "batch_at", batch_at)
+  poison_position(monkeypatch, 5 * 4, 6 * 4)  # The batches of steps 5 and 6.
   c = make_config(monitor__action="rollback", checkpoint__every_steps=4)
   summary = trainer.Trainer(c, str(tmp_path)).run()
   assert summary["completed"] and summary["stability"]["rollbacks"] == 2

@@ -1,0 +1,188 @@
+"""Faults met at a resume, caused for real on a finished run's directory: unreadable
+checkpoints, a config or token files changed under the run, and a rollback's order of work."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import metric_rows, poison_position
+from slw_jax import input_pipeline, resume, trainer
+
+
+@pytest.fixture(scope="module")
+def finished(session_config, tmp_path_factory):
+  """A 12-step test run with checkpoints 4, 8 and 12 (checkpoint.keep=3): (config, workdir)."""
+  c = session_config()
+  workdir = str(tmp_path_factory.mktemp("finished"))
+  assert trainer.Trainer(c, workdir).run()["completed"]
+  return c, workdir
+
+
+def _copy(workdir, tmp_path) -> str:
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+def _truncate_largest_files(step_dir):
+  files = [os.path.join(root, f) for root, _, names in os.walk(step_dir) for f in names]
+  for path in sorted(files, key=os.path.getsize)[-2:]:  # The array data and its metadata.
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+CORRUPTIONS = {
+    "truncated files": _truncate_largest_files,
+    "missing item": lambda step_dir: shutil.rmtree(os.path.join(step_dir, "state")),
+    "garbage metadata": lambda step_dir: open(os.path.join(step_dir, "meta", "metadata"),
+                                              "w").write("garbage{"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_run_goes_on(
+    finished, tmp_path, capsys, corruption):
+  c, base = finished
+  workdir = _copy(base, tmp_path)
+  CORRUPTIONS[corruption](os.path.join(workdir, "checkpoints", "12"))
+  run = trainer.Trainer(c, workdir)
+  summary = run.run()
+  output = capsys.readouterr().out
+  moved = os.path.join(workdir, "unreadable_checkpoints", "step_12")
+  assert f"warning: checkpoint 12 in {workdir}/checkpoints is unreadable" in output
+  assert f"moved to {moved}, resuming from step 8" in output
+  assert os.path.isdir(moved)  # Kept for inspection, never deleted.
+  assert summary["completed"] and run.checkpoints.complete_steps() == [4, 8, 12]
+  # Steps 8-11 trained again, exactly as the first time.
+  assert [r["loss"] for r in metric_rows(workdir)] == [r["loss"] for r in metric_rows(base)]
+
+
+def test_every_checkpoint_unreadable_stops_with_one_line_and_moves_nothing(finished, tmp_path):
+  c, base = finished
+  workdir = _copy(base, tmp_path)
+  for step in (4, 8, 12):
+    CORRUPTIONS["garbage metadata"](os.path.join(workdir, "checkpoints", str(step)))
+  with pytest.raises(trainer.StopTraining, match=r"^every checkpoint in .*/checkpoints is "
+                     r"unreadable \(step 12: .*; step 8: .*; step 4: .*\): restore them"):
+    trainer.Trainer(c, workdir).setup()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
+
+
+REFUSED = [  # (override, the field named with its saved and its new value)
+    ({"model__d_model": 64}, r"another model \(model.d_model=32 there, 64 here\)"),
+    ({"model__n_head": 4}, r"another model \(model.n_head=2 there, 4 here\)"),
+    ({"batch_size": 8}, r"another recipe \(batch_size=4 there, 8 here"),
+    ({"train_steps": 20}, r"another recipe \(.*train_steps=12 there, 20 here"),
+    ({"pacing__seqlen_start": 16}, r"another recipe \(pacing.seqlen_start=8 there, 16 here"),
+    ({"pacing__kind": "none"}, r"another recipe \(pacing.kind='linear' there, 'none' here"),
+    ({"optim__lr": 1e-3}, r"another recipe \(optim.lr=0.003 there, 0.001 here"),
+    ({"seed": 1}, r"another recipe \(seed=0 there, 1 here"),
+    ({"data__mode": "reshape"}, r"another recipe \(data.mode='truncate' there, 'reshape' here"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", REFUSED, ids=[m[1].split("(")[1][:24] for m in
+                                                            REFUSED])
+def test_an_incompatible_resume_stops_naming_the_field_before_any_compile(
+    finished, session_config, overrides, message):
+  c, workdir = finished
+  run = trainer.Trainer(session_config(**overrides), workdir)
+  with pytest.raises(trainer.StopTraining, match=message):
+    run.setup()
+  assert run.steps.num_compiled == 0
+
+
+def test_compatible_changes_are_logged_and_a_knowing_schedule_change_is_an_event(
+    finished, session_config, tmp_path, capsys):
+  _, base = finished
+  workdir = _copy(base, tmp_path)
+  changed = session_config(eval__every_steps=3, log__every_steps=2, checkpoint__keep=4,
+                           compile__ahead=1, train_steps=14)
+  trainer.Trainer(changed, workdir, allow_schedule_change=True).run()
+  output = capsys.readouterr().out
+  assert ("resuming with changed settings: checkpoint.keep=3 there, 4 here; compile.ahead=2 "
+          "there, 1 here; eval.every_steps=6 there, 3 here; log.every_steps=1 there, 2 here"
+          in output)
+  assert "train_steps=12 there, 14 here" in output
+  with open(os.path.join(workdir, "events.jsonl")) as f:
+    events = [json.loads(line) for line in f]
+  assert [(e["event"], e["step"]) for e in events] == [("schedule_change", 12)]
+  assert "train_steps=12 there, 14 here" in events[0]["changes"]
+  assert [r["step"] for r in metric_rows(workdir)][-2:] == [12, 13]
+
+
+def _reprepare_train(data_dir, change):
+  """Rewrites the train token file as `change(tokens)` with metadata to match, as preparing
+  other data into the same directory would."""
+  meta_path = os.path.join(data_dir, input_pipeline.METADATA)
+  with open(meta_path) as f:
+    meta = json.load(f)
+  info = meta["splits"]["train"]
+  path = os.path.join(data_dir, info["file"])
+  tokens = change(np.fromfile(path, dtype=meta["dtype"]))
+  tokens.tofile(path)
+  info.update(tokens=int(len(tokens)), sha256=input_pipeline.file_sha256(path))
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t[: len(t) // 2], r"'train' token files .* changed since checkpoint 12 was saved "
+     r"\(794,431 tokens there, 397,215 here\)"),
+    (lambda t: np.roll(t, 1), r"'train' token files .* changed since checkpoint 12 was saved "
+     r"\(its tokens differ \(sampled sha256\)\)"),
+], ids=["fewer tokens", "same size, other tokens"])
+def test_token_files_changed_under_the_run_are_refused_at_start(
+    finished, session_config, tmp_path, change, message):
+  c, workdir = finished
+  data_dir = str(tmp_path / "data")
+  shutil.copytree(c.data.dir, data_dir)  # data.dir may move: the tokens are compared.
+  moved = trainer.Trainer(session_config(data__dir=data_dir), workdir)
+  moved._check_newest_resumable()  # pylint: disable=protected-access  # Same tokens: accepted.
+  _reprepare_train(data_dir, change)
+  run = trainer.Trainer(session_config(data__dir=data_dir), workdir)
+  with pytest.raises(trainer.StopTraining, match=message):
+    run.setup()
+  assert run.steps.num_compiled == 0
+
+
+def test_a_rollback_never_deletes_its_target_and_frees_the_old_state_first(
+    session_config, tmp_path, monkeypatch):
+  """The order of a rollback's work, watched from inside: journal, then deletion of the later
+  checkpoints only, then the old state freed, then the restore; the monitor's counters come
+  back with the state (the replayed step is not counted twice)."""
+  poison_position(monkeypatch, 6 * 4)  # Step 6's batch.
+  workdir = str(tmp_path)
+  seen = {}
+  delete_after = trainer.checkpoint.Checkpoints.delete_after
+  free_state, restore = trainer.Trainer._free_state, trainer.Trainer._restore
+
+  def watched_delete_after(self, step):
+    seen["journal"] = resume.read_journal(workdir)
+    delete_after(self, step)
+    seen["after_delete"] = self.complete_steps()
+
+  def watched_free_state(self):
+    seen["old_leaves"] = jax.tree.leaves(self.state)
+    free_state(self)
+
+  def watched_restore(self, step):
+    if "old_leaves" in seen:
+      seen["freed_before_restore"] = all(x.is_deleted() for x in seen["old_leaves"])
+    return restore(self, step)
+  monkeypatch.setattr(trainer.checkpoint.Checkpoints, "delete_after", watched_delete_after)
+  monkeypatch.setattr(trainer.Trainer, "_free_state", watched_free_state)
+  monkeypatch.setattr(trainer.Trainer, "_restore", watched_restore)
+  c = session_config(monitor__action="rollback", checkpoint__every_steps=2,
+                     checkpoint__keep=10)
+  summary = trainer.Trainer(c, workdir).run()
+  assert seen["journal"]["target"] == 6 and seen["journal"]["loader"]["position"] == 7 * 4
+  assert seen["after_delete"][-1] == 6  # The target stays; nothing after it was saved yet.
+  assert seen["freed_before_restore"]
+  stability = summary["stability"]
+  assert stability["rollbacks"] == 1 and stability["steps"] == 12  # Not 13: 6 replayed.
+  assert not os.path.exists(os.path.join(workdir, resume.JOURNAL))  # Gone after step 8.

@@ -1,0 +1,81 @@
+"""A disk that fills up under a run, then turns read-only: one clear error line each time, and
+the checkpoints written before stay whole and loadable.
+
+The disk is a small tmpfs mounted for the test where this machine allows mounting (root, as
+in CI's containers); elsewhere the run's file size limit (RLIMIT_FSIZE) is lowered once it has
+saved some checkpoints, so its next checkpoint cannot be written (EFBIG instead of ENOSPC).
+"""
+
+import contextlib
+import os
+import resource
+import subprocess
+import time
+
+import pytest
+
+from runs import command, finish, start
+from slw_jax import checkpoint
+
+FULL = r"(No space left on device|File too large)"
+ERROR = (r"^error: could not (save checkpoint [\d, ]+|write the run's outputs) in .*" + FULL +
+         r".*intact \((newest: step|the complete checkpoints)")
+
+
+@contextlib.contextmanager
+def small_disk(path, size: str):
+  """Mounts a tmpfs of `size` at `path`; yields False (nothing mounted) where not allowed."""
+  os.makedirs(path)
+  try:
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                             capture_output=True, check=False).returncode == 0
+  except OSError:  # No mount command.
+    mounted = False
+  try:
+    yield mounted
+  finally:
+    if mounted:
+      subprocess.run(["umount", "-l", path], check=False)
+
+
+def _complete_steps(workdir) -> list[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+
+
+def _fill_up(make_config, workdir, mounted: bool) -> str:
+  """Runs until the disk is full; returns the output. Every 2 steps a checkpoint, none deleted
+  (checkpoint.keep): the tmpfs fills, or the lowered file size limit stops the next save."""
+  process = start(command(make_config, workdir, checkpoint__every_steps=2,
+                          checkpoint__keep=1000), {"SLW_FAULT_POISON": ""})
+  if not mounted:
+    deadline = time.time() + 240
+    while len(_complete_steps(workdir)) < 3 and process.poll() is None and time.time() < deadline:
+      time.sleep(0.01)
+    resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+  output = finish(process)
+  assert process.returncode == 1, output
+  return output
+
+
+def test_a_full_then_read_only_disk_stops_the_run_with_one_line_and_checkpoints_intact(
+    make_config, tmp_path):
+  workdir = str(tmp_path / "disk" / "run")
+  with small_disk(str(tmp_path / "disk"), "2m") as mounted:
+    output = _fill_up(make_config, workdir, mounted)
+    last = output.strip().splitlines()[-1]
+    assert __import__("re").match(ERROR, last), output[-3000:]
+    saved = _complete_steps(workdir)
+    assert len(saved) >= 2, output[-3000:]
+    loaded = checkpoint.load_params(workdir)  # The newest reads back whole.
+    assert loaded.step == saved[-1]
+    if mounted:  # Now not writable at all: the next start says so in one line, changes nothing.
+      subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "disk")], check=True)
+      process = start(command(make_config, workdir), {"SLW_FAULT_POISON": ""})
+      output = finish(process)
+      assert process.returncode != 0, output
+      errors = [line for line in output.splitlines() if line.startswith("error: ")]
+      assert len(errors) == 1 and "Read-only file system" in errors[0], output[-3000:]
+      assert "Traceback" not in output, output[-3000:]
+      assert _complete_steps(workdir) == saved
