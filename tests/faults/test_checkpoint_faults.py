@@ -150,7 +150,7 @@ def test_token_files_changed_under_the_run_are_refused_at_start(
   assert run.steps.num_compiled == 0
 
 
-def test_a_rollback_never_deletes_its_target_and_frees_the_old_state_first(
+def test_a_rollback_recovers_never_deletes_its_target_and_frees_the_old_state_first(
     session_config, tmp_path, monkeypatch):
   """The order of a rollback's work, watched from inside: journal, then deletion of the later
   checkpoints only, then the old state freed, then the restore; the monitor's counters come
@@ -184,5 +184,13 @@ def test_a_rollback_never_deletes_its_target_and_frees_the_old_state_first(
   assert seen["after_delete"][-1] == 6  # The target stays; nothing after it was saved yet.
   assert seen["freed_before_restore"]
   stability = summary["stability"]
-  assert stability["rollbacks"] == 1 and stability["steps"] == 12  # Not 13: 6 replayed.
+  assert summary["completed"] and stability["rollbacks"] == 1
+  assert stability["steps"] == 12  # Not 13: step 6 was replayed.
   assert not os.path.exists(os.path.join(workdir, resume.JOURNAL))  # Gone after step 8.
+  with open(os.path.join(workdir, "events.jsonl")) as f:
+    rollback, = [e for e in map(json.loads, f) if e["event"] == "rollback"]
+  # Checkpoint 6 holds the state before the bad update: restore it, skip step 6's batch.
+  assert (rollback["step"], rollback["to_step"], rollback["skipped_batches"]) == (6, 6, 1)
+  rows = metric_rows(workdir)
+  assert sum(r["loss"] == "nan" for r in rows) == 1  # The poisoned batch is never seen again.
+  assert rows[-1]["step"] == 11 and np.isfinite(rows[-1]["loss"])
