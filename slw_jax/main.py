@@ -28,7 +28,8 @@ def main(argv=None):
                            "resumes from the newest checkpoint of --workdir")
     from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
     hardware.use_gpu_memory_fraction()
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=config.distributed.timeout_s)
     try:
       run = trainer.Trainer(config, cli.WORKDIR.value)  # Checks mesh, data and config ...
       run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
