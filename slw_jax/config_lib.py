@@ -148,6 +148,9 @@ def base_config() -> config_dict.ConfigDict:
   h.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0 = known default or measured (CPU).
   h.allow_cpu = False  # Train on the CPU even where accelerator wheels are installed.
 
+  c.distributed = dist = config_dict.ConfigDict()
+  dist.timeout_s = 100  # Seconds until a dead or silent process makes the others abort.
+
   c.optim = o = config_dict.ConfigDict()
   o.lr = 6e-4  # Peak learning rate.
   o.min_lr = 6e-5  # Floor of the cosine decay.
@@ -438,6 +441,8 @@ def _validate_runtime(c):
   _validate_compile(c)
   _check(c.hardware.peak_flops >= 0, "hardware.peak_flops", c.hardware.peak_flops,
          "must be >= 0 (0 = known default or measured)")
+  _check(_is_int(c.distributed.timeout_s) and c.distributed.timeout_s >= 1,
+         "distributed.timeout_s", c.distributed.timeout_s, "must be an integer >= 1 (seconds)")
   _validate_mesh(c.mesh)
   _check(m.action != "rollback" or c.checkpoint.keep >= 2, "checkpoint.keep", c.checkpoint.keep,
          "must be >= 2 with monitor.action='rollback' (a checkpoint older than the spike)")

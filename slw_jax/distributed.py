@@ -10,9 +10,14 @@ and starts no coordinator.
 
 from __future__ import annotations
 
+import itertools
 import os
+import signal
+from typing import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 ENV = {"coordinator_address": "SLW_COORDINATOR_ADDRESS", "num_processes": "SLW_NUM_PROCESSES",
        "process_id": "SLW_PROCESS_ID"}
@@ -20,6 +25,11 @@ ENV = {"coordinator_address": "SLW_COORDINATOR_ADDRESS", "num_processes": "SLW_N
 
 class DistributedError(ValueError):
   """Inconsistent multi-process settings (one line: what is wrong, what is allowed)."""
+
+
+class ProcessFailed(DistributedError):
+  """Another process of the run failed; the message names it. (A ValueError like the settings
+  errors, so that main.py prints it as one line.)"""
 
 
 def _explicit(coordinator_address, num_processes, process_id) -> dict:
@@ -64,23 +74,34 @@ def detected_cluster() -> str | None:
   return None
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None) -> str:
+DEFAULT_TIMEOUT_S = 100  # JAX's own heartbeat timeout (config.distributed.timeout_s).
+JOIN_TIMEOUT_S = 300  # JAX's default wait for every process to join.
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None,
+               timeout_s: int = DEFAULT_TIMEOUT_S) -> str:
   """Starts `jax.distributed` when needed; returns how: "explicit", "auto", "slurm", "tpu" or
   "single".
 
   Must run before the first JAX computation (it fixes the set of devices every process sees).
+  Within `timeout_s` seconds of a process dying or falling silent, JAX's coordination service
+  aborts every other one, naming it ("Task 1 heartbeat timeout"; a dead process 0 is "the
+  leader task"); a process that exits waits as long for the others to exit too.
   """
+  timeouts = {"heartbeat_timeout_seconds": timeout_s, "shutdown_timeout_seconds": timeout_s,
+              # The processes of one job may start minutes apart (pods pulling an image).
+              "initialization_timeout": max(timeout_s, JOIN_TIMEOUT_S)}
   settings = _explicit(coordinator_address, num_processes, process_id)
   if settings:
     if settings["num_processes"] == 1:
       return "single"
-    jax.distributed.initialize(**settings)
+    jax.distributed.initialize(**settings, **timeouts)
     return "explicit"
   cluster = detected_cluster()
   if cluster is None:
     return "single"
   jax.distributed.initialize(local_device_ids=_slurm_local_devices() if cluster == "slurm"
-                             else None)  # JAX reads the rest from the cluster's environment.
+                             else None, **timeouts)  # JAX reads the rest from the cluster.
   return cluster
 
 
@@ -95,24 +116,48 @@ def _slurm_local_devices() -> list[int] | None:
   return list(range(int(gpus)))
 
 
-STOP_KEY = "slw_jax/stop_before_step"
-
-
-def agree_stop_step(requested: int | None) -> int | None:
-  """The step before which every process stops, once any process has asked (else None).
-
-  A process that got a signal asks with a step it knows no process has launched yet; the first
-  request wins. Uses the coordinator's key-value store (no device work, so the training loop
-  keeps one step in flight); JAX has no public handle on it.
-  """
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  client = jax_distributed.global_state.client
-  if requested is not None:
+def first_process_does(work: Callable[[], object], what: str):
+  """Runs `work()` on process 0 while the others wait; a failure there stops every process at
+  once (not after `timeout_s`): process 0 re-raises its error, the others raise ProcessFailed
+  naming process 0 and `what` it was doing."""
+  error = None
+  if jax.process_index() == 0:
     try:
-      client.key_value_set(STOP_KEY, str(requested))
-    except Exception:  # pylint: disable=broad-except
-      pass  # Another process asked first: its step stands.
-  try:
-    return int(client.key_value_try_get(STOP_KEY))
-  except Exception:  # pylint: disable=broad-except  # Not set: nobody asked.
-    return None
+      work()
+    except Exception as e:  # pylint: disable=broad-except  # Re-raised once the others know.
+      error = e
+  # A collective over every process: the barrier, and process 0's verdict in one.
+  ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+  if error is not None:
+    raise error
+  if not ok:
+    raise ProcessFailed(f"process 0 failed while {what} (its log has the error); process "
+                        f"{jax.process_index()} stops too")
+
+
+# Calls of stop_agreed in this process: the same sequence on every process, whatever step a run
+# resumed from (JAX's preemption sync point is one more than the highest value any process
+# passed when the notice arrived, and only that exact value reaches it).
+_stop_checks = itertools.count(1)
+_signal_passed_on = False  # JAX notices one SIGTERM per process: ours is passed on once.
+
+
+def stop_agreed(asked: bool) -> bool:
+  """Whether every process stops now: True at the same call on every process, once a SIGTERM
+  reached any of them, or `asked` (this process got another signal) was passed on.
+
+  Call once before launching each step, on every process. JAX's preemption sync (its SIGTERM
+  notifier and the coordination service; no device work, so the training loop keeps its step
+  in flight) does the agreeing: SIGTERM must be left to JAX's handler (no Python one), and
+  `asked` reaches it as a SIGTERM to this process. A dead coordinator aborts the process (JAX's
+  error polling): it never reads as "nobody asked".
+  """
+  global _signal_passed_on
+  if jax.process_count() == 1:
+    return asked
+  # First: it raises if JAX's preemption service is off, before a SIGTERM nobody handles.
+  reached = multihost_utils.reached_preemption_sync_point(next(_stop_checks))
+  if asked and not _signal_passed_on:
+    _signal_passed_on = True
+    os.kill(os.getpid(), signal.SIGTERM)
+  return reached

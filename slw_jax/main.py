@@ -37,7 +37,8 @@ def main(argv=None):
                            "resumes from the newest checkpoint of --workdir")
     from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
     hardware.use_gpu_memory_fraction()
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=config.distributed.timeout_s)
     try:
       run = trainer.Trainer(config, cli.WORKDIR.value,  # Checks mesh, data and config ...
                             allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
@@ -52,12 +53,18 @@ def main(argv=None):
     _exit_now(1)  # The saves that could finish did (Trainer._abort): orbax's failed writer
     # threads would abort the interpreter's shutdown.
   status = 0 if summary["completed"] or summary["stopped_by"] else 1
-  if summary["save_abandoned"]:  # Within the preemption deadline: orbax's writer not awaited.
-    _exit_now(status)
+  if summary["stopped_by"]:  # Preempted: compiles still running, maybe a save abandoned.
+    _exit_now(status, shutdown=True)
   sys.exit(status)
 
 
-def _exit_now(status: int):
+def _exit_now(status: int, shutdown: bool = False):
+  """Exits without waiting for threads still in native code (a background compile, orbax's
+  writer): the interpreter's shutdown would wait on them, or abort the process (SIGABRT) when
+  they wake up after it. `shutdown`: leave the other processes of the run cleanly first."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if shutdown and jax.process_count() > 1:
+    jax.distributed.shutdown()
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(status)  # pylint: disable=protected-access

@@ -71,9 +71,8 @@ class Trainer:
     # One process prepares missing data; the others wait for it (a Megatron pair is read as is).
     if jax.process_count() > 1 and not input_pipeline.is_megatron(c.data):
       input_pipeline.require_corpus(c.data)
-      if self.primary:
-        input_pipeline.ensure_prepared(c, log=self._print)
-      multihost_utils.sync_global_devices("slw_jax: data prepared")
+      distributed.first_process_does(lambda: input_pipeline.ensure_prepared(c, log=self._print),
+                                     f"preparing data.dir={c.data.dir!r}")
       input_pipeline.check_prepared_here(c.data.dir, jax.process_index())
     self.loader, self.val_index = input_pipeline.open_training_data(
         c, *self.layout.process_rows, log=self._print)
@@ -413,14 +412,11 @@ class Trainer:
     same step, so a signal that reached any one of them stops every one."""
     if jax.process_count() == 1:
       return self.stop_signal is not None
-    if self._stop_before is None:
-      # Two steps ahead: a process launches step s only after step s - 2 finished everywhere,
-      # and this process has not launched self.step yet.
-      asked = self.step + 2 if self.stop_signal is not None else None
-      self._stop_before = distributed.agree_stop_step(asked)
+    if self._stop_before is None and distributed.stop_agreed(self.stop_signal is not None):
+      self._stop_before = self.step  # Kept: a rollback trains back up to it.
     if self._stop_before is None or self.step < self._stop_before:
       return False
-    self.stop_signal = self.stop_signal or "signal to another process"
+    self.stop_signal = self.stop_signal or "signal to one of the processes"
     self.stop_time = self.stop_time or time.monotonic()
     return True
 
@@ -650,7 +646,9 @@ class _StopOnSignal:
     print(f"{self.trainer.stop_signal}: finishing the current step and saving", flush=True)
 
   def __enter__(self):
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # With several processes SIGTERM stays JAX's preemption notice (distributed.stop_agreed).
+    signums = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+    for signum in signums:
       self.previous[signum] = signal.signal(signum, self._handle)
     return self
 
