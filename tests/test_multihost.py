@@ -52,10 +52,11 @@ def test_two_processes_match_one_and_resume_elsewhere(make_config, tmp_path):
   # The same run continues in one process with 4 devices (data=2 x tensor=2).
   result = subprocess.run(
       [sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py", f"--workdir={two}",
-       *_cli_args(c, **{"mesh.data": 2})],
+       "--allow_schedule_change", *_cli_args(c, **{"mesh.data": 2})],  # Longer: 9 steps.
       cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed from step 6" in result.stdout
+  assert "a changed recipe (--allow_schedule_change): train_steps=6 there, 9 here" in result.stdout
   assert "over 4 devices in 1 process(es)" in result.stdout
   rows = metric_rows(two)
   assert [r["step"] for r in rows] == list(range(9))
