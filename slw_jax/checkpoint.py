@@ -42,11 +42,26 @@ def storage_reason(error: BaseException) -> str:
   return config_lib.one_line(error, 120)
 
 
+def is_damage(error: BaseException) -> bool:
+  """Whether an error reading a checkpoint means its files are damaged (cut short, missing,
+  garbage: JSON, orbax and tensorstore say so with ValueError, KeyError or a bare Exception)
+  rather than the machine failing (out of memory, I/O errors, permissions), which must never
+  send a good checkpoint aside."""
+  if isinstance(error, FileNotFoundError):
+    return True
+  if isinstance(error, (OSError, MemoryError)):
+    return False
+  return isinstance(error, (ValueError, KeyError)) or type(error) is Exception  # pylint: disable=unidiomatic-typecheck
+
+
 class Checkpoints:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
+    # cleanup_tmp_directories: a save a killed process left half-written goes at the next start
+    # (else it stays until that step is saved again, maybe never).
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving = None  # The step of the newest save started (its error may come later).
@@ -86,21 +101,13 @@ class Checkpoints:
     except Exception as error:  # pylint: disable=broad-except  # orbax and tensorstore's own.
       complete = self.complete_steps()
       newest = f"newest: step {complete[-1]}" if complete else "none was saved yet"
-      # An asynchronous save's error comes with the next call: name the save left unfinished.
-      unfinished = sorted(n.split(".")[0] for n in os.listdir(self.directory)
-                          if n.endswith(TMP_SUFFIX))
-      step = ", ".join(unfinished) or step
+      # An asynchronous save's error comes with the next call: name the save that failed.
+      if self._saving is not None and self._saving not in complete:
+        step = self._saving
       raise SaveError(f"could not save checkpoint {step} in {self.directory} "
                       f"({storage_reason(error)}); the checkpoints saved before it are intact "
                       f"({newest}): free disk space or make the directory writable, then "
                       f"resume (details: {config_lib.one_line(error, 300)})") from error
-
-  def delete_after(self, step: int):
-    """Deletes the checkpoints after `step` (an abandoned trajectory); `step` itself stays."""
-    self.wait()
-    for existing in self.steps():
-      if existing > step:
-        self._manager.delete(existing)
 
   def set_aside(self, step: int, where: str) -> str:
     """Moves an unreadable checkpoint out of the directory (kept for inspection: nothing is

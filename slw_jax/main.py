@@ -4,6 +4,7 @@ Several processes (launch/*): add --coordinator_address=HOST:PORT --num_processe
 --process_id=I (or the SLW_* variables), or run under SLURM / a TPU pod, which are detected.
 """
 
+import logging
 import os
 import sys
 
@@ -36,6 +37,9 @@ def main(argv=None):
       raise cli.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
                            "resumes from the newest checkpoint of --workdir")
     from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
+    # orbax logs each failure of its writer threads with tracebacks through absl; the run
+    # reports the failure itself, in one line (checkpoint.SaveError).
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     hardware.use_gpu_memory_fraction()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=config.distributed.timeout_s)

@@ -175,9 +175,11 @@ class StabilityMonitor:
     }
 
   def state(self) -> dict:
-    """JSON-ready state for checkpoints."""
+    """JSON-ready state for checkpoints: a copy (an asynchronous save serializes it while the
+    run goes on; the live sums would reach the checkpoint with later steps in them)."""
     return {**{k: getattr(self, k) for k in _COUNTERS}, "recent_nu_max": list(self.recent_nu_max),
-            "recent": {k: list(v) for k, v in self.recent.items()}, "sums": self.sums}
+            "recent": {k: list(v) for k, v in self.recent.items()},
+            "sums": {k: dict(v) for k, v in self.sums.items()}}
 
   def load_state(self, state: dict):
     for key in _COUNTERS:  # A checkpoint from before a counter existed: it counts from 0.

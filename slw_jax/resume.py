@@ -2,11 +2,13 @@
 
 A run resumes from its newest checkpoint under the config it is started with. Some fields may
 differ from the saved config and are only logged (evaluation, logging, compile and checkpoint
-settings, the mesh, the attention kernel); fields of the training recipe (batch size, token
-budget, pacing, optimizer, seed, data order) change the learning-rate curve or the data a step
-sees, so they are refused unless the user accepts them knowingly (--allow_schedule_change);
-the model's shape and vocabulary never change. The token files are compared too: their sizes
-and a sampled checksum are saved with every checkpoint (`data_fingerprint`).
+settings, the mesh, the attention kernel, microbatches); fields of the training recipe (batch
+size, token budget, pacing, optimizer, seed, data order) change the learning-rate curve or the
+data a step sees, so they are refused unless the user accepts them knowingly
+(--allow_schedule_change); the model's shape never changes. The tokens are compared rather
+than `data.*` strings (a path may be spelled many ways, data may move): every checkpoint holds
+each split's size, checksum and a sampled checksum (`split_fingerprint`); a model imported
+with its own tokenizer is checked against the data's vocabulary kind by the trainer.
 """
 
 from __future__ import annotations
@@ -27,18 +29,19 @@ class ResumeError(ValueError):
 # Changes a resume accepts and logs: none of them alters what or how a step trains.
 ALLOWED_GROUPS = ("eval", "log", "compile", "checkpoint", "monitor", "hardware", "mesh", "tune",
                   "distributed")
-ALLOWED_FIELDS = ("data.dir", "data.source", "data.prefetch", "data.verify_max_bytes",
-                  "data.tfds_data_dir", "model.attention", "model.attention_block",
-                  "model.remat", "model.scan_layers", "model.dtype")
-# Changes no flag allows: the parameters or the token ids would no longer match.
-NEVER_FIELDS = ("data.vocab",)
+ALLOWED_FIELDS = ("data.dir", "data.source", "data.vocab", "data.prefetch",
+                  "data.verify_max_bytes", "data.tfds_data_dir", "model.attention",
+                  "model.attention_block", "model.remat", "model.scan_layers", "model.dtype",
+                  "optim.microbatches")
+SHOWN = 3  # Schedule changes named in the error line (then "and N more").
 
 
 def classify(field: str, param_shaping: tuple[str, ...]) -> str:
-  """"allowed", "never" or "schedule" (any other field: the recipe of the run)."""
+  """"allowed", "never" (the parameters' shapes) or "schedule" (any other field: the recipe
+  of the run, so that a field added later is refused until classified)."""
   if field.split(".")[0] in ALLOWED_GROUPS or field in ALLOWED_FIELDS:
     return "allowed"
-  if field in NEVER_FIELDS or field in {f"model.{name}" for name in param_shaping}:
+  if field in {f"model.{name}" for name in param_shaping}:
     return "never"
   return "schedule"
 
@@ -58,25 +61,29 @@ def check_config(saved: dict, current: dict, param_shaping: tuple[str, ...], whe
     raise ResumeError(f"{where} holds checkpoints of another model ({found['never'][0]}): use "
                       "a new --workdir or the same model config")
   if found["schedule"] and not allow_schedule_change:
+    more = len(found["schedule"]) - SHOWN
+    listed = "; ".join(found["schedule"][:SHOWN]) + (f"; and {more} more" if more > 0 else "")
     raise ResumeError(
-        f"{where} was trained with another recipe ({'; '.join(found['schedule'])}): resuming "
-        "would change the learning-rate curve or the data order; resume with the saved "
-        "values, or pass --allow_schedule_change to accept the change knowingly")
+        f"{where} was trained with another recipe, which would change the learning-rate curve "
+        "or the data order: resume with the saved values, or pass --allow_schedule_change to "
+        f"accept the change knowingly ({listed})")
   return found["allowed"], found["schedule"]
 
 
 SAMPLES, SAMPLE_TOKENS = 64, 4096  # Sampled checksum: 64 evenly spaced runs of 4096 tokens.
 
 
-def split_fingerprint(tokens: np.ndarray) -> dict:
-  """The size and a sampled sha256 of one split's tokens: cheap at any size (a full checksum
-  of a 100 GB corpus would take minutes at every start), and any re-preparation changes it."""
+def split_fingerprint(tokens: np.ndarray, sha256: str | None = None) -> dict:
+  """The size and a sampled sha256 of one split's tokens, cheap at any size (a full checksum
+  of a 100 GB corpus would take minutes at every start), plus the full-file `sha256` that
+  preparation recorded, where there is one (a Megatron pair has none)."""
   starts = np.linspace(0, max(len(tokens) - SAMPLE_TOKENS, 0), SAMPLES).astype(np.int64)
   digest = hashlib.sha256()
   for start in np.unique(starts):
     digest.update(np.asarray(tokens[start:start + SAMPLE_TOKENS]).tobytes())
-  return {"tokens": int(len(tokens)), "dtype": str(tokens.dtype),
-          "sample_sha256": digest.hexdigest()}
+  fingerprint = {"tokens": int(len(tokens)), "dtype": str(tokens.dtype),
+                 "sample_sha256": digest.hexdigest()}
+  return {**fingerprint, "sha256": sha256} if sha256 else fingerprint
 
 
 def check_data(saved: dict | None, current: dict, where: str, data_dir: str):
@@ -85,7 +92,7 @@ def check_data(saved: dict | None, current: dict, where: str, data_dir: str):
   for split, then in (saved or {}).items():
     now = current.get(split)
     if now != then:
-      what = ("its tokens differ (sampled sha256)" if now and now["tokens"] == then["tokens"]
+      what = ("its tokens differ (sha256)" if now and now["tokens"] == then["tokens"]
               else f"{then['tokens']:,} tokens there, {now['tokens'] if now else 0:,} here")
       raise ResumeError(
           f"the {split!r} token files of data.dir={data_dir!r} changed since {where} was "

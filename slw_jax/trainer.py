@@ -9,9 +9,8 @@ never waits on the device just to log.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -19,8 +18,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from slw_jax import (checkpoint, compile_cache, config_lib, distributed, hardware,
-                     input_pipeline, models, monitor, pacing, reporting, resume, schedules,
-                     sharding, train_step)
+                     input_pipeline, models, monitor, pacing, preemption, reporting, resume,
+                     schedules, sharding, train_step)
 
 
 PARAM_SHAPING = models.GPTConfig.param_shaping_fields()  # Must match to resume.
@@ -29,6 +28,12 @@ PARAM_SHAPING = models.GPTConfig.param_shaping_fields()  # Must match to resume.
 # What an imported checkpoint records (slw_jax.convert) and every later checkpoint keeps: where
 # the weights came from and their special token ids (exported back to Hugging Face's config).
 CARRIED_META = ("imported_from", "special_tokens")
+
+
+# Write errors of the run's outputs (metrics, TensorBoard) that mean its storage is full or
+# locked: reported in one line with the checkpoints still intact.
+STORAGE_FULL_OR_LOCKED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EFBIG)
 
 
 class StopTraining(RuntimeError):
@@ -76,9 +81,7 @@ class Trainer:
       input_pipeline.check_prepared_here(c.data.dir, jax.process_index())
     self.loader, self.val_index = input_pipeline.open_training_data(
         c, *self.layout.process_rows, log=self._print)
-    # Saved with every checkpoint: a resume on other token files is refused (slw_jax.resume).
-    self.data_fingerprint = {"train": resume.split_fingerprint(self.loader.index.tokens),
-                             "validation": resume.split_fingerprint(self.val_index.tokens)}
+    self.data_fingerprint = self._data_fingerprint()
     hardware.enable_compilation_cache(c.compile.cache_dir)
     self.device = train_step.sharded_steps(
         c, placed, skip_bad=c.monitor.action == "skip", background=c.compile.background,
@@ -93,6 +96,13 @@ class Trainer:
     self.state, self.step = None, 0
     self._journal_target = None  # The step of a rollback whose journal is still needed.
     self.carried_meta = {}  # Kept from the checkpoint resumed (CARRIED_META).
+
+  def _data_fingerprint(self) -> dict:
+    """Saved with every checkpoint: a resume on other token files is refused (slw_jax.resume)."""
+    sums = ({} if input_pipeline.is_megatron(self.c.data) else
+            input_pipeline.read_metadata(self.c.data.dir)["splits"])
+    return {split: resume.split_fingerprint(index.tokens, sums.get(split, {}).get("sha256"))
+            for split, index in (("train", self.loader.index), ("validation", self.val_index))}
 
   def _batch_sizes(self) -> dict[str, int]:
     sizes = {"config.batch_size": self.c.batch_size, "config.eval.batch_size":
@@ -151,10 +161,9 @@ class Trainer:
 
   def restore_or_init(self):
     journal = self._read_journal()
-    if journal is not None:  # A rollback cut short: its abandoned checkpoints go first.
-      self.checkpoints.delete_after(journal["target"])
     found = self._newest_usable()
     if found is None:
+      self._clear_journal(journal)
       # Compiled here, beside the first bucket's compile in the pool.
       init = self.steps.compile_other("init", self.device.init, here=True).result()
       self.state, self.step = init(), 0
@@ -162,12 +171,15 @@ class Trainer:
       return
     latest, self.state, meta = found
     if journal is not None and journal["target"] == latest:
+      # A rollback the process did not outlive: from its target, past the bad batch.
       meta = {**meta, "loader": journal["loader"], "monitor": journal["monitor"]}
       self._journal_target = latest
       self.monitor.events.extend(journal.get("events", []))  # Logged at the first step.
       self._print(f"continuing the rollback to step {latest} recorded in {resume.JOURNAL}")
-    elif journal is not None and self.primary:
-      resume.clear_journal(self.workdir)  # Its target was unreadable: an older step resumes.
+    else:
+      # A later checkpoint already holds the rollback's data position (the process died
+      # before it removed the journal), or its target is gone: the journal is spent.
+      self._clear_journal(journal)
     self.carried_meta = {k: meta[k] for k in CARRIED_META if k in meta}
     note = self.loader.restore(meta["loader"])
     if note:
@@ -183,6 +195,10 @@ class Trainer:
                   "continues on this config's schedule")
     self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
 
+  def _clear_journal(self, journal: dict | None):
+    if journal is not None and self.primary:
+      resume.clear_journal(self.workdir)
+
   def _read_journal(self) -> dict | None:
     try:
       return resume.read_journal(self.workdir)
@@ -190,30 +206,33 @@ class Trainer:
       raise StopTraining(str(error)) from None
 
   def _newest_usable(self):
-    """(step, state, meta) of the newest checkpoint that reads back whole; None when none is
-    saved. Unreadable newer ones (truncated files, missing items, garbage metadata) are set
-    aside with a warning, never deleted; when every one is unreadable the run stops."""
+    """(step, state, meta) of the newest checkpoint that reads back whole on every process;
+    None when none is saved. Damaged newer ones (truncated files, missing items, garbage
+    metadata: `checkpoint.is_damage`) are set aside with a warning, never deleted; when every
+    one is damaged the run stops. Other errors (out of memory, I/O) stop the run as they are."""
     unreadable = []
     for step in reversed(self.checkpoints.steps()):
-      try:
-        meta = self.checkpoints.read_meta(step)
-      except Exception as error:  # pylint: disable=broad-except  # orbax's and JSON's errors.
-        unreadable.append((step, error))
+      meta, error = _unless_damaged(lambda: self.checkpoints.read_meta(step))
+      if error is None:
+        self._check_resumable(meta)  # A config mismatch is not damage: it stops the run.
+        restored, error = _unless_damaged(lambda: self._restore(step))
+      if not self._everywhere(error is None):  # One process's damaged shard stops them all.
+        unreadable.append((step, error or ValueError("unreadable on another process")))
         continue
-      self._check_resumable(meta)  # A config mismatch is not damage: it stops the run.
-      try:
-        state, meta = self._restore(step)
-      except Exception as error:  # pylint: disable=broad-except  # tensorstore's errors.
-        unreadable.append((step, error))
-        continue
-      for bad, error in unreadable:
-        self._set_aside(bad, error, step)
-      return step, state, meta
+      for bad, bad_error in unreadable:
+        self._set_aside(bad, bad_error, step)
+      return (step, *restored)
     if unreadable:
-      listed = "; ".join(f"step {k}: {config_lib.one_line(e, 120)}" for k, e in unreadable)
-      raise StopTraining(f"every checkpoint in {self.checkpoints.directory} is unreadable "
-                         f"({listed}): restore them from a backup, or start a new --workdir")
+      listed = "; ".join(f"step {k}: {config_lib.one_line(e, 100)}" for k, e in unreadable)
+      raise StopTraining(f"every checkpoint in {self.checkpoints.directory} is unreadable: "
+                         f"restore them from a backup, or start a new --workdir ({listed})")
     return None
+
+  def _everywhere(self, ok: bool) -> bool:
+    """Whether `ok` holds on every process."""
+    if jax.process_count() == 1:
+      return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
   def _set_aside(self, step: int, error: Exception, resumed: int):
     moved = os.path.join(self.workdir, "unreadable_checkpoints", f"step_{step}")
@@ -248,6 +267,10 @@ class Trainer:
     this run's data (an imported GPT-2 with its own tokenizer); see slw_jax.resume."""
     saved = config_lib.saved_defaults(meta["config"])
     where = f"--workdir={self.workdir}"
+    if meta["step"] > self.schedule.num_steps:
+      raise StopTraining(f"{where} holds checkpoint {meta['step']}, past this config's last "
+                         f"step {self.schedule.num_steps}: its train_tokens / train_steps end "
+                         "earlier than the run already went")
     try:
       self._config_changes = resume.check_config(saved, self.c.to_dict(), PARAM_SHAPING, where,
                                                  self.allow_schedule_change)
@@ -278,10 +301,14 @@ class Trainer:
                              self.loader.state(), self.monitor.state(), self.c.to_dict(),
                              data=self.data_fingerprint, **self.carried_meta)
     self.checkpoints.save(self.step, self.state, meta)
+    if self.stop_signal is None:  # Stopping: the preemption deadline bounds the wait (_finish).
+      self._clear_spent_journal()
+
+  def _clear_spent_journal(self):
+    """The rollback's journal goes once a later checkpoint is on disk (waits for it)."""
     if self._journal_target is not None and self.step > self._journal_target:
-      self.checkpoints.wait()  # The rollback's journal may go once a later step is on disk.
-      if self.primary:
-        resume.clear_journal(self.workdir)
+      self.checkpoints.wait()
+      self._clear_journal({})
       self._journal_target = None
 
   # ----- the loop ----------------------------------------------------------------------------
@@ -346,14 +373,16 @@ class Trainer:
     self.started = time.time()
     try:
       self._open_log()
-      with _StopOnSignal(self):
+      with preemption.StopOnSignal(self._on_signal):
         self._loop()
       return self._finish()
-    except OSError as error:  # The run's outputs (metrics, TensorBoard): e.g. a full disk.
+    except OSError as error:
       self._abort()
+      if error.errno not in STORAGE_FULL_OR_LOCKED:
+        raise
+      where = f": {error.filename}" if error.filename else ""
       raise StopTraining(f"could not write the run's outputs in {self.workdir} "
-                         f"({checkpoint.storage_reason(error)}: {error.filename}); the "
-                         "complete checkpoints "
+                         f"({checkpoint.storage_reason(error)}{where}); the complete checkpoints "
                          f"(newest: step {max(self.checkpoints.complete_steps(), default=None)})"
                          " are intact: free disk space or make the directory writable, then "
                          "resume") from error
@@ -500,10 +529,10 @@ class Trainer:
     including the bad step's batch; the monitor's counters come back with the state (replayed
     steps are not counted twice), plus one rollback.
 
-    Crash-safe at every moment: a journal (slw_jax.resume) records the target, the data
-    position past the bad batch and the monitor state before anything is deleted; only then
-    are the checkpoints after the target (the abandoned trajectory) deleted. The target itself
-    is never deleted, and the journal goes once a later checkpoint is on disk.
+    Crash-safe at every moment: nothing is deleted (no checkpoint after the target exists: a
+    step is saved only once the step before it was checked), and the target keeps its record;
+    a journal (slw_jax.resume) holds the data position past the bad batch and the monitor
+    state, for a resume before the next checkpoint, which makes it spent.
     """
     if self.monitor.rollbacks >= self.c.monitor.max_rollbacks:
       raise StopTraining(f"step {bad_step} is unstable again after monitor.max_rollbacks="
@@ -514,13 +543,13 @@ class Trainer:
     saved = self.checkpoints.read_meta(target)
     loader = {**saved["loader"], "position": position_after_bad}
     counters = {**saved["monitor"], "rollbacks": self.monitor.rollbacks + 1}
-    self.monitor.event(bad_step, "rollback", to_step=target,
-                       skipped_batches=bad_step + 1 - target)
+    self.monitor.event(bad_step, "rollback", to_step=target,  # `rollback`: its ordinal, so
+                       skipped_batches=bad_step + 1 - target,  # that two alike stay two.
+                       rollback=counters["rollbacks"])
     events = self.monitor.pop_events()
     if self.primary:
       resume.write_journal(self.workdir, target, loader, counters, events)
     self.log.events(events)  # A resume logs them again from the journal: RunLog skips repeats.
-    self.checkpoints.delete_after(target)
     self._journal_target = target
     self._free_state()  # Before the restore: peak memory stays one train state.
     self.state, _ = self._restore(target)
@@ -568,33 +597,36 @@ class Trainer:
     if self.stop_signal is None or self.stop_time is None:
       self.checkpoints.wait()
       return True
-    failed = []
+    deadline = self.stop_time + self.c.checkpoint.preemption_timeout_s
+    return preemption.finished_within(self.checkpoints.wait, deadline - time.monotonic())
 
-    def wait():
-      try:
-        self.checkpoints.wait()
-      except Exception as error:  # pylint: disable=broad-except  # Raised below, in this thread.
-        failed.append(error)
-    waiter = threading.Thread(target=wait, daemon=True, name="slw_jax-final-save")
-    waiter.start()
-    waiter.join(self.stop_time + self.c.checkpoint.preemption_timeout_s - time.monotonic())
-    if failed:
-      raise failed[0]
-    return not waiter.is_alive()
+  def _on_signal(self, name: str):
+    self.stop_signal = name
+    self.stop_time = time.monotonic()  # checkpoint.preemption_timeout_s counts from it.
+    print(f"{name}: finishing the current step and saving", flush=True)
+
+  def _final_save(self) -> bool:
+    """Saves the last step; False when the save was abandoned at the preemption deadline (a
+    save still running from before, which orbax would wait for first, counts too)."""
+    if not self._saved_in_time():
+      return False
+    self.save()
+    if not self._saved_in_time():
+      return False
+    self._clear_spent_journal()
+    self.checkpoints.close()
+    return True
 
   def _finish(self) -> dict:
     completed = self.step >= self.schedule.num_steps
     if completed and getattr(self, "last_eval", {}).get("step") != self.step:
       self.evaluate()
-    self.save()
-    saved = self._saved_in_time()
-    if saved:
-      self.checkpoints.close()
-    else:
+    saved = self._final_save()
+    if not saved:
       self.log.info(f"abandoned the save of step {self.step}: not finished "
                     f"checkpoint.preemption_timeout_s={self.c.checkpoint.preemption_timeout_s} s "
                     f"after {self.stop_signal}; the newest complete checkpoint is step "
-                    f"{self.checkpoints.complete_steps()[-1]}")
+                    f"{max(self.checkpoints.complete_steps(), default=None)}")
     self.steps.close(wait=self.stop_signal is None)  # A preempted run does not wait on compiles.
     last_eval = getattr(self, "last_eval", {})
     summary = {
@@ -620,6 +652,16 @@ class Trainer:
     return summary
 
 
+def _unless_damaged(read):
+  """(read(), None), or (None, error) when reading failed because the checkpoint is damaged."""
+  try:
+    return read(), None
+  except Exception as error:  # pylint: disable=broad-except  # Sorted by checkpoint.is_damage.
+    if checkpoint.is_damage(error):
+      return None, error
+    raise
+
+
 def padded_batch(batch, seqlen: int) -> dict:
   """A loader batch as the step's inputs/targets, right-padded to the bucket's `seqlen`: the
   padded targets are PAD_TARGET (no loss, not counted), the padded inputs token 0 (causal
@@ -629,32 +671,6 @@ def padded_batch(batch, seqlen: int) -> dict:
     return {"inputs": batch.inputs, "targets": batch.targets}
   return {"inputs": np.pad(batch.inputs, pad),
           "targets": np.pad(batch.targets, pad, constant_values=train_step.PAD_TARGET)}
-
-
-class _StopOnSignal:
-  """SIGTERM/SIGINT: finish the current step, save, return normally (exit status 0)."""
-
-  def __init__(self, trainer: Trainer):
-    self.trainer, self.previous = trainer, {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.trainer.stop_signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # A second Ctrl-C stops at once.
-    self.trainer.stop_signal = signal.Signals(signum).name
-    self.trainer.stop_time = time.monotonic()  # checkpoint.preemption_timeout_s counts from it.
-    print(f"{self.trainer.stop_signal}: finishing the current step and saving", flush=True)
-
-  def __enter__(self):
-    # With several processes SIGTERM stays JAX's preemption notice (distributed.stop_agreed).
-    signums = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
-    for signum in signums:
-      self.previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for signum, handler in self.previous.items():
-      signal.signal(signum, handler)
 
 
 def train(c, workdir: str) -> dict:

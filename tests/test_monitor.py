@@ -75,6 +75,17 @@ def test_state_round_trip_through_json():
   assert restored.summary() == m.summary()
 
 
+def test_a_saved_state_is_a_snapshot_that_later_steps_leave_alone():
+  """A checkpoint's JSON is serialized after the run went on (asynchronous saves)."""
+  m = monitor.StabilityMonitor(_cfg())
+  for step in range(5):
+    m.observe(step, _metrics(3.0, 1.0 + 0.02 * step))
+  saved = m.state()
+  before = json.dumps(saved, sort_keys=True)
+  m.observe(5, _metrics(3.0, 1.3))
+  assert json.dumps(saved, sort_keys=True) == before
+
+
 @pytest.mark.parametrize("grad_norm", [float("nan"), float("inf")])
 def test_a_finite_loss_with_non_finite_gradients_is_a_bad_step(grad_norm):
   for action in ("log", "skip", "rollback"):

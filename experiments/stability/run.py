@@ -342,6 +342,12 @@ def main():
   except (StudyError, tune.TuneError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
+  except RuntimeError as error:  # trainer.StopTraining (imported only to train): e.g. an arm's
+    trainer = sys.modules.get("slw_jax.trainer")  # workdir resumed under another regime.
+    if trainer is None or not isinstance(error, trainer.StopTraining):
+      raise
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

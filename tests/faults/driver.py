@@ -4,7 +4,8 @@ from the environment, for the fault-injection tests (never used by a real run).
 SLW_FAULT_POISON: comma-separated loader positions whose batches get a NaN loss.
 SLW_FAULT_KILL: where the process SIGKILLs itself:
   after_journal   in a rollback, once its journal is written (nothing deleted yet);
-  before_restore  in a rollback, after the later checkpoints are deleted, before the restore.
+  before_clear    once the first checkpoint after a rollback is on disk, before the rollback's
+                  journal is removed.
 """
 
 import os
@@ -14,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import poison  # noqa: E402  pylint: disable=g-import-not-at-top
-from slw_jax import input_pipeline, main, resume, trainer  # noqa: E402
+from slw_jax import input_pipeline, main, resume  # noqa: E402
 
 
 def _die_after(function):
@@ -40,10 +41,10 @@ def inject():
   kill = os.environ.get("SLW_FAULT_KILL")
   if kill == "after_journal":
     resume.write_journal = _die_after(resume.write_journal)
-  elif kill == "before_restore":
-    trainer.Trainer._free_state = _die_before(trainer.Trainer._free_state)  # pylint: disable=protected-access
+  elif kill == "before_clear":
+    resume.clear_journal = _die_before(resume.clear_journal)
   elif kill:
-    raise SystemExit(f"error: SLW_FAULT_KILL={kill!r} is not after_journal or before_restore")
+    raise SystemExit(f"error: SLW_FAULT_KILL={kill!r} is not after_journal or before_clear")
 
 
 if __name__ == "__main__":

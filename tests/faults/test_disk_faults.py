@@ -8,6 +8,7 @@ saved some checkpoints, so its next checkpoint cannot be written (EFBIG instead 
 
 import contextlib
 import os
+import re
 import resource
 import subprocess
 import time
@@ -64,18 +65,26 @@ def test_a_full_then_read_only_disk_stops_the_run_with_one_line_and_checkpoints_
   workdir = str(tmp_path / "disk" / "run")
   with small_disk(str(tmp_path / "disk"), "2m") as mounted:
     output = _fill_up(make_config, workdir, mounted)
-    last = output.strip().splitlines()[-1]
-    assert __import__("re").match(ERROR, last), output[-3000:]
+    assert re.match(ERROR, output.strip().splitlines()[-1]), output[-3000:]
+    assert "Traceback" not in output and "ERROR:" not in output, output[-3000:]
     saved = _complete_steps(workdir)
     assert len(saved) >= 2, output[-3000:]
     loaded = checkpoint.load_params(workdir)  # The newest reads back whole.
     assert loaded.step == saved[-1]
-    if mounted:  # Now not writable at all: the next start says so in one line, changes nothing.
+    # Now not writable at all (where this machine can make it so; root ignores file modes):
+    # the next start says so in one line and changes nothing.
+    if mounted:
       subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "disk")], check=True)
+    elif os.geteuid() != 0:
+      for root, dirs, files in os.walk(workdir):
+        for name in dirs + files + [""]:
+          os.chmod(os.path.join(root, name), 0o555)
+    if mounted or os.geteuid() != 0:
       process = start(command(make_config, workdir), {"SLW_FAULT_POISON": ""})
       output = finish(process)
       assert process.returncode != 0, output
       errors = [line for line in output.splitlines() if line.startswith("error: ")]
-      assert len(errors) == 1 and "Read-only file system" in errors[0], output[-3000:]
+      assert len(errors) == 1 and re.search("Read-only file system|Permission denied",
+                                            errors[0]), output[-3000:]
       assert "Traceback" not in output, output[-3000:]
       assert _complete_steps(workdir) == saved

@@ -26,10 +26,10 @@ def _steps_done(workdir) -> int:
   return len(metric_rows(workdir)) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else 0
 
 
-def _saving(workdir) -> bool:
+def _saves_in_progress(workdir) -> set[str]:
   directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(n.endswith(checkpoint.TMP_SUFFIX)
-                                          for n in os.listdir(directory))
+  return {n for n in os.listdir(directory) if n.endswith(checkpoint.TMP_SUFFIX)} if os.path.isdir(
+      directory) else set()
 
 
 def _final_rows(workdir) -> list[dict]:
@@ -67,13 +67,15 @@ def _kill_mid_save(command, workdir, tries=3) -> bool:
   """SIGKILLs the run while an asynchronous save is on disk half-written; True once a kill
   left a save's temporary directory behind (the kill came mid-save)."""
   for _ in range(tries):
+    left = _saves_in_progress(workdir)  # By an earlier try (removed as this run starts).
     process = _start(command)
     before = _steps_done(workdir)
-    _wait_for(process, lambda: _steps_done(workdir) > before + 4 and _saving(workdir))
+    _wait_for(process, lambda: _steps_done(workdir) > before + 4 and (
+        _saves_in_progress(workdir) - left))
     process.kill()
     _finish(process)
     assert process.returncode == -signal.SIGKILL
-    if _saving(workdir):
+    if _saves_in_progress(workdir) - left:
       return True
   return False
 
@@ -111,15 +113,19 @@ def test_killed_terminated_and_killed_mid_save_a_run_ends_as_if_never_stopped(
 
 def test_killed_inside_rollbacks_a_run_ends_as_if_never_stopped(make_config, reference,
                                                                  tmp_path):
-  """The first rollback (step 25) is killed once its journal is written, the second (step 60)
-  after the later checkpoints are deleted, before the restore."""
+  """The rollback at step 25 is killed once its journal is written; the resumed run, once the
+  first checkpoint after it is on disk, before it removes the journal (the next start finds
+  the journal spent: it resumes from that checkpoint, deleting nothing)."""
   workdir = str(tmp_path / "run")
   command = _command(make_config, workdir)
-  for kill in ("after_journal", "before_restore"):
+  journal = os.path.join(workdir, resume.JOURNAL)
+  for kill in ("after_journal", "before_clear"):
     process = _start(command, {"SLW_FAULT_KILL": kill})
     _finish(process)
     assert process.returncode == -signal.SIGKILL, kill
-    assert os.path.exists(os.path.join(workdir, resume.JOURNAL)), kill
+    assert os.path.exists(journal), kill
+  saved = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), 3).complete_steps()
+  assert max(saved) > json.load(open(journal))["target"]
   _run(command)
   _same_run(reference, workdir)
   assert json.load(open(os.path.join(workdir, "summary.json")))["stability"]["rollbacks"] == 2
