@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 
@@ -33,6 +34,12 @@ STORAGE_REASONS = ("No space left on device", "Disk quota exceeded", "Read-only 
                    "Permission denied", "File too large")
 
 
+# Write errors (errno) that mean the storage is full or locked: the run's outputs then fail
+# with one line, the checkpoints written before intact.
+STORAGE_FULL_OR_LOCKED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EFBIG)
+
+
 def storage_reason(error: BaseException) -> str:
   """The storage failure behind `error` in a few words (or its first line, shortened)."""
   text = str(error)
@@ -52,6 +59,17 @@ def is_damage(error: BaseException) -> bool:
   if isinstance(error, (OSError, MemoryError)):
     return False
   return isinstance(error, (ValueError, KeyError)) or type(error) is Exception  # pylint: disable=unidiomatic-typecheck
+
+
+def unless_damaged(read):
+  """(read(), None), or (None, error) when reading failed because the checkpoint is damaged
+  (`is_damage`); any other error is raised."""
+  try:
+    return read(), None
+  except Exception as error:  # pylint: disable=broad-except  # Sorted by is_damage.
+    if is_damage(error):
+      return None, error
+    raise
 
 
 class Checkpoints:

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from slw_jax import config_lib, reporting
+from slw_jax import checkpoint, config_lib, input_pipeline, reporting
 
 
 class ResumeError(ValueError):
@@ -68,6 +68,37 @@ def check_config(saved: dict, current: dict, param_shaping: tuple[str, ...], whe
         "or the data order: resume with the saved values, or pass --allow_schedule_change to "
         f"accept the change knowingly ({listed})")
   return found["allowed"], found["schedule"]
+
+
+def check_checkpoint(meta: dict, c, workdir: str, num_steps: int, fingerprint: dict,
+                     param_shaping: tuple[str, ...], allow_schedule_change: bool):
+  """`check_config` and `check_data` of a checkpoint's record (`meta`) against this run's
+  config `c` and data `fingerprint`; also refuses a checkpoint past the config's last step,
+  or whose model reads other token ids than this run's data (a GPT-2 imported with its own
+  tokenizer). Returns check_config's changes."""
+  where = f"--workdir={workdir}"
+  if meta["step"] > num_steps:
+    raise ResumeError(f"{where} holds checkpoint {meta['step']}, past this config's last step "
+                      f"{num_steps}: its train_tokens / train_steps end earlier than the run "
+                      "already went")
+  changes = check_config(config_lib.saved_defaults(meta["config"]), c.to_dict(), param_shaping,
+                         where, allow_schedule_change)
+  check_data(meta.get("data"), fingerprint, f"checkpoint {meta['step']}",
+             c.data.dir or c.data.source)
+  recorded = checkpoint.model_vocab(meta, c.data.vocab, workdir)
+  if checkpoint.reads_other_ids(recorded, c.data.vocab):
+    raise ResumeError(f"{where} holds a model imported with the tokenizer {recorded} but "
+                      f"config.data.vocab={c.data.vocab!r}: training would feed it other token "
+                      f"ids (train on data prepared with --config.data.vocab={recorded})")
+  return changes
+
+
+def data_fingerprint(c, train_tokens: np.ndarray, validation_tokens: np.ndarray) -> dict:
+  """{split: split_fingerprint} of a run's data, with the sha256 preparation recorded."""
+  sums = {} if input_pipeline.is_megatron(c.data) else input_pipeline.read_metadata(
+      c.data.dir)["splits"]
+  return {split: split_fingerprint(tokens, sums.get(split, {}).get("sha256"))
+          for split, tokens in (("train", train_tokens), ("validation", validation_tokens))}
 
 
 SAMPLES, SAMPLE_TOKENS = 64, 4096  # Sampled checksum: 64 evenly spaced runs of 4096 tokens.

@@ -9,7 +9,6 @@ never waits on the device just to log.
 from __future__ import annotations
 
 import bisect
-import errno
 import os
 import time
 
@@ -28,12 +27,6 @@ PARAM_SHAPING = models.GPTConfig.param_shaping_fields()  # Must match to resume.
 # What an imported checkpoint records (slw_jax.convert) and every later checkpoint keeps: where
 # the weights came from and their special token ids (exported back to Hugging Face's config).
 CARRIED_META = ("imported_from", "special_tokens")
-
-
-# Write errors of the run's outputs (metrics, TensorBoard) that mean its storage is full or
-# locked: reported in one line with the checkpoints still intact.
-STORAGE_FULL_OR_LOCKED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                          errno.EFBIG)
 
 
 class StopTraining(RuntimeError):
@@ -81,7 +74,9 @@ class Trainer:
       input_pipeline.check_prepared_here(c.data.dir, jax.process_index())
     self.loader, self.val_index = input_pipeline.open_training_data(
         c, *self.layout.process_rows, log=self._print)
-    self.data_fingerprint = self._data_fingerprint()
+    # Saved with every checkpoint: a resume on other token files is refused.
+    self.data_fingerprint = resume.data_fingerprint(c, self.loader.index.tokens,
+                                                    self.val_index.tokens)
     hardware.enable_compilation_cache(c.compile.cache_dir)
     self.device = train_step.sharded_steps(
         c, placed, skip_bad=c.monitor.action == "skip", background=c.compile.background,
@@ -96,13 +91,6 @@ class Trainer:
     self.state, self.step = None, 0
     self._journal_target = None  # The step of a rollback whose journal is still needed.
     self.carried_meta = {}  # Kept from the checkpoint resumed (CARRIED_META).
-
-  def _data_fingerprint(self) -> dict:
-    """Saved with every checkpoint: a resume on other token files is refused (slw_jax.resume)."""
-    sums = ({} if input_pipeline.is_megatron(self.c.data) else
-            input_pipeline.read_metadata(self.c.data.dir)["splits"])
-    return {split: resume.split_fingerprint(index.tokens, sums.get(split, {}).get("sha256"))
-            for split, index in (("train", self.loader.index), ("validation", self.val_index))}
 
   def _batch_sizes(self) -> dict[str, int]:
     sizes = {"config.batch_size": self.c.batch_size, "config.eval.batch_size":
@@ -212,10 +200,10 @@ class Trainer:
     one is damaged the run stops. Other errors (out of memory, I/O) stop the run as they are."""
     unreadable = []
     for step in reversed(self.checkpoints.steps()):
-      meta, error = _unless_damaged(lambda: self.checkpoints.read_meta(step))
+      meta, error = checkpoint.unless_damaged(lambda: self.checkpoints.read_meta(step))
       if error is None:
         self._check_resumable(meta)  # A config mismatch is not damage: it stops the run.
-        restored, error = _unless_damaged(lambda: self._restore(step))
+        restored, error = checkpoint.unless_damaged(lambda: self._restore(step))
       if not self._everywhere(error is None):  # One process's damaged shard stops them all.
         unreadable.append((step, error or ValueError("unreadable on another process")))
         continue
@@ -262,28 +250,13 @@ class Trainer:
     return restack(state), meta
 
   def _check_resumable(self, meta: dict):
-    """Refuses a checkpoint of another model shape or vocabulary, of another recipe (unless
-    allow_schedule_change), of other token files, or whose model reads other token ids than
-    this run's data (an imported GPT-2 with its own tokenizer); see slw_jax.resume."""
-    saved = config_lib.saved_defaults(meta["config"])
-    where = f"--workdir={self.workdir}"
-    if meta["step"] > self.schedule.num_steps:
-      raise StopTraining(f"{where} holds checkpoint {meta['step']}, past this config's last "
-                         f"step {self.schedule.num_steps}: its train_tokens / train_steps end "
-                         "earlier than the run already went")
+    """Refuses a checkpoint this run cannot continue (slw_jax.resume.check_checkpoint)."""
     try:
-      self._config_changes = resume.check_config(saved, self.c.to_dict(), PARAM_SHAPING, where,
-                                                 self.allow_schedule_change)
-      resume.check_data(meta.get("data"), self.data_fingerprint, f"checkpoint {meta['step']}",
-                        self.c.data.dir or self.c.data.source)
+      self._config_changes = resume.check_checkpoint(
+          meta, self.c, self.workdir, self.schedule.num_steps, self.data_fingerprint,
+          PARAM_SHAPING, self.allow_schedule_change)
     except resume.ResumeError as error:
       raise StopTraining(str(error)) from None
-    recorded = checkpoint.model_vocab(meta, self.c.data.vocab, self.workdir)
-    if checkpoint.reads_other_ids(recorded, self.c.data.vocab):
-      raise StopTraining(
-          f"--workdir={self.workdir} holds a model imported with the tokenizer {recorded} but "
-          f"config.data.vocab={self.c.data.vocab!r}: training would feed it other token ids "
-          f"(train on data prepared with --config.data.vocab={recorded})")
 
   def _log_config_changes(self, step: int):
     """Logs the settings changed since the checkpoint; an accepted recipe change is also an
@@ -378,7 +351,7 @@ class Trainer:
       return self._finish()
     except OSError as error:
       self._abort()
-      if error.errno not in STORAGE_FULL_OR_LOCKED:
+      if error.errno not in checkpoint.STORAGE_FULL_OR_LOCKED:
         raise
       where = f": {error.filename}" if error.filename else ""
       raise StopTraining(f"could not write the run's outputs in {self.workdir} "
@@ -650,16 +623,6 @@ class Trainer:
                   f"TensorBoard {w}/tb, checkpoints {w}/checkpoints, summary {w}/summary.json")
     self.log.close()
     return summary
-
-
-def _unless_damaged(read):
-  """(read(), None), or (None, error) when reading failed because the checkpoint is damaged."""
-  try:
-    return read(), None
-  except Exception as error:  # pylint: disable=broad-except  # Sorted by checkpoint.is_damage.
-    if checkpoint.is_damage(error):
-      return None, error
-    raise
 
 
 def padded_batch(batch, seqlen: int) -> dict:
