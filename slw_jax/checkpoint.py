@@ -49,16 +49,29 @@ def storage_reason(error: BaseException) -> str:
   return config_lib.one_line(error, 120)
 
 
+# tensorstore statuses (in its ValueError's text) of a machine or storage failing, not of the
+# files being damaged: a checkpoint read with them may be whole.
+MACHINE_STATUSES = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+                    "ABORTED", "CANCELLED", "UNKNOWN")
+REQUIRED_META = ("step", "tokens", "loader", "monitor", "config")
+
+
 def is_damage(error: BaseException) -> bool:
   """Whether an error reading a checkpoint means its files are damaged (cut short, missing,
-  garbage: JSON, orbax and tensorstore say so with ValueError, KeyError or a bare Exception)
-  rather than the machine failing (out of memory, I/O errors, permissions), which must never
-  send a good checkpoint aside."""
-  if isinstance(error, FileNotFoundError):
-    return True
-  if isinstance(error, (OSError, MemoryError)):
-    return False
-  return isinstance(error, (ValueError, KeyError)) or type(error) is Exception  # pylint: disable=unidiomatic-typecheck
+  garbage: JSON, orbax and tensorstore say so with ValueError, KeyError or a bare Exception
+  wrapping one) rather than the machine failing (out of memory, I/O errors, permissions, an
+  unreachable store), which must never send a good checkpoint aside. The whole chain of
+  causes is read: orbax wraps tensorstore's errors in a bare Exception."""
+  chain, seen = [], error
+  while seen is not None and len(chain) < 10:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for cause in chain:
+    if isinstance(cause, (MemoryError, OSError)) and not isinstance(cause, FileNotFoundError):
+      return False
+    if any(f"{status}:" in str(cause) for status in MACHINE_STATUSES):
+      return False
+  return isinstance(error, (ValueError, KeyError, FileNotFoundError)) or type(error) is Exception  # pylint: disable=unidiomatic-typecheck
 
 
 def unless_damaged(read):
@@ -74,12 +87,14 @@ def unless_damaged(read):
 
 class Checkpoints:
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
-    # cleanup_tmp_directories: a save a killed process left half-written goes at the next start
-    # (else it stays until that step is saved again, maybe never).
+  def __init__(self, directory: str, keep: int, async_save: bool = True,
+               cleanup_tmp: bool = False):
+    # cleanup_tmp: a save a killed run left half-written goes when the run starts again (else
+    # it stays until that step is saved again, maybe never). Only the run that writes the
+    # directory may: a reader (evaluate, convert) would delete a live run's save in progress.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=cleanup_tmp)
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving = None  # The step of the newest save started (its error may come later).
@@ -159,8 +174,12 @@ class Checkpoints:
     return restored["state"]["params"], restored["meta"]
 
   def read_meta(self, step: int) -> dict:
-    """Only the JSON record of a saved step (cheap: no arrays are read)."""
+    """Only the JSON record of a saved step (cheap: no arrays are read); KeyError when it
+    lacks a field every record has (damaged)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    missing = [k for k in REQUIRED_META if k not in (restored["meta"] or {})]
+    if missing:
+      raise KeyError(f"checkpoint {step}'s record lacks {', '.join(missing)}")
     return restored["meta"]
 
   def wait(self):

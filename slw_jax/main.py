@@ -37,9 +37,7 @@ def main(argv=None):
       raise cli.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
                            "resumes from the newest checkpoint of --workdir")
     from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
-    # orbax logs each failure of its writer threads with tracebacks through absl; the run
-    # reports the failure itself, in one line (checkpoint.SaveError).
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    _orbax_log_to_file(cli.WORKDIR.value)
     hardware.use_gpu_memory_fraction()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=config.distributed.timeout_s)
@@ -62,16 +60,46 @@ def main(argv=None):
   sys.exit(status)
 
 
+def _orbax_log_to_file(workdir: str):
+  """orbax logs through absl, with tracebacks from its writer threads when a save fails; the
+  run reports such a failure itself, in one line (checkpoint.SaveError). Its warnings and
+  errors go to DIR/orbax.log instead of the terminal (kept: e.g. old checkpoints it could not
+  delete)."""
+  os.makedirs(workdir, exist_ok=True)
+  handler = _QuietFileHandler(os.path.join(workdir, "orbax.log"), delay=True)
+  handler.setLevel(logging.WARNING)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(handler)
+  absl_logger.propagate = False
+
+
+class _QuietFileHandler(logging.FileHandler):
+  """Drops what it cannot write: the log may be on the disk that just failed, and an error
+  raised from a log call would break the caller (orbax's writer threads)."""
+
+  def emit(self, record):
+    try:
+      super().emit(record)
+    except Exception:  # pylint: disable=broad-except  # Opening the file failed.
+      pass
+
+  def handleError(self, record):  # Writing failed: logging would print a traceback.
+    del record
+
+
 def _exit_now(status: int, shutdown: bool = False):
   """Exits without waiting for threads still in native code (a background compile, orbax's
   writer): the interpreter's shutdown would wait on them, or abort the process (SIGABRT) when
   they wake up after it. `shutdown`: leave the other processes of the run cleanly first."""
   import jax  # pylint: disable=g-import-not-at-top
-  if shutdown and jax.process_count() > 1:
-    jax.distributed.shutdown()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(status)  # pylint: disable=protected-access
+  try:
+    if shutdown and jax.process_count() > 1:
+      jax.distributed.shutdown()
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

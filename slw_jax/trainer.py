@@ -83,7 +83,8 @@ class Trainer:
         on_compiled=self._log_compiled, threads=c.compile.threads)
     self.steps = self.device.steps
     self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                              c.checkpoint.keep, c.checkpoint.async_save)
+                                              c.checkpoint.keep, c.checkpoint.async_save,
+                                              cleanup_tmp=self.primary)
     self.monitor = monitor.StabilityMonitor(c.monitor)
     self.num_params = placed.num_params
     self.peak_flops, self.peak_source = hardware.peak_flops(c.hardware.peak_flops, c.model.dtype)
@@ -194,22 +195,29 @@ class Trainer:
       raise StopTraining(str(error)) from None
 
   def _newest_usable(self):
-    """(step, state, meta) of the newest checkpoint that reads back whole on every process;
-    None when none is saved. Damaged newer ones (truncated files, missing items, garbage
-    metadata: `checkpoint.is_damage`) are set aside with a warning, never deleted; when every
-    one is damaged the run stops. Other errors (out of memory, I/O) stop the run as they are."""
+    """(step, state, meta) of the newest checkpoint that reads back whole; None when none is
+    saved. Damaged newer ones (truncated files, missing items, garbage metadata:
+    `checkpoint.is_damage`) are set aside with a warning, never deleted; when every one is
+    damaged the run stops. Other errors (out of memory, I/O) stop the run as they are."""
     unreadable = []
     for step in reversed(self.checkpoints.steps()):
       meta, error = checkpoint.unless_damaged(lambda: self.checkpoints.read_meta(step))
       if error is None:
         self._check_resumable(meta)  # A config mismatch is not damage: it stops the run.
         restored, error = checkpoint.unless_damaged(lambda: self._restore(step))
-      if not self._everywhere(error is None):  # One process's damaged shard stops them all.
-        unreadable.append((step, error or ValueError("unreadable on another process")))
-        continue
-      for bad, bad_error in unreadable:
-        self._set_aside(bad, bad_error, step)
-      return (step, *restored)
+      if error is None:
+        for bad, bad_error in unreadable:
+          self._set_aside(bad, bad_error, step)
+        return (step, *restored)
+      if jax.process_count() > 1:
+        # The processes cannot agree on a fallback without orbax's own barriers going out of
+        # step (a process that failed skipped them): stop, naming it; the others time out.
+        raise StopTraining(f"checkpoint {step} in {self.checkpoints.directory} is damaged as "
+                           f"process {jax.process_index()} reads it "
+                           f"({config_lib.one_line(error, 200)}): with several processes the "
+                           "run does not fall back by itself; move it out of the directory, "
+                           "then start again")
+      unreadable.append((step, error))
     if unreadable:
       listed = "; ".join(f"step {k}: {config_lib.one_line(e, 100)}" for k, e in unreadable)
       raise StopTraining(f"every checkpoint in {self.checkpoints.directory} is unreadable: "
@@ -223,12 +231,7 @@ class Trainer:
     return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
   def _set_aside(self, step: int, error: Exception, resumed: int):
-    moved = os.path.join(self.workdir, "unreadable_checkpoints", f"step_{step}")
-    if self.primary:
-      moved = self.checkpoints.set_aside(step, os.path.dirname(moved))
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("slw_jax: unreadable checkpoint set aside")
-      self.checkpoints.reload()
+    moved = self.checkpoints.set_aside(step, os.path.join(self.workdir, "unreadable_checkpoints"))
     self._print(f"warning: checkpoint {step} in {self.checkpoints.directory} is unreadable "
                 f"({config_lib.one_line(error, 200)}); moved to {moved}, resuming from step "
                 f"{resumed}")
@@ -570,8 +573,7 @@ class Trainer:
     if self.stop_signal is None or self.stop_time is None:
       self.checkpoints.wait()
       return True
-    deadline = self.stop_time + self.c.checkpoint.preemption_timeout_s
-    return preemption.finished_within(self.checkpoints.wait, deadline - time.monotonic())
+    return preemption.finished_within(self.checkpoints.wait, self._seconds_left())
 
   def _on_signal(self, name: str):
     self.stop_signal = name
@@ -580,15 +582,20 @@ class Trainer:
 
   def _final_save(self) -> bool:
     """Saves the last step; False when the save was abandoned at the preemption deadline (a
-    save still running from before, which orbax would wait for first, counts too)."""
-    if not self._saved_in_time():
+    save still running from before, which orbax would wait for first, counts too). Every
+    process takes the same decision: orbax's save begins with a barrier across them."""
+    ready = self._saved_in_time() and (self.stop_time is None or self._seconds_left() > 0)
+    if not self._everywhere(ready):
       return False
     self.save()
-    if not self._saved_in_time():
+    if not self._everywhere(self._saved_in_time()):
       return False
     self._clear_spent_journal()
     self.checkpoints.close()
     return True
+
+  def _seconds_left(self) -> float:
+    return self.stop_time + self.c.checkpoint.preemption_timeout_s - time.monotonic()
 
   def _finish(self) -> dict:
     completed = self.step >= self.schedule.num_steps
