@@ -74,6 +74,12 @@ def is_damage(error: BaseException) -> bool:
   return isinstance(error, (ValueError, KeyError, FileNotFoundError)) or type(error) is Exception  # pylint: disable=unidiomatic-typecheck
 
 
+def _writable(directory: str) -> bool:
+  """False on a read-only directory (its half-written saves cannot go; the run then stops
+  with one line at its first write, not with a traceback from orbax's cleanup thread)."""
+  return not os.path.isdir(directory) or os.access(directory, os.W_OK)
+
+
 def unless_damaged(read):
   """(read(), None), or (None, error) when reading failed because the checkpoint is damaged
   (`is_damage`); any other error is raised."""
@@ -94,7 +100,8 @@ class Checkpoints:
     # directory may: a reader (evaluate, convert) would delete a live run's save in progress.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=cleanup_tmp)
+                                           cleanup_tmp_directories=cleanup_tmp and
+                                           _writable(directory))
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving = None  # The step of the newest save started (its error may come later).

@@ -37,13 +37,13 @@ def main(argv=None):
       raise cli.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
                            "resumes from the newest checkpoint of --workdir")
     from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
-    _orbax_log_to_file(cli.WORKDIR.value)
     hardware.use_gpu_memory_fraction()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=config.distributed.timeout_s)
     try:
       run = trainer.Trainer(config, cli.WORKDIR.value,  # Checks mesh, data and config ...
                             allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
+      _orbax_log_to_file(cli.WORKDIR.value)  # The workdir exists once the Trainer is made.
       run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
     except trainer.StopTraining as error:
       raise cli.UsageError(str(error)) from None
@@ -65,7 +65,6 @@ def _orbax_log_to_file(workdir: str):
   run reports such a failure itself, in one line (checkpoint.SaveError). Its warnings and
   errors go to DIR/orbax.log instead of the terminal (kept: e.g. old checkpoints it could not
   delete)."""
-  os.makedirs(workdir, exist_ok=True)
   handler = _QuietFileHandler(os.path.join(workdir, "orbax.log"), delay=True)
   handler.setLevel(logging.WARNING)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
