@@ -4,7 +4,10 @@ What it measures (each item is recorded even when another fails):
 1. Environment: backend, device kind and count, package versions, Python.
 2. bf16 matmul rate: best of 5 of a jitted `x @ y` on [N, N] (N = 8192; 512 with --smoke).
 3. GPT-2 117M (configs/gpt2_117m.py) in bf16 at each `--seqlens` length, 64K tokens per step
-   (rows = 65536 // seqlen), through the codebase's own path: `train_step.on_mesh`,
+   (rows = 65536 // seqlen), two steps each (the `step` column): `check`, dropout and
+   attention dropout 0 (what llm.c times: the comparable number), and `recipe`, the paper's
+   recipe as configured (dropout 0.1 and attention dropout 0.1, which rules the fused attention
+   kernels out); through the codebase's own path: `train_step.on_mesh`,
    `sharded_steps`, `compile_cache.choose_microbatches` (optim.microbatches=auto picks the
    fewest microbatches that fit the device memory). Per length: compile seconds, step ms,
    tokens/s, MFU against the datasheet bf16 peak (`hardware.KNOWN_PEAKS`) and against item 2,
@@ -65,6 +68,10 @@ FULL = {"config": os.path.join(REPO, "configs/gpt2_117m.py"), "seqlens": "128,51
         "budget_s": 450.0}
 SMOKE = {"config": os.path.join(REPO, "configs/tiny.py"), "seqlens": "32,64", "rows": 4,
          "matmul_n": 512, "steps": 2, "train_steps": 20, "eval_every": 10, "budget_s": 1e9}
+# Item 3's steps: overrides of the config per `step` column. configs/tiny.py trains without
+# dropout, so --smoke gives its recipe the paper's 0.1 to exercise the same path.
+STEP_KINDS = {"check": {"model.dropout": 0.0, "model.attention_dropout": 0.0}, "recipe": {}}
+SMOKE_RECIPE = {"model.dropout": 0.1, "model.attention_dropout": 0.1}
 WARMUP_STEPS = 2
 # Imported by none of this check's own code: TensorFlow and seqio are absent on the GPU machine.
 FORBIDDEN_MODULES = ("tensorflow", "seqio", "tensorflow_datasets")
@@ -156,37 +163,42 @@ def matmul_rate(n: int, repeats: int = 5) -> dict:
 
 # ----- 3. GPT-2 117M train steps -----------------------------------------------------------------
 
-def step_config(path: str, seqlen: int, rows: int, microbatches):
-  """The validated config of one length: bf16, one device, no pacing, `rows` sequences."""
+def step_config(path: str, seqlen: int, rows: int, microbatches, overrides: dict | None = None):
+  """The validated config of one length: bf16, one device, no pacing, `rows` sequences, then
+  `overrides` (dotted keys, e.g. STEP_KINDS' dropout settings). Raises ConfigError."""
   base = config_lib.load_config_file(path)
-  overrides = {"pacing.kind": "none", "pacing.seqlen_end": seqlen,
-               "model.max_seqlen": max(base.model.max_seqlen, seqlen), "model.dtype": "bfloat16",
-               "batch_size": rows, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
-               "optim.microbatches": microbatches, "compile.cache_dir": "",
-               # The check times the fused kernel; the recipe's attention dropout would run
-               # blockwise attention instead (models.resolve_attention).
-               "model.attention_dropout": 0.0}
-  return config_lib.validate(config_lib.load_config_file(path, overrides))
+  defaults = {"pacing.kind": "none", "pacing.seqlen_end": seqlen,
+              "model.max_seqlen": max(base.model.max_seqlen, seqlen), "model.dtype": "bfloat16",
+              "batch_size": rows, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
+              "optim.microbatches": microbatches, "compile.cache_dir": ""}
+  return config_lib.validate(config_lib.load_config_file(path, {**defaults, **(overrides or {})}))
 
 
-def compile_bucket(c, shape: tuple[int, int]) -> dict:
+def compile_bucket(c, shape: tuple[int, int], limit_bytes: int | None = -1,
+                   compiler_options: dict | None = None) -> dict:
   """Lays the model out on the first device and compiles the bucket's step the way the trainer
-  does (microbatches chosen against the device memory first). Returns the parts and timings."""
+  does (microbatches chosen against `limit_bytes` first; default: the device's memory limit),
+  with `compiler_options` merged into the trainer's own. Returns the parts and timings."""
+  if limit_bytes == -1:
+    limit_bytes = hardware.device_memory_limit()
   placed = train_step.on_mesh(c, jax.devices()[:1])
-  device = train_step.sharded_steps(c, placed, skip_bad=False, background=False)
+  device = train_step.sharded_steps(c, placed, skip_bad=False, background=False,
+                                    compiler_options=compiler_options)
   start = time.perf_counter()
   _, line = compile_cache.choose_microbatches(device.steps, c.optim.microbatches, shape,
-                                              placed.layout.batch_shards,
-                                              hardware.device_memory_limit())
+                                              placed.layout.batch_shards, limit_bytes)
   executable = device.steps.get(shape)  # Already compiled (and kept) when "auto" searched.
   return {"placed": placed, "device": device, "executable": executable,
           "stats": device.steps.stats[shape], "microbatch_line": line,
           "compile_total_s": time.perf_counter() - start}
 
 
-def time_steps(built: dict, shape: tuple[int, int], vocab_size: int, steps: int) -> dict:
+def time_steps(built: dict, shape: tuple[int, int], vocab_size: int, steps: int,
+               trace_dir: str | None = None, trace_steps: int = 3) -> dict:
   """Runs WARMUP_STEPS + `steps` steps on random tokens, the state donated as in training; each
-  step waits for its metrics (block_until_ready), so a step's time is the device's."""
+  step waits for its metrics (block_until_ready), so a step's time is the device's. With
+  `trace_dir`, `trace_steps` more steps then run under `jax.profiler.trace` (not timed; a
+  failure there is returned as `trace_error`)."""
   rows, seqlen = shape
   tokens = np.random.default_rng(seqlen).integers(0, vocab_size, (rows, seqlen + 1), np.int32)
   local = {"inputs": np.ascontiguousarray(tokens[:, :-1]),
@@ -201,8 +213,19 @@ def time_steps(built: dict, shape: tuple[int, int], vocab_size: int, steps: int)
     if step >= WARMUP_STEPS:
       times.append(time.perf_counter() - start)
     losses.append(float(metrics["loss"]))
+  trace_error = None
+  if trace_dir:
+    try:
+      with jax.profiler.trace(trace_dir):
+        for _ in range(trace_steps):
+          state, metrics = executable(state, batch, lr)
+          jax.block_until_ready(metrics)
+    except Exception as error:  # pylint: disable=broad-except  (the timing above still stands)
+      traceback.print_exc()
+      trace_error = f"{type(error).__name__}: {error}"[:1000]
   del state, batch
-  return {"step_s": statistics.median(times), "step_min_s": min(times), "losses": losses}
+  return {"step_s": statistics.median(times), "step_min_s": min(times), "losses": losses,
+          "trace_error": trace_error}
 
 
 def device_peak_bytes() -> int | None:
@@ -224,21 +247,32 @@ def throughput(c, built: dict, timed: dict, shape: tuple[int, int], peaks: dict)
           "mfu_measured_matmul": flops_per_s / peaks["matmul"] if peaks["matmul"] else None}
 
 
-def measure_length(args, seqlen: int, peaks: dict) -> dict:
-  """One row of item 3: compile, time and check the step at `seqlen`."""
+def kind_overrides(args, kind: str) -> dict:
+  """The config overrides of item 3's step `kind` (STEP_KINDS; --smoke's recipe has dropout)."""
+  if kind == "recipe" and args.smoke:
+    return dict(SMOKE_RECIPE)
+  return dict(STEP_KINDS[kind])
+
+
+def measure_length(args, kind: str, seqlen: int, peaks: dict) -> dict:
+  """One row of item 3: compile, time and check the step `kind` at `seqlen`."""
   rows = args.rows or TOKENS_PER_STEP // seqlen
-  c = step_config(args.config, seqlen, rows, args.microbatches)
+  c = step_config(args.config, seqlen, rows, args.microbatches, kind_overrides(args, kind))
   built = compile_bucket(c, (rows, seqlen))
   stats = built["stats"]
-  log(f"seqlen {seqlen}: {built['microbatch_line']}; compiled in {stats.compile_s:.1f} s "
+  log(f"{kind} seqlen {seqlen}: {built['microbatch_line']}; compiled in {stats.compile_s:.1f} s "
       f"({built['compile_total_s']:.1f} s with the microbatch search)")
   # XLA:GPU lowers jax.nn.dot_product_attention(implementation="cudnn") to this custom call.
   cudnn_in_hlo = "__cudnn$fmha" in (built["executable"].as_text() or "")
   timed = time_steps(built, (rows, seqlen), c.model.vocab_size, args.steps)
-  kernel, why = models.resolve_attention(c.model.attention, c.model.dtype)
+  m = c.model
+  kernel, why = models.resolve_attention(m.attention, m.dtype,
+                                         attention_dropout=m.attention_dropout)
   bucket_kernel, bucket_why = models.bucket_attention(
-      c.model.attention, c.model.dtype, seqlen, models.GPTConfig.from_config(c.model).head_dim)
-  row = {"seqlen": seqlen, "rows": rows, "tokens_per_step": rows * seqlen,
+      m.attention, m.dtype, seqlen, models.GPTConfig.from_config(m).head_dim,
+      attention_dropout=m.attention_dropout)
+  row = {"step": kind, "seqlen": seqlen, "rows": rows, "tokens_per_step": rows * seqlen,
+         "dropout": m.dropout, "attention_dropout": m.attention_dropout,
          "microbatches": stats.microbatches, "microbatch_line": built["microbatch_line"],
          "compile_s": stats.compile_s, "compile_total_s": built["compile_total_s"],
          **throughput(c, built, timed, (rows, seqlen), peaks),
@@ -254,32 +288,33 @@ def measure_length(args, seqlen: int, peaks: dict) -> dict:
 
 
 def measure_lengths(args, peaks: dict, rows: list, record):
-  """Item 3 over `args.seqlens`, appending to `rows` (and saving after each): a failure (e.g.
-  out of memory) becomes that length's `error`; a length that would overrun `args.budget_s`
-  (judged by the previous length's time) is skipped."""
+  """Item 3: each step kind (STEP_KINDS, the check first) over `args.seqlens`, appending to
+  `rows` (and saving after each): a failure (e.g. out of memory) becomes that row's `error`; a
+  row that would overrun `args.budget_s` (judged by the previous row's time) is skipped."""
   last_s = 0.0
-  for seqlen in args.seqlens:
-    elapsed = time.perf_counter() - _START
-    if elapsed + last_s > args.budget_s:
-      rows.append({"seqlen": seqlen, "error": f"skipped: {elapsed:.0f} s + the previous length's "
-                   f"{last_s:.0f} s would pass --budget_s={args.budget_s:.0f}"})
-      log(rows[-1]["error"])
-      continue
-    start = time.perf_counter()
-    log(f"seqlen {seqlen}: building and compiling")
-    try:
-      row = measure_length(args, seqlen, peaks)
-    except Exception as error:  # pylint: disable=broad-except
-      traceback.print_exc()
-      row = {"seqlen": seqlen, "error": f"{type(error).__name__}: {error}"[:2000]}
-    jax.clear_caches()  # Frees this length's executables before the next one compiles.
-    gc.collect()
-    last_s = time.perf_counter() - start
-    row["wall_s"] = last_s
-    rows.append(row)
-    record()
-    log(f"seqlen {seqlen}: " + (row.get("error") or f"{row['step_ms']:.1f} ms/step, "
-                                f"{row['tokens_per_s']:,.0f} tokens/s in {last_s:.1f} s"))
+  for kind in STEP_KINDS:
+    for seqlen in args.seqlens:
+      elapsed, name = time.perf_counter() - _START, f"{kind} seqlen {seqlen}"
+      if elapsed + last_s > args.budget_s:
+        rows.append({"step": kind, "seqlen": seqlen, "error": f"skipped: {elapsed:.0f} s + the "
+                     f"previous row's {last_s:.0f} s would pass --budget_s={args.budget_s:.0f}"})
+        log(f"{name}: {rows[-1]['error']}")
+        continue
+      start = time.perf_counter()
+      log(f"{name}: building and compiling")
+      try:
+        row = measure_length(args, kind, seqlen, peaks)
+      except Exception as error:  # pylint: disable=broad-except
+        traceback.print_exc()
+        row = {"step": kind, "seqlen": seqlen, "error": f"{type(error).__name__}: {error}"[:2000]}
+      jax.clear_caches()  # Frees this row's executables before the next one compiles.
+      gc.collect()
+      last_s = time.perf_counter() - start
+      row["wall_s"] = last_s
+      rows.append(row)
+      record()
+      log(f"{name}: " + (row.get("error") or f"{row['step_ms']:.1f} ms/step, "
+                         f"{row['tokens_per_s']:,.0f} tokens/s in {last_s:.1f} s"))
 
 
 # ----- 4. a tiny SLW run through the trainer -----------------------------------------------------
@@ -333,14 +368,15 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-  """Markdown table of item 3 (one row per length; a failed length shows its error)."""
-  lines = ["| seqlen | rows | microbatches | compile s | step ms | tokens/s | MFU datasheet | "
-           "MFU vs matmul | memory GiB (compiled / process peak) | attention | cuDNN fmha in HLO "
-           "| loss |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
+  """Markdown table of item 3 (one row per step kind and length; a failed one shows its error)."""
+  lines = ["| step | seqlen | rows | microbatches | compile s | step ms | tokens/s | "
+           "MFU datasheet | MFU vs matmul | memory GiB (compiled / process peak) | attention | "
+           "cuDNN fmha in HLO | loss |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['seqlen']} | error: {r['error'][:200].replace('|', '/')} |")
+      lines.append(f"| {r['step']} | {r['seqlen']} | error: "
+                   f"{r['error'][:200].replace('|', '/')} |")
       continue
     memory = (f"{_fmt(r['memory_bytes_compiled'], '.2f', 2**-30)} / "
               f"{_fmt(r['peak_bytes_in_use_process'], '.2f', 2**-30)}")
@@ -348,9 +384,10 @@ def table(rows: list[dict]) -> list[str]:
     if r["attention_bucket"] != attention:
       attention += f" -> {r['attention_bucket']}"
     lines.append(
-        f"| {r['seqlen']} | {r['rows']} | {r['microbatches']} | {r['compile_s']:.1f} | "
-        f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {_fmt(r['mfu_datasheet'], '.1%')} | "
-        f"{_fmt(r['mfu_measured_matmul'], '.1%')} | {memory} | {attention} | "
+        f"| {r['step']} | {r['seqlen']} | {r['rows']} | {r['microbatches']} | "
+        f"{r['compile_s']:.1f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+        f"{_fmt(r['mfu_datasheet'], '.1%')} | {_fmt(r['mfu_measured_matmul'], '.1%')} | "
+        f"{memory} | {attention} | "
         f"{r['cudnn_in_hlo']} | {r['loss_last']:.3f} |")
   return lines
 
@@ -389,7 +426,7 @@ def failures(result: dict) -> list[str]:
             if "error" in (result.get(k) or {"error": "not run"})]
   for r in result.get("steps_by_seqlen", []):
     if "error" in r or not r.get("loss_finite"):
-      failed.append(f"seqlen {r['seqlen']}")
+      failed.append(f"{r['step']} seqlen {r['seqlen']}")
   if not (result.get("tiny_run") or {}).get("loss_fell", False) and "tiny_run" not in failed:
     failed.append("tiny_run (loss did not fall or was not finite)")
   if result.get("imported_forbidden"):
@@ -408,13 +445,18 @@ def _plain(value):
   return value
 
 
+def write_json_atomic(path: str, value):
+  """Writes `value` as JSON to `path` through a temporary file and a rename: a kill mid-write
+  leaves the previous complete file."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(_plain(value), f, indent=1, default=str)
+  os.replace(path + ".tmp", path)
+
+
 def write_json(out: str, result: dict):
   """Writes `out`/accelerator_check.json (after every item, so a partial run leaves a record)."""
   result["elapsed_s"] = time.perf_counter() - _START
-  path = os.path.join(out, "accelerator_check.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(_plain(result), f, indent=1, default=str)
-  os.replace(path + ".tmp", path)  # A kill mid-write leaves the previous complete file.
+  write_json_atomic(os.path.join(out, "accelerator_check.json"), result)
 
 
 def run_item(result: dict, key: str, fn, *fn_args):

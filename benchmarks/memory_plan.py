@@ -4,7 +4,7 @@ Each case AOT-compiles a paper config's largest bucket on N simulated CPU device
 process per case, since the device count is fixed when JAX starts) and prints one JSON line,
 then a markdown table for benchmarks/RESULTS.md.
 
-    .venv/bin/python benchmarks/memory_plan.py [--only=readme|remat|fp32]
+    .venv/bin/python benchmarks/memory_plan.py [--only=readme|remat|head|fp32]
 """
 
 import argparse
@@ -29,6 +29,10 @@ README = [
 REMAT = [(f"gpt2_117m 64x1024, remat={r}", "gpt2_117m", 1,
           ["batch_size=64", "optim.microbatches=1", f"model.remat={r}"])
          for r in ("none", "block", "dots")]
+# The output head (issue 22): the whole float32 logits (full) against the fused head, no remat.
+HEAD = [(f"gpt2_117m 64x1024, loss_head={h}, remat=none", "gpt2_117m", 1,
+         ["batch_size=64", "optim.microbatches=1", "model.remat=none", f"model.loss_head={h}"])
+        for h in ("full", "fused")]
 # Before this change: float32, no microbatches (the README command needed ~137 GiB).
 FP32 = [("gpt2_117m, 8 GPUs, float32, 1 microbatch (old defaults)", "gpt2_117m", 8,
          ["mesh.data=1", "mesh.fsdp=8", "model.dtype=float32", "optim.microbatches=1"])]
@@ -49,10 +53,10 @@ def run_case(name, config, devices, overrides):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--only", choices=["readme", "remat", "fp32"], default=None)
+  parser.add_argument("--only", choices=["readme", "remat", "head", "fp32"], default=None)
   parser.add_argument("--case", default="", help="Only cases whose name contains this.")
   args = parser.parse_args()
-  groups = {"readme": README, "remat": REMAT, "fp32": FP32}
+  groups = {"readme": README, "remat": REMAT, "head": HEAD, "fp32": FP32}
   rows = []
   for group, cases in groups.items():
     if args.only in (None, group):

@@ -19,7 +19,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import os
 import queue
+import re
 import threading
 import time
 from typing import Callable
@@ -51,6 +53,50 @@ def memory_bytes(compiled) -> int:
 # devices estimates what remat saves (benchmarks/RESULTS.md). For estimates only: not for speed.
 CPU_MEMORY_ESTIMATE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                                "xla_disable_hlo_passes": "cse,cse_barrier_expander"}
+
+
+# XLA:GPU's pass that recomputes values to bring a step under the memory limit. Left on, a
+# step that does not fit "fits" by recomputation XLA chose (the GPT-2 117M check sat at the
+# H100's limit with "Can't reduce memory use below 67.77GiB by rematerialization") and its
+# memory analysis no longer says what the step needs. MaxText's GPU recipes turn it off;
+# model.remat and optim.microbatches are how a run trades compute for memory.
+XLA_REMAT_PASS = "rematerialization"
+
+
+def passes_disabled_by_flags(xla_flags: str | None = None) -> str:
+  """The `--xla_disable_hlo_passes=...` list of XLA_FLAGS (default: the environment's), "" if
+  none: a compile option of that name replaces the flag's list instead of adding to it."""
+  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  found = re.findall(r"--xla_disable_hlo_passes=(\S+)", flags)
+  return ",".join(found)
+
+
+def merge_options(*option_dicts) -> dict | None:
+  """Compiler options merged left to right; `xla_disable_hlo_passes` lists are joined, starting
+  from the passes XLA_FLAGS disables (which the option would otherwise override silently)."""
+  merged = {}
+  if any("xla_disable_hlo_passes" in (options or {}) for options in option_dicts):
+    from_flags = passes_disabled_by_flags()
+    if from_flags:
+      merged["xla_disable_hlo_passes"] = from_flags
+  for options in option_dicts:
+    for key, value in (options or {}).items():
+      if key == "xla_disable_hlo_passes" and merged.get(key):
+        value = ",".join(dict.fromkeys(merged[key].split(",") + value.split(",")))
+      merged[key] = value
+  return merged or None
+
+
+def step_compiler_options(xla_remat: bool, backend: str | None = None) -> dict | None:
+  """Options every train step compiles with: on a GPU, XLA's rematerialization pass off
+  unless `compile.xla_remat` (other backends: none)."""
+  if (backend or jax.default_backend()) != "gpu" or xla_remat:
+    return None
+  return {"xla_disable_hlo_passes": XLA_REMAT_PASS}
+
+
+def remat_pass_off(options: dict | None) -> bool:
+  return XLA_REMAT_PASS in (options or {}).get("xla_disable_hlo_passes", "").split(",")
 
 
 # ----- microbatches ------------------------------------------------------------------------------
@@ -170,7 +216,7 @@ class BucketedStep:
                on_compiled=None, microbatches: Callable[[int, int], int] | None = None,
                compiler_options: dict | None = None, threads: int = 1):
     self._step_for, self._jit_kwargs = step_for, dict(jit_kwargs or {})
-    self._compiler_options = compiler_options
+    self.compiler_options = compiler_options
     self._jitted: dict[int, object] = {}  # One jitted function per microbatch count.
     self._state_spec = state_spec
     self._batch_sharding = batch_sharding
@@ -197,7 +243,7 @@ class BucketedStep:
     start = time.perf_counter()
     lowered = self._jit(k).lower(self._state_spec, batch_spec(*shape, self._batch_sharding),
                                  self._lr_spec)
-    compiled = lowered.compile(compiler_options=self._compiler_options)
+    compiled = lowered.compile(compiler_options=self.compiler_options)
     stats = BucketStats(shape[0], shape[1], time.perf_counter() - start, memory_bytes(compiled),
                         background, k)
     return compiled, stats
@@ -333,8 +379,10 @@ def choose_microbatches(steps: BucketedStep, setting, largest: tuple[int, int], 
     steps.stall_s += time.perf_counter() - start  # The search compiles before step 0.
     policy = Microbatching(largest, count, batch_shards)
     verdict = "the fewest that fit" if fits else "the most possible, and still too big"
+    how = ("XLA's rematerialization pass off: the step's own need"
+           if remat_pass_off(steps.compiler_options) else "as compiled")
     why = (f"auto: {verdict} {limit_bytes / 2**30:.2f} GiB (needs "
-           f"{stats.memory_bytes / 2**30:.2f} GiB per device)")
+           f"{stats.memory_bytes / 2**30:.2f} GiB per device, {how})")
   steps.microbatches = policy.count
   line = (f"microbatches: {policy.largest_count} for the largest bucket {largest[0]}x"
           f"{largest[1]} ({why}); shorter buckets keep at most {policy.tokens_per_microbatch:,} "

@@ -10,7 +10,7 @@ copy in which defaults that depend on other fields are filled in (`pacing.seqlen
 from __future__ import annotations
 
 import json
-
+import math
 import os
 
 from ml_collections import config_dict
@@ -23,6 +23,14 @@ LOGICAL_AXES = ("batch", "embed", "heads", "kv", "mlp", "vocab")
 # bfloat16); splash: the Pallas splash-attention kernel (TPU). models.resolve_attention.
 ATTENTION_KINDS = ("auto", "dot_product", "blockwise", "cudnn", "splash")
 REMAT_KINDS = ("none", "block", "dots")
+# fused: the head's matmul and the cross-entropy by token chunks, gradients formed in the forward
+# pass (bf16 matmuls, no whole float32 [tokens, vocab] tensor); full: whole float32 logits,
+# differentiated by autodiff (before 2026-12-03 the head of model.remat=none; remat chunked it).
+# head_loss.fused_loss_sum.
+LOSS_HEADS = ("fused", "full")
+# hash: a counter hash of (row, position, feature) and a per-layer seed; threefry: JAX's
+# threefry bits (the masks before 2026-12-03). models.PositionKeyedDropout.
+DROPOUT_RNGS = ("hash", "threefry")
 SCAN_LAYERS_FROM = 12  # model.scan_layers defaults to true from this many blocks up.
 DTYPES = ("float32", "bfloat16")
 DATA_MODES = ("truncate", "reshape")
@@ -53,6 +61,11 @@ def base_config() -> config_dict.ConfigDict:
   m.attention = "auto"  # auto | dot_product | blockwise | cudnn | splash (auto: per backend+dtype).
   m.attention_block = 128  # Query block of blockwise attention (keys after a block are skipped).
   m.remat = "none"  # Recompute in the backward pass: none | block (whole blocks) | dots.
+  m.loss_head = "fused"  # Output head + loss: fused (token chunks, bf16 matmuls) | full.
+  m.loss_chunk_tokens = 8192  # Tokens per chunk of the fused head (whole rows); 0 = one chunk.
+  m.dropout_rng = "hash"  # Residual/embedding dropout masks: hash (cheap) | threefry.
+  # LayerNorm on each head's queries and keys before the scores (scale and bias per head).
+  m.qk_norm = False
   # Stack the blocks and apply them with lax.scan: compile time stops growing with depth.
   m.scan_layers = config_dict.placeholder(bool)  # Default: true from 12 blocks up.
 
@@ -130,6 +143,10 @@ def base_config() -> config_dict.ConfigDict:
   # Run length L in the bucket ceil(L / M) * M, right-padded, pad masked out of the loss:
   # fewer compiles for some padded compute. Unset: one bucket per pacing.multiple.
   cc.pad_multiple = config_dict.placeholder(int)
+  # Let XLA:GPU's rematerialization pass recompute to fit memory. Off (MaxText's GPU recipes):
+  # a step's memory analysis is then its true need, so optim.microbatches=auto never accepts a
+  # count that fits only by recomputation XLA chose; model.remat is how to trade compute.
+  cc.xla_remat = False
 
   c.log = lg = config_dict.ConfigDict()
   lg.every_steps = 1  # metrics.jsonl / TensorBoard row every this many steps.
@@ -163,6 +180,9 @@ def base_config() -> config_dict.ConfigDict:
   o.eps = 1e-8  # Adam epsilon.
   o.weight_decay = 0.01  # Decoupled weight decay (matrices and embeddings only).
   o.clip_norm = 1.0  # Global-norm gradient clipping; 0 turns it off.
+  # PaLM's z-loss: this times the mean over real tokens of log(Z)^2 joins the training loss
+  # (logged as z_loss; the loss metric stays the cross-entropy). 0 turns it off.
+  o.z_loss = 0.0
   # Microbatches of the largest bucket (gradients accumulated in float32 inside the step);
   # "auto": the fewest that fit the device memory. Shorter buckets use as few as keep tokens per
   # microbatch at most the largest bucket's.
@@ -211,9 +231,39 @@ def _validate_model(m):
   _check(m.remat in REMAT_KINDS, "model.remat", m.remat, f"must be one of {', '.join(REMAT_KINDS)}")
   _check(m.scan_layers is None or isinstance(m.scan_layers, bool), "model.scan_layers",
          m.scan_layers, f"must be true or false (unset: true from {SCAN_LAYERS_FROM} blocks up)")
+  _check(m.loss_head in LOSS_HEADS, "model.loss_head", m.loss_head,
+         f"must be one of {', '.join(LOSS_HEADS)}")
+  _check(_is_int(m.loss_chunk_tokens) and m.loss_chunk_tokens >= 0, "model.loss_chunk_tokens",
+         m.loss_chunk_tokens, "must be an integer >= 0 (0 = the whole batch in one chunk)")
+  _check(m.dropout_rng in DROPOUT_RNGS, "model.dropout_rng", m.dropout_rng,
+         f"must be one of {', '.join(DROPOUT_RNGS)}")
+  _validate_hash_ids(m)
+  _check(isinstance(m.qk_norm, bool), "model.qk_norm", m.qk_norm, "must be true or false")
   _check(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention", m.attention,
          f"cuDNN fused attention needs model.dtype=bfloat16 (not {m.dtype!r}); use auto, "
          "dot_product or blockwise with float32")
+
+
+def _validate_cudnn_dropout(m):
+  """cuDNN's own attention dropout keeps one RNG offset per compiled call that advances each
+  run: under scanned layers one call serves every layer and the backward scan runs them in
+  reverse, so a layer's backward would drop other probabilities than its forward (until a
+  device run of benchmarks/cudnn_dropout_probe.py shows otherwise)."""
+  _check(not (m.attention == "cudnn" and m.attention_dropout > 0 and m.scan_layers),
+         "model.attention", m.attention, "cuDNN's attention dropout (model.attention_dropout="
+         f"{m.attention_dropout}) needs model.scan_layers=false: scanned layers would pair a "
+         "layer's backward with another layer's masks; use auto (XLA attention, hashed masks)")
+
+
+def _validate_hash_ids(m):
+  """Hashed dropout numbers positions in uint32: they must stay unique."""
+  _check(not (m.dropout > 0 and m.dropout_rng == "hash") or m.max_seqlen * m.d_model < 2**32,
+         "model.dropout_rng", m.dropout_rng, f"hash numbers (position, feature) pairs in 32 "
+         f"bits, and model.max_seqlen x model.d_model = {m.max_seqlen * m.d_model:,} does not "
+         "fit: use threefry")
+  _check(not m.attention_dropout > 0 or m.max_seqlen**2 < 2**32, "model.attention_dropout",
+         m.attention_dropout, f"its hashed masks number (query, key) pairs in 32 bits: "
+         f"model.max_seqlen={m.max_seqlen} must be below 65536")
 
 
 def _validate_stages(p, seqlen_end):
@@ -330,9 +380,13 @@ def first_difference(saved: dict, current: dict) -> str:
 
 
 def saved_defaults(config: dict) -> dict:
-  """A config saved in a checkpoint, with the keys of later releases at their defaults; a
-  release before model.scan_layers kept its blocks unrolled."""
-  config = {**config, "model": {"scan_layers": False, **config.get("model", {})}}
+  """A config saved in a checkpoint, with the keys of later releases at their defaults, or at
+  what that release did where the default differs from it."""
+  # Keys whose default changed when they were added take the old behaviour, so that a resume
+  # logs the change: unrolled blocks, threefry dropout masks, XLA:GPU's remat pass on.
+  config = {**config, "model": {"scan_layers": False, "dropout_rng": "threefry",
+                                **config.get("model", {})},
+            "compile": {"xla_remat": True, **config.get("compile", {})}}
   config = _with_defaults(config, base_config().to_dict())
   # Before 2026-11-28 a seqlen_start below pacing.multiple was allowed (rounded up to it).
   p = config["pacing"]
@@ -548,6 +602,8 @@ def _validate_optim(c):
   _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
   _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 turns clipping off)")
+  _check(isinstance(o.z_loss, (int, float)) and math.isfinite(o.z_loss) and o.z_loss >= 0,
+         "optim.z_loss", o.z_loss, "must be a number >= 0 (0 turns the z-loss off)")
   k = o.microbatches
   _check(k == "auto" or (_is_int(k) and k >= 1), "optim.microbatches", k,
          "must be an integer >= 1 or 'auto'")
@@ -561,6 +617,7 @@ def _resolve_defaults(c: config_dict.ConfigDict):
     c.pacing.seqlen_end = c.model.max_seqlen
   if c.model.scan_layers is None:
     c.model.scan_layers = c.model.n_layer >= SCAN_LAYERS_FROM
+  _validate_cudnn_dropout(c.model)
   if c.data.dir is None and corpus_missing(c.data) is None:
     c.data.dir = default_data_dir(c.data)
   if c.eval.batch_size is None:

@@ -67,7 +67,13 @@ class Tensor:
 
 
 def tensor_table(cfg: models.GPTConfig) -> list[Tensor]:
-  """Every parameter of the model, in HF GPT-2 names (without the `transformer.` prefix)."""
+  """Every parameter of the model, in HF GPT-2 names (without the `transformer.` prefix).
+  Raises ConvertError for a model HF's GPT-2 cannot hold: import and export both come here,
+  so no parameter is dropped silently."""
+  if cfg.qk_norm:
+    raise ConvertError("config.model.qk_norm=True: Hugging Face's GPT-2 has no LayerNorm on "
+                       "queries and keys, so this model cannot be converted to or from it (its "
+                       "q_norm/k_norm parameters would be lost)")
   d, h, k, f = cfg.d_model, cfg.n_head, cfg.head_dim, 4 * cfg.d_model
 
   def same(ours, hf, shape):

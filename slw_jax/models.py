@@ -3,8 +3,8 @@
 Learned absolute position embeddings, pre-LayerNorm blocks, causal self-attention (one dispatch,
 `attend`: cuDNN's fused kernel on GPUs, Pallas splash attention on TPUs, blockwise einsums on
 CPUs, XLA's otherwise), a 4x GELU MLP, a final LayerNorm and an output head tied to the token
-embedding. GPT-2 initialization: normal(0.02), residual output projections scaled by
-1/sqrt(2 * n_layer).
+embedding; with `qk_norm`, a LayerNorm on each head's queries and keys. GPT-2 initialization:
+normal(0.02), residual output projections scaled by 1/sqrt(2 * n_layer).
 
 Mixed precision: parameters are float32 and matmuls run in `dtype` (bfloat16 on accelerators).
 Where precision matters the model computes in float32 whatever `dtype`: LayerNorm statistics,
@@ -51,6 +51,13 @@ def pinned_shardings(**shardings):
     _PINNED.reset(token)
 
 
+def rows_per_device(batch: int, seqlen: int) -> int:
+  """Rows of a [batch, seqlen] token batch each device holds under the pinned "batch" layout
+  (all of them when none is pinned: one device, or not under jit)."""
+  sharding = _PINNED.get().get("batch")
+  return batch if sharding is None else sharding.shard_shape((batch, seqlen))[0]
+
+
 def constrain(x, name: str = "activation"):
   """`x` pinned to the sharding named `name` by `pinned_shardings`, if any."""
   sharding = _PINNED.get().get(name)
@@ -72,14 +79,21 @@ class GPTConfig:
   attention_block: int = 128
   remat: str = "none"
   scan_layers: bool = False
+  loss_head: str = "fused"
+  loss_chunk_tokens: int = 8192
+  dropout_rng: str = "hash"
+  qk_norm: bool = False
 
   # Fields that change how the model computes but not its parameters' shapes: a checkpoint
   # resumes under other values of these, and must match every other field.
   RUNTIME_FIELDS = ("dtype", "dropout", "attention_dropout", "attention", "attention_block",
-                    "remat")
+                    "remat", "loss_head", "loss_chunk_tokens", "dropout_rng")
   # Fields that change how the parameters are laid out but not what they are: a checkpoint
   # resumes under the other value through `restack_blocks`.
   LAYOUT_FIELDS = ("scan_layers",)
+  # Parameter-shaping fields added after checkpoints were first saved, whose default builds
+  # the model those releases built: a saved config that lacks one takes the default.
+  ADDED_FIELDS = ("qk_norm",)
 
   @classmethod
   def param_shaping_fields(cls) -> tuple[str, ...]:
@@ -89,8 +103,8 @@ class GPTConfig:
   @classmethod
   def from_config(cls, model_cfg) -> "GPTConfig":
     """From `config.model`; fields a checkpoint of an older release lacks take their defaults
-    (an older release never scanned its layers)."""
-    optional = cls.RUNTIME_FIELDS + cls.LAYOUT_FIELDS
+    (an older release never scanned its layers, nor normalized queries and keys)."""
+    optional = cls.RUNTIME_FIELDS + cls.LAYOUT_FIELDS + cls.ADDED_FIELDS
     values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
               if f.name in model_cfg or f.name not in optional}
     return cls(**values)
@@ -119,14 +133,19 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
 
 
 class PositionKeyedDropout(nnx.Module):
-  """Dropout on [B, L, D] whose mask at (b, l, d) does not depend on L: the mask is drawn
-  position-major, [L, B, D], and JAX's partitionable threefry derives each element's bits from
-  its row-major index, which for position-major shapes is the same at any L. So a batch
-  right-padded into a longer bucket (compile.pad_multiple) draws the masks of its real length,
-  and padded training equals unpadded training with dropout on too."""
+  """Dropout on [B, L, D] whose mask at (b, l, d) does not depend on L, so a batch right-padded
+  into a longer bucket (compile.pad_multiple) draws the masks of its real length, and padded
+  training equals unpadded training with dropout on too.
 
-  def __init__(self, rate: float):
-    self.rate = rate
+  `rng="hash"` (model.dropout_rng, the default): the mask is a counter hash of (b, l, d) and a
+  per-call seed (`hash_keep`), a dozen integer operations per element fused into the
+  surrounding elementwise work. `rng="threefry"`: JAX's partitionable threefry bits drawn
+  position-major, [L, B, D], whose row-major index of each element is the same at any L (20
+  rounds per pair of 32-bit words: GPU-PERFORMANCE.md suspect 5; the masks before 2026-12-03).
+  """
+
+  def __init__(self, rate: float, rng: str = "hash"):
+    self.rate, self.rng = rate, rng
 
   def __call__(self, x_bld, *, deterministic: bool, rngs: nnx.Rngs | None):
     if deterministic or self.rate == 0.0:
@@ -134,9 +153,24 @@ class PositionKeyedDropout(nnx.Module):
     if rngs is None:
       raise ValueError("dropout with deterministic=False needs rngs with a 'dropout' stream")
     batch, seqlen, width = x_bld.shape
-    keep_lbd = jax.random.bernoulli(rngs.dropout(), 1.0 - self.rate, (seqlen, batch, width))
-    keep_bld = jnp.swapaxes(keep_lbd, 0, 1)
+    if self.rng == "hash":
+      seed = jax.random.bits(rngs.dropout(), (2,), jnp.uint32)
+      row_b11 = jnp.arange(batch, dtype=jnp.uint32).reshape(batch, 1, 1)
+      position_1ld = (jnp.arange(seqlen, dtype=jnp.uint32)[None, :, None] * jnp.uint32(width)
+                      + jnp.arange(width, dtype=jnp.uint32)[None, None, :])
+      keep_bld = hash_keep(seed, row_b11, position_1ld, self.rate)
+    else:
+      keep_lbd = jax.random.bernoulli(rngs.dropout(), 1.0 - self.rate, (seqlen, batch, width))
+      keep_bld = jnp.swapaxes(keep_lbd, 0, 1)
     return jnp.where(keep_bld, x_bld / (1.0 - self.rate), 0).astype(x_bld.dtype)
+
+
+def layer_norm(x, scale, bias, dtype):
+  """LayerNorm over the last axis of `x`: statistics in float32, output in `dtype`."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return ((x - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias).astype(dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -148,11 +182,24 @@ class LayerNorm(nnx.Module):
     self.dtype = cfg.compute_dtype
 
   def __call__(self, x_bld):
-    x = x_bld.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale_d[...] + self.bias_d[...]
-    return y.astype(self.dtype)
+    return layer_norm(x_bld, self.scale_d[...], self.bias_d[...], self.dtype)
+
+
+class HeadLayerNorm(nnx.Module):
+  """model.qk_norm: LayerNorm of each head's query (or key) over the head dim, with a scale
+  and bias per (head, head dim). Bounded q and k keep the attention logits from growing
+  without limit (Dehghani et al. 2023; Wortsman et al. 2023). Statistics in float32;
+  the output stays in the compute dtype, so the fused kernels still get bf16. Drawing nothing
+  from `rngs`, it leaves every other parameter's initialization as it is."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    shape, axes = (cfg.n_head, cfg.head_dim), ("heads", "kv")
+    self.scale_hk = nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes)
+    self.bias_hk = _param(rngs, shape, axes, None)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_blhk):
+    return layer_norm(x_blhk, self.scale_hk[...], self.bias_hk[...], self.dtype)
 
 
 # ----- attention: one dispatch ------------------------------------------------------------------
@@ -174,13 +221,14 @@ def resolve_attention(attention: str, dtype: str, backend: str | None = None,
   fused kernels are out (they do not expose the probabilities to drop): auto picks XLA-compiled
   attention that forms them (`dot_product`, one query block), blockwise on a CPU. An explicit
   kernel the backend (or the dropout) rules out raises AttentionError naming the value and what
-  is allowed.
+  is allowed. An explicit `cudnn` with dropout runs cuDNN's fused kernel with its own dropout
+  (`cudnn_attention_with_dropout`).
   """
   backend = backend or jax.default_backend()
-  if attention_dropout > 0 and attention in ("cudnn", "splash"):
+  if attention_dropout > 0 and attention == "splash":
     raise AttentionError(
-        f"config.model.attention={attention!r} is invalid with model.attention_dropout="
-        f"{attention_dropout}: the fused kernels apply no dropout to the attention "
+        f"config.model.attention='splash' is invalid with model.attention_dropout="
+        f"{attention_dropout}: the splash kernel applies no dropout to the attention "
         "probabilities; use auto, dot_product or blockwise, or model.attention_dropout=0.0")
   if attention_dropout > 0 and attention == "auto" and backend != "cpu":
     return "dot_product", (f"auto: model.attention_dropout={attention_dropout} needs the "
@@ -194,6 +242,9 @@ def resolve_attention(attention: str, dtype: str, backend: str | None = None,
     raise AttentionError(f"config.model.attention='splash' is invalid here: the Pallas splash "
                          f"kernel needs a TPU (backend {backend!r}); use auto, dot_product or "
                          "blockwise")
+  if attention == "cudnn" and attention_dropout > 0:
+    return "cudnn", ("set by model.attention, with cuDNN's own attention dropout: masks from "
+                     "XLA's per-call RNG, not position-keyed (models.CUDNN_DROPOUT_CAVEAT)")
   if attention != "auto":
     return attention, "set by model.attention"
   if backend == "gpu":
@@ -251,6 +302,8 @@ def attend(q_blhk, k_blhk, v_blhk, attention: str, block: int, dropout=None):
                                attention_dropout=rate)
   if kernel == "blockwise":
     return blockwise_causal_attention(q_blhk, k_blhk, v_blhk, block, dropout)
+  if kernel == "cudnn" and dropout is not None:
+    return cudnn_attention_with_dropout(q_blhk, k_blhk, v_blhk, dropout.rate, dropout.layer)
   if dropout is not None:  # dot_product with dropout: XLA's attention as one query block.
     return blockwise_causal_attention(q_blhk, k_blhk, v_blhk, seqlen, dropout)
   if kernel == "splash":
@@ -258,6 +311,28 @@ def attend(q_blhk, k_blhk, v_blhk, attention: str, block: int, dropout=None):
   implementation = "cudnn" if kernel == "cudnn" else "xla"
   return jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True,
                                       implementation=implementation)
+
+
+# What model.attention=cudnn with model.attention_dropout > 0 gives up against the hashed
+# masks of every other kernel. Not verified on a device yet (benchmarks/gpu_ab.py, variant Rc).
+CUDNN_DROPOUT_CAVEAT = (
+    "cuDNN draws the masks from a seed fixed at compile time and an offset XLA's runtime "
+    "advances per call, so they are not a function of (row, head, query, key): a padded bucket "
+    "drops other probabilities than its real length, a resumed run other ones than an "
+    "uninterrupted run, and every device of a data-parallel mesh may draw the same masks")
+
+
+def cudnn_attention_with_dropout(q_blhk, k_blhk, v_blhk, rate: float, seed: int = 0):
+  """Causal attention by cuDNN's fused kernel with its own dropout on the probabilities
+  (JAX's private cuDNN API, which MaxText uses too; `jax.nn.dot_product_attention` has no
+  dropout). See CUDNN_DROPOUT_CAVEAT."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+  scale = 1.0 / math.sqrt(q_blhk.shape[-1])
+  return fused.dot_product_attention(q_blhk, k_blhk, v_blhk, scale=scale,
+                                     mask_type=fused.MaskType.CAUSAL, dropout_rate=rate,
+                                     seed=seed,
+                                     qkv_layout="BTNH")
 
 
 def _mix32(x):
@@ -270,6 +345,16 @@ def _mix32(x):
   return x ^ (x >> 16)
 
 
+def hash_keep(seed, row, position, rate: float):
+  """Dropout keep mask (True with probability 1 - rate) from a counter hash of uint32 `row`
+  and `position` ids (broadcast against each other) and a uint32 [2] `seed`: a pure function
+  of the ids, so a mask never depends on the shape it is drawn in."""
+  row_bits = _mix32(row * jnp.uint32(0x9E3779B9) + seed[0])
+  bits = _mix32(_mix32(row_bits ^ position) + seed[1])
+  threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+  return bits >= threshold
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionDropout:
   """Dropout on attention probabilities whose mask at (b, h, query q, key s) is a hash of those
@@ -279,10 +364,12 @@ class AttentionDropout:
   seed: jax.Array  # uint32 [2], from the layer's dropout key.
   rate: float
   max_seqlen: int  # Positions are numbered q * max_seqlen + s: unique below max_seqlen.
+  layer: int = 0  # The static seed of cuDNN's own dropout (model.attention=cudnn), which
+  # ignores `seed`: its masks change per call through XLA's RNG offset instead.
 
   @classmethod
-  def from_key(cls, key, rate: float, max_seqlen: int) -> "AttentionDropout":
-    return cls(jax.random.bits(key, (2,), jnp.uint32), rate, max_seqlen)
+  def from_key(cls, key, rate: float, max_seqlen: int, layer: int = 0) -> "AttentionDropout":
+    return cls(jax.random.bits(key, (2,), jnp.uint32), rate, max_seqlen, layer)
 
   def keep(self, batch: int, heads: int, queries: tuple[int, int], keys: int):
     """Keep mask [B, H, Q, S] for queries at positions range(*queries), keys at range(keys)."""
@@ -290,10 +377,7 @@ class AttentionDropout:
     bh = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1, 1)
     position = (jnp.arange(*queries, dtype=jnp.uint32)[:, None] * jnp.uint32(self.max_seqlen)
                 + jnp.arange(keys, dtype=jnp.uint32)[None, :])
-    row = _mix32(bh * jnp.uint32(0x9E3779B9) + self.seed[0])
-    bits = _mix32(_mix32(row ^ position) + self.seed[1])
-    threshold = np.uint32(min(round(self.rate * 2.0**32), 2**32 - 1))
-    return bits >= threshold
+    return hash_keep(self.seed, bh, position, self.rate)
 
   def __call__(self, p_bhqs, queries: tuple[int, int], keys: int):
     keep = self.keep(p_bhqs.shape[0], p_bhqs.shape[1], queries, keys)
@@ -361,10 +445,13 @@ def splash_causal_attention(q_blhk, k_blhk, v_blhk, interpret: bool = False):
 
 
 class CausalSelfAttention(nnx.Module):
+  """Multi-head causal self-attention; with model.qk_norm, queries and keys are normalized per
+  head (`HeadLayerNorm`) before the scores, whatever the kernel."""
 
-  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs, layer: int = 0):
     d, h, k = cfg.d_model, cfg.n_head, cfg.head_dim
     resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    self.layer = layer  # cuDNN's dropout seed (static): each unrolled layer its own masks.
     self.qkv_weight_dchk = _param(rngs, (d, 3, h, k), ("embed", None, "heads", "kv"), 0.02)
     self.qkv_bias_chk = _param(rngs, (3, h, k), (None, "heads", "kv"), None)
     self.out_weight_hkd = _param(rngs, (h, k, d), ("heads", "kv", "embed"), resid_std)
@@ -372,17 +459,23 @@ class CausalSelfAttention(nnx.Module):
     self.dtype = cfg.compute_dtype
     self.attention, self.block = cfg.attention, cfg.attention_block
     self.dropout_rate, self.max_seqlen = cfg.attention_dropout, cfg.max_seqlen
+    self.qk_norm = cfg.qk_norm
+    if cfg.qk_norm:  # Only then: a model without it has the parameters it always had.
+      self.q_norm, self.k_norm = HeadLayerNorm(cfg, rngs), HeadLayerNorm(cfg, rngs)
 
   def __call__(self, x_bld, deterministic: bool = True, rngs: nnx.Rngs | None = None):
     w = self.qkv_weight_dchk[...].astype(self.dtype)
     qkv_blchk = jnp.einsum("bld,dchk->blchk", x_bld, w) + self.qkv_bias_chk[...].astype(self.dtype)
     q_blhk, k_blhk, v_blhk = qkv_blchk[:, :, 0], qkv_blchk[:, :, 1], qkv_blchk[:, :, 2]
+    if self.qk_norm:
+      q_blhk, k_blhk = self.q_norm(q_blhk), self.k_norm(k_blhk)
     dropout = None
     if not deterministic and self.dropout_rate > 0:
       if rngs is None:
         raise ValueError("attention dropout with deterministic=False needs rngs with a 'dropout' "
                          "stream")
-      dropout = AttentionDropout.from_key(rngs.dropout(), self.dropout_rate, self.max_seqlen)
+      dropout = AttentionDropout.from_key(rngs.dropout(), self.dropout_rate, self.max_seqlen,
+                                          self.layer)
     attn_blhk = attend(q_blhk, k_blhk, v_blhk, self.attention, self.block, dropout)
     out_w = self.out_weight_hkd[...].astype(self.dtype)
     return jnp.einsum("blhk,hkd->bld", attn_blhk, out_w) + self.out_bias_d[...].astype(self.dtype)
@@ -407,12 +500,12 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs, layer: int = 0):
     self.ln_1 = LayerNorm(cfg, rngs)
-    self.attn = CausalSelfAttention(cfg, rngs)
+    self.attn = CausalSelfAttention(cfg, rngs, layer)
     self.ln_2 = LayerNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
-    self.dropout = PositionKeyedDropout(cfg.dropout)
+    self.dropout = PositionKeyedDropout(cfg.dropout, cfg.dropout_rng)
 
   def __call__(self, x_bld, deterministic: bool, rngs: nnx.Rngs | None):
     drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)  # noqa: E731
@@ -429,8 +522,9 @@ class GPT(nnx.Module):
       self.cfg = cfg
       self.wte_vd = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), 0.02)
       self.wpe_ld = _param(rngs, (cfg.max_seqlen, cfg.d_model), (None, "embed"), 0.02)
-      self.drop = PositionKeyedDropout(cfg.dropout)  # Dropout keys come with each call (pure steps).
-      blocks = [Block(cfg, rngs) for _ in range(cfg.n_layer)]
+      # Dropout keys come with each call (pure steps).
+      self.drop = PositionKeyedDropout(cfg.dropout, cfg.dropout_rng)
+      blocks = [Block(cfg, rngs, layer) for layer in range(cfg.n_layer)]
       # Scanned: one Block whose parameters carry a leading "layers" axis, initialized exactly
       # as the unrolled blocks are (the same parameters whatever the setting).
       self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)

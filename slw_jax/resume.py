@@ -26,12 +26,15 @@ class ResumeError(ValueError):
   """The workdir's checkpoints cannot be continued with this config or data (one line)."""
 
 
-# Changes a resume accepts and logs: none of them alters what or how a step trains.
+# Changes a resume accepts and logs: none of them alters the recipe (the optimizer, the data, the
+# schedules); some change how a step computes it (kernels, precision, remat, the fused head) or
+# which dropout masks it draws (model.dropout_rng: other masks of the same rate).
 ALLOWED_GROUPS = ("eval", "log", "compile", "checkpoint", "monitor", "hardware", "mesh", "tune",
                   "distributed")
 ALLOWED_FIELDS = ("data.dir", "data.source", "data.vocab", "data.prefetch",
                   "data.verify_max_bytes", "data.tfds_data_dir", "model.attention",
                   "model.attention_block", "model.remat", "model.scan_layers", "model.dtype",
+                  "model.loss_head", "model.loss_chunk_tokens", "model.dropout_rng",
                   "optim.microbatches")
 SHOWN = 3  # Schedule changes named in the error line (then "and N more").
 

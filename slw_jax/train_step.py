@@ -9,14 +9,13 @@ number of skipped updates. The per-bucket executables live in `compile_cache`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from slw_jax import compile_cache, models, schedules, sharding
+from slw_jax import compile_cache, head_loss, models, schedules, sharding
 
 
 PAD_TARGET = -1  # Target of a padded position (compile.pad_multiple): no loss, not counted.
@@ -31,47 +30,52 @@ def token_losses(logits_blv, targets_bl):
   return jnp.where(real, losses, 0.0)
 
 
+def token_log_z_squared(logits_blv, targets_bl):
+  """Each position's log(Z)^2 [B, L], float32, Z the softmax normalizer of its logits (padded
+  vocabulary rows, at -1e30, add exactly 0 to it); 0 at padded positions. PaLM's z-loss is a
+  coefficient times its mean."""
+  lse_bl = jax.nn.logsumexp(logits_blv.astype(jnp.float32), axis=-1)
+  return jnp.where(targets_bl != PAD_TARGET, lse_bl * lse_bl, 0.0)
+
+
 def target_count(targets_bl):
   """How many real (unpadded) targets a batch has, float32: the loss's normalization."""
   return jnp.sum(targets_bl != PAD_TARGET, dtype=jnp.float32)
 
 
-HEAD_CHUNK = 128  # Positions per chunk of the chunked output head (see `loss_sum`).
-
-
 def loss_sum(model, inputs_bl, targets_bl, *, deterministic: bool = True, rngs=None,
-             chunked: bool = False):
-  """The sum of the batch's token losses, float32.
-
-  `chunked`: the output head and the loss run over HEAD_CHUNK positions at a time, and each
-  chunk is recomputed in the backward pass, so the float32 [B, L, V] logits and their gradient
-  never exist whole (at GPT-2's 50K vocabulary they outweigh every block's activations). Same
-  sum up to float rounding; one extra head forward when differentiated.
-  """
+             loss_head: str | None = None, chunk_tokens: int | None = None):
+  """The sum of the batch's token losses, float32, through the head `loss_head` (default
+  `model.cfg.loss_head`) names: `fused` (head_loss.fused_loss_sum: chunks of `chunk_tokens`,
+  default model.loss_chunk_tokens, gradients in the same pass, no whole float32 [B, L, V]
+  tensor) or `full` (whole float32 logits, autodiff)."""
   x_bld = model.features(inputs_bl, deterministic=deterministic, rngs=rngs)
-  if not chunked:
+  cfg = model.cfg
+  if (loss_head or cfg.loss_head) == "full":
     return token_losses(model.head(x_bld, keep_padding=True), targets_bl).sum()
-  return chunked_head_loss_sum(x_bld, model.wte_vd[...], targets_bl, model.cfg)
+  return head_loss.fused_loss_sum(
+      x_bld, model.wte_vd[...], targets_bl, targets_bl != PAD_TARGET,
+      vocab_size=cfg.vocab_size, compute_dtype=cfg.compute_dtype,
+      chunk_tokens=cfg.loss_chunk_tokens if chunk_tokens is None else chunk_tokens)
 
 
-def chunked_head_loss_sum(x_bld, wte_vd, targets_bl, cfg):
-  """Sum of token losses of features [B, L, D], a `lax.scan` over [B, HEAD_CHUNK] chunks."""
-  batch, seqlen, width = x_bld.shape
-  chunk = max(d for d in range(1, min(seqlen, HEAD_CHUNK) + 1) if seqlen % d == 0)
-
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-  def chunk_loss(wte_vd, x_bcd, targets_bc):
-    logits = models.head_logits(x_bcd, wte_vd, cfg, keep_padding=True)
-    return token_losses(logits, targets_bc).sum()
-
-  def add_chunk(total, chunk_xs):
-    return total + chunk_loss(wte_vd, *chunk_xs), None
-
-  chunks = seqlen // chunk  # [B, L, ...] -> [chunks, B, chunk, ...]: the batch stays sharded.
-  xs = (jnp.moveaxis(x_bld.reshape(batch, chunks, chunk, width), 1, 0),
-        jnp.moveaxis(targets_bl.reshape(batch, chunks, chunk), 1, 0))
-  total, _ = jax.lax.scan(add_chunk, jnp.float32(0), xs)
-  return total
+def loss_sums(model, inputs_bl, targets_bl, z_loss: float, *, deterministic: bool = True,
+              rngs=None, loss_head: str | None = None):
+  """(objective, loss sum, z sum), float32, with PaLM's z-loss (`optim.z_loss` > 0): the z sum
+  is `z_loss` times the sum of log(Z)^2 over real positions (`token_log_z_squared`), the
+  objective loss sum + z sum, the one to differentiate (the fused head gives the others no
+  gradient). Heads as in `loss_sum`."""
+  x_bld = model.features(inputs_bl, deterministic=deterministic, rngs=rngs)
+  cfg = model.cfg
+  if (loss_head or cfg.loss_head) == "full":
+    logits_blv = model.head(x_bld, keep_padding=True)
+    loss = token_losses(logits_blv, targets_bl).sum()
+    z = z_loss * token_log_z_squared(logits_blv, targets_bl).sum()
+    return loss + z, loss, z
+  return head_loss.fused_losses(
+      x_bld, model.wte_vd[...], targets_bl, targets_bl != PAD_TARGET,
+      vocab_size=cfg.vocab_size, compute_dtype=cfg.compute_dtype,
+      chunk_tokens=cfg.loss_chunk_tokens, z_loss=z_loss)
 
 
 def build_model(c):
@@ -107,42 +111,52 @@ def split_microbatches(x_bl, k: int):
 
 
 def make_loss_and_grads(c, graphdef, microbatches: int):
-  """(params, batch, step) -> (mean token loss, its gradients), over `microbatches` sequential
-  microbatches whose loss sums and gradients accumulate in float32: equal to one pass over the
-  whole batch up to float rounding, with the activation memory of one microbatch."""
+  """(params, batch, step) -> (losses, gradients): `losses` {"loss": mean token loss} plus,
+  with optim.z_loss > 0, "z_loss" (the mean z-loss term, whose gradient joins the loss's).
+  Over `microbatches` sequential microbatches whose sums and gradients accumulate in float32:
+  equal to one pass over the whole batch up to float rounding, with the activation memory of
+  one microbatch. Every mean divides by the batch's real token count."""
   deterministic = c.model.dropout == 0.0 and c.model.attention_dropout == 0.0
   seed_key = jax.random.key(c.seed)
-  chunked = c.model.remat != "none"  # Remat recomputes the output head too, in chunks.
+  z_loss = c.optim.z_loss
 
-  def scaled_loss(params, inputs, targets, dropout_key, count):
+  def scaled_losses(params, inputs, targets, dropout_key, count):
+    """(objective / count, losses / count)."""
     model = nnx.merge(graphdef, params)
-    return loss_sum(model, inputs, targets, deterministic=deterministic,
-                    rngs=nnx.Rngs(dropout=dropout_key), chunked=chunked) / count
+    rngs = nnx.Rngs(dropout=dropout_key)
+    if not z_loss:  # The step as before z-loss existed, to the bit.
+      loss = loss_sum(model, inputs, targets, deterministic=deterministic, rngs=rngs) / count
+      return loss, {"loss": loss}
+    objective, loss, z = loss_sums(model, inputs, targets, z_loss, deterministic=deterministic,
+                                   rngs=rngs)
+    return objective / count, {"loss": loss / count, "z_loss": z / count}
 
-  grad_fn = jax.value_and_grad(scaled_loss)
+  grad_fn = jax.value_and_grad(scaled_losses, has_aux=True)
 
   def loss_and_grads(params, batch, step):
     inputs, targets = batch["inputs"], batch["targets"]
     count, step_key = target_count(targets), jax.random.fold_in(seed_key, step)
     if microbatches == 1:
-      return grad_fn(params, inputs, targets, step_key, count)
+      (_, losses), grads = grad_fn(params, inputs, targets, step_key, count)
+      return losses, grads
 
     def accumulate(carry, xs):
-      loss_sum, grad_sum = carry
+      totals, grad_sum = carry
       inputs_mb, targets_mb, index = xs
       inputs_mb, targets_mb = (models.constrain(x, "batch") for x in (inputs_mb, targets_mb))
-      loss, grads = grad_fn(params, inputs_mb, targets_mb, jax.random.fold_in(step_key, index),
-                            count)
+      (_, losses), grads = grad_fn(params, inputs_mb, targets_mb,
+                                   jax.random.fold_in(step_key, index), count)
       grad_sum = models.constrain(jax.tree.map(jnp.add, grad_sum, grads), "params")
-      return (loss_sum + loss, grad_sum), None
+      return (jax.tree.map(jnp.add, totals, losses), grad_sum), None
 
     # The accumulators are laid out like the parameters (FSDP: each device holds its shard).
     zeros = models.constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
                              "params")
+    no_losses = {name: jnp.float32(0) for name in ("loss", "z_loss")[:2 if z_loss else 1]}
     xs = (split_microbatches(inputs, microbatches), split_microbatches(targets, microbatches),
           jnp.arange(microbatches))
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), xs)
-    return loss, grads
+    (losses, grads), _ = jax.lax.scan(accumulate, (no_losses, zeros), xs)
+    return losses, grads
 
   return loss_and_grads
 
@@ -164,7 +178,8 @@ def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 
 
   def step_fn(state, batch, lr):
     params = state["params"]
-    loss, grads = loss_and_grads(params, batch, state["step"])
+    losses, grads = loss_and_grads(params, batch, state["step"])
+    loss = losses["loss"]  # The cross-entropy alone: the loss ratio's and the monitor's.
     grad_norm = optax.tree.norm(grads)
     opt_state = schedules.set_learning_rate(state["opt_state"], lr)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -180,17 +195,25 @@ def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 
                  "min_loss": min_loss, "skipped": state["skipped"] + bad.astype(jnp.int32)}
     metrics = {"loss": loss, "loss_ratio": ratio, "grad_norm": grad_norm,
                "skipped": bad, **schedules.adam_nu_stats(new_opt_state)}
+    if "z_loss" in losses:  # optim.z_loss > 0: the z-loss term, apart from the loss.
+      metrics["z_loss"] = losses["z_loss"]
     return new_state, metrics
 
   return step_fn
 
 
+EVAL_CHUNK_TOKENS = 8192  # Evaluation's chunks when model.loss_chunk_tokens=0 (one chunk).
+
+
 def make_eval_step(graphdef):
-  """(params, batch) -> (loss sum, token count) at full length, deterministic. The head runs
-  in chunks: a full-length eval batch's float32 logits would need more memory than training."""
+  """(params, batch) -> (loss sum, token count) at full length, deterministic: the
+  cross-entropy alone, whatever optim.z_loss. The head runs fused, in chunks, whatever
+  model.loss_head: a full-length eval batch's float32 logits would need more memory than
+  training."""
   def eval_fn(params, batch):
     model = nnx.merge(graphdef, params)
-    total = loss_sum(model, batch["inputs"], batch["targets"], chunked=True)
+    total = loss_sum(model, batch["inputs"], batch["targets"], loss_head="fused",
+                     chunk_tokens=model.cfg.loss_chunk_tokens or EVAL_CHUNK_TOKENS)
     return total, target_count(batch["targets"])
   return eval_fn
 
@@ -233,8 +256,11 @@ def sharded_steps(c, placed: OnMesh, *, skip_bad: bool, background: bool = True,
                   threads: int = 1) -> ShardedSteps:
   """Init, per-bucket train steps and the eval step, all with the layout's shardings: the
   state is never materialized on one device, and every bucket uses the same shardings.
-  `compiler_options` go to every bucket's compile (e.g. compile_cache's memory estimate)."""
+  `compiler_options` go to every bucket's compile (e.g. compile_cache's memory estimate),
+  with `compile_cache.step_compiler_options` (XLA's remat pass off on a GPU)."""
   layout, graphdef, optimizer = placed.layout, placed.graphdef, placed.optimizer
+  compiler_options = compile_cache.merge_options(
+      compiler_options, compile_cache.step_compiler_options(c.compile.xla_remat))
   init = jax.jit(make_init_fn(c, optimizer), out_shardings=layout.state)
   step_for = lambda k: layout.traced(make_train_step(c, graphdef, optimizer, skip_bad, k))  # noqa
   steps = compile_cache.BucketedStep(

@@ -130,6 +130,9 @@ class Trainer:
     policy, line = compile_cache.choose_microbatches(self.steps, self.c.optim.microbatches, shape,
                                                      self.layout.batch_shards, limit)
     self._print(line)
+    if self.steps.compiler_options:
+      self._print("compiler options of every train step: " + ", ".join(
+          f"{k}={v}" for k, v in sorted(self.steps.compiler_options.items())))
     self.steps.prefetch([first] if first else [], priority=-1)
     if not limit:
       self._print(f"largest bucket {shape[0]}x{shape[1]}: the device reports no memory limit, "
@@ -143,8 +146,8 @@ class Trainer:
       raise StopTraining(
           f"the largest bucket (batch {shape[0]} x seqlen {shape[1]}) needs {need / 2**30:.2f} "
           f"GiB per device with {policy.largest_count} microbatch(es) but the device has "
-          f"{limit / 2**30:.2f} GiB: set {more}model.remat=block, model.dtype=bfloat16, or use "
-          "more devices (mesh.fsdp)")
+          f"{limit / 2**30:.2f} GiB: set {more}model.remat=block, model.dtype=bfloat16, "
+          "compile.xla_remat=true (XLA recomputes to fit), or use more devices (mesh.fsdp)")
     self._print(f"largest bucket {shape[0]}x{shape[1]} needs {need / 2**30:.3f} GiB of "
                 f"{limit / 2**30:.2f} GiB")
 
@@ -492,6 +495,8 @@ class Trainer:
                                             "adam_nu_max")},
            "step_time_s": step_time, "tokens_per_s": tokens / step_time,
            "mfu": flops / step_time / (self.peak_flops * self.layout.mesh.size)}
+    if "z_loss" in values:  # optim.z_loss > 0 only: rows without it had no z-loss.
+      row["z_loss"] = float(values["z_loss"])
     if bool(values["skipped"]):
       row["skipped"] = True
     if t % self.c.log.every_steps == 0 or t == self.schedule.num_steps - 1 or row.get("skipped"):

@@ -37,7 +37,9 @@ def test_smoke_run_measures_every_item(tmp_path):
   assert report["matmul"]["flops_per_s"] > 0
 
   rows = report["steps_by_seqlen"]
-  assert [r["seqlen"] for r in rows] == [32, 64]
+  # Both steps at every length: the llm.c-comparable check (no dropout) and the paper recipe.
+  assert [(r["step"], r["seqlen"]) for r in rows] == [
+      ("check", 32), ("check", 64), ("recipe", 32), ("recipe", 64)]
   for row in rows:
     assert "error" not in row, row
     assert row["loss_finite"] and math.isfinite(row["loss_last"])
@@ -45,10 +47,15 @@ def test_smoke_run_measures_every_item(tmp_path):
     assert row["cudnn_in_hlo"] is False and row["attention"] == "blockwise"
     assert row["microbatches"] == 1  # "auto" on a device that reports no memory limit.
     assert row["mfu_datasheet"] is None and row["mfu_measured_matmul"] > 0
+  assert {(r["dropout"], r["attention_dropout"]) for r in rows if r["step"] == "check"} == {
+      (0.0, 0.0)}
+  assert {(r["dropout"], r["attention_dropout"]) for r in rows if r["step"] == "recipe"} == {
+      (0.1, 0.1)}
 
   run = report["tiny_run"]
   assert run["completed"] and run["steps"] == 20 and run["loss_finite"]
   assert run["loss_fell"] and run["last10_mean"] < run["first10_mean"]
 
   table = (tmp_path / "accelerator_check.md").read_text()
-  assert table.startswith("| seqlen |") and "tiny SLW run: 20 steps" in table
+  assert table.startswith("| step | seqlen |") and "tiny SLW run: 20 steps" in table
+  assert "| check | 32 |" in table and "| recipe | 64 |" in table

@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -53,7 +55,21 @@ BAD = [
     (dict(model__attention="flash"), "config.model.attention='flash'"),
     (dict(model__attention_block=0), "config.model.attention_block=0"),
     (dict(model__remat="full"), "config.model.remat='full'"),
+    (dict(model__loss_head="chunked"), "config.model.loss_head='chunked' is invalid: must be "
+     "one of fused, full"),
+    (dict(model__loss_chunk_tokens=-1), "config.model.loss_chunk_tokens=-1 is invalid"),
+    (dict(model__dropout=0.1, model__max_seqlen=2**20, model__d_model=4096, model__n_head=32),
+     "config.model.dropout_rng='hash' is invalid: hash numbers (position, feature) pairs"),
+    (dict(model__attention_dropout=0.1, model__max_seqlen=2**16),
+     "config.model.attention_dropout=0.1 is invalid: its hashed masks number"),
+    (dict(model__dropout_rng="rbg"), "config.model.dropout_rng='rbg' is invalid: must be one "
+     "of hash, threefry"),
+    # ml_collections refuses a str or int for a bool field as it is set; None gets through.
+    (dict(model__qk_norm=None), "config.model.qk_norm=None is invalid: must be true or false"),
     (dict(model__attention="cudnn"), "cuDNN fused attention needs model.dtype=bfloat16"),
+    (dict(optim__z_loss=-0.1), "config.optim.z_loss=-0.1 is invalid: must be a number >= 0"),
+    (dict(optim__z_loss=float("nan")), "config.optim.z_loss=nan is invalid"),
+    (dict(optim__z_loss=None), "config.optim.z_loss=None is invalid"),
     (dict(optim__microbatches=0), "config.optim.microbatches=0"),
     (dict(optim__microbatches="max"), "must be an integer >= 1 or 'auto'"),
     (dict(optim__microbatches=3), "must divide batch_size=16"),
@@ -142,6 +158,25 @@ def test_old_checkpoint_configs_gain_new_defaults_on_one_device(load_config):
   assert models.GPTConfig.from_config(saved["model"]).remat == "none"
 
 
+def test_a_saved_config_without_qk_norm_builds_the_model_it_always_built(load_config):
+  """model.qk_norm is param-shaping, yet a checkpoint's config from before it existed still
+  builds (with or without saved_defaults) the same model: no q/k norm, the same parameters."""
+  current = config_lib.validate(load_config("tiny"))
+  saved = current.to_dict()
+  del saved["model"]["qk_norm"]
+  assert config_lib.on_one_device(saved).model.qk_norm is False
+  old = models.GPTConfig.from_config(saved["model"])  # No KeyError: it takes the default.
+  assert old == models.GPTConfig.from_config(current.model) and not old.qk_norm
+  build = lambda cfg: nnx.to_pure_dict(nnx.state(  # noqa: E731
+      nnx.jit(lambda: models.GPT(cfg, nnx.Rngs(0)))(), nnx.Param))
+  then, now = build(old), build(models.GPTConfig.from_config(current.model))
+  assert jax.tree.structure(then) == jax.tree.structure(now)
+  for a, b in zip(jax.tree.leaves(then), jax.tree.leaves(now)):
+    np.testing.assert_array_equal(a, b)
+  assert set(then["blocks"][0]["attn"]) == {"qkv_weight_dchk", "qkv_bias_chk", "out_weight_hkd",
+                                            "out_bias_d"}
+
+
 def test_scan_layers_defaults_on_from_12_blocks_and_off_for_old_checkpoints(load_config):
   assert not config_lib.validate(load_config("tiny")).model.scan_layers
   for name in ("gpt2_117m", "gpt2_1p5b", "gpt3_125m"):
@@ -201,3 +236,17 @@ def test_a_saved_config_from_before_rounding_down_still_loads():
   saved["train_tokens"] = 1_000_000
   c = config_lib.on_one_device(saved)
   assert c.pacing.seqlen_start == 32
+
+
+def test_an_old_checkpoints_config_shows_the_changed_defaults_as_logged_changes(load_config):
+  """A config saved before model.dropout_rng and compile.xla_remat existed ran threefry masks
+  and XLA's remat pass: a resume logs both changes (allowed) instead of hiding them."""
+  from slw_jax import resume  # pylint: disable=g-import-not-at-top
+  current = config_lib.validate(load_config("gpt2_117m")).to_dict()
+  saved = {**current, "model": dict(current["model"]), "compile": dict(current["compile"])}
+  del saved["model"]["dropout_rng"], saved["compile"]["xla_remat"]
+  allowed, schedule = resume.check_config(
+      config_lib.saved_defaults(saved), current, models.GPTConfig.param_shaping_fields(),
+      "--workdir=old", allow_schedule_change=False)
+  assert "model.dropout_rng='threefry' there, 'hash' here" in allowed
+  assert "compile.xla_remat=True there, False here" in allowed and schedule == []

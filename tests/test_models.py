@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,38 @@ def test_dropout_is_off_when_deterministic():
   assert not np.allclose(forward(model, tokens, deterministic=False), forward(model, tokens))
 
 
+def _residual_keep(rng: str, key: int, shape=(8, 128, 64), rate: float = 0.1):
+  """The keep mask of model.dropout (`rng`: hash | threefry) on ones of `shape`."""
+  drop = models.PositionKeyedDropout(rate, rng)
+  out = drop(jnp.ones(shape), deterministic=False, rngs=nnx.Rngs(dropout=key))
+  return np.asarray(out) != 0, np.asarray(out)
+
+
+@pytest.mark.parametrize("rng", ["hash", "threefry"])
+def test_residual_dropout_drops_its_rate_uncorrelated_and_rescales(rng):
+  """model.dropout_rng: both mask kinds drop `rate` of the elements, with no correlation
+  between neighbouring rows, positions or features, nor between two keys (layers, steps)."""
+  keep, out = _residual_keep(rng, 0)
+  assert abs(keep.mean() - 0.9) < 0.005  # 65,536 draws: 5 sigma is 0.006; seeded, so fixed.
+  for axis in (0, 1, 2):
+    a, b = np.moveaxis(keep, axis, 0)[:-1].ravel(), np.moveaxis(keep, axis, 0)[1:].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
+  other, _ = _residual_keep(rng, 1)
+  assert abs(np.corrcoef(keep.ravel(), other.ravel())[0, 1]) < 0.02
+  np.testing.assert_allclose(out[keep], 1 / 0.9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rng", ["hash", "threefry"])
+def test_residual_dropout_masks_do_not_depend_on_the_length(rng):
+  """A position's mask is the same at any length (padded buckets drop what the real length
+  drops), for both mask kinds; the two kinds draw different masks."""
+  long, _ = _residual_keep(rng, 3, (4, 48, 32), 0.3)
+  short, _ = _residual_keep(rng, 3, (4, 20, 32), 0.3)
+  np.testing.assert_array_equal(long[:, :20], short)
+  other_kind, _ = _residual_keep("threefry" if rng == "hash" else "hash", 3, (4, 48, 32), 0.3)
+  assert not np.array_equal(long, other_kind)
+
+
 def test_attention_dropout_drops_its_rate_of_probabilities_and_rescales_the_rest():
   drop = models.AttentionDropout.from_key(jax.random.key(0), 0.1, 128)
   keep = np.asarray(drop.keep(8, 4, (0, 128), 128))
@@ -180,16 +213,21 @@ def test_attention_dropout_masks_do_not_depend_on_length_or_query_block():
   np.testing.assert_allclose(np.asarray(one_call), np.asarray(long), rtol=1e-5, atol=1e-6)
 
 
-def test_attention_dropout_leaves_the_fused_kernels_and_refuses_them_explicitly():
+def test_attention_dropout_leaves_the_fused_kernels_unless_cudnn_is_explicit():
   for backend in ("gpu", "tpu"):
     kernel, why = models.resolve_attention("auto", "bfloat16", backend, attention_dropout=0.1)
     assert kernel == "dot_product" and "model.attention_dropout=0.1" in why
   assert models.resolve_attention("auto", "bfloat16", "cpu", attention_dropout=0.1)[0] == \
       "blockwise"
-  for kernel, backend in (("cudnn", "gpu"), ("splash", "tpu")):
-    with pytest.raises(config_lib.ConfigError, match=rf"config.model.attention='{kernel}' is "
-                       r"invalid with model.attention_dropout=0.1: the fused kernels apply no"):
-      models.resolve_attention(kernel, "bfloat16", backend, attention_dropout=0.1)
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.attention='splash' is "
+                     r"invalid with model.attention_dropout=0.1: the splash kernel applies no"):
+    models.resolve_attention("splash", "bfloat16", "tpu", attention_dropout=0.1)
+  kernel, why = models.resolve_attention("cudnn", "bfloat16", "gpu", attention_dropout=0.1)
+  assert kernel == "cudnn" and "cuDNN's own attention dropout" in why
+  for backend, dtype in (("cpu", "bfloat16"), ("gpu", "float32")):  # A cuDNN-dropout request
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.attention='cudnn' is "
+                       r"invalid here"):  # on a device or dtype without it.
+      models.resolve_attention("cudnn", dtype, backend, attention_dropout=0.1)
   cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=32, n_head=2, max_seqlen=16,
                          attention_dropout=0.5)
   model, tokens = build(cfg), jnp.ones((2, 16), jnp.int32)
@@ -266,20 +304,105 @@ def test_splash_kernel_equals_dot_product_attention_alone_and_sharded():
   np.testing.assert_allclose(sharded(*placed), reference(q, k, v), atol=2e-5)
 
 
-def test_cudnn_attention_lowers_to_the_fused_kernel(monkeypatch):
-  """model.attention=cudnn lowers (for CUDA) to cuDNN's fused attention custom call; faking a
-  cuDNN version lets a CPU-only machine lower for the GPU (nothing runs)."""
+def _lower_train_step_for_cuda(monkeypatch, load_config, remat, mesh, attention="auto",
+                               attention_dropout=0.0, overrides=None):
+  """(validated config, lowered step): the trainer's train step (on_mesh, the layout's traced
+  step, jit as `train_step.sharded_steps` does) of configs/tiny.py in bf16 with attention=auto,
+  then `overrides` (load_config keywords), lowered for CUDA on this CPU-only machine. Only the
+  backend is faked: `resolve_attention` sees a GPU (models asks `jax.default_backend()`; JAX's
+  own code asks xla_bridge, so the lowering still uses the CPU devices), and cuDNN's version
+  check sees a cuDNN. Nothing compiles or runs."""
   import types  # pylint: disable=g-import-not-at-top
   from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=all
-  fake_cudnn = types.SimpleNamespace(cudnn_get_version=lambda: 91000)
-  monkeypatch.setattr(fused, "cuda_versions", fake_cudnn)
-  monkeypatch.setattr(models, "resolve_attention",
-                      lambda a, d, b=None, attention_dropout=0.0: ("cudnn", "test"))
-  q = jnp.ones((2, 64, 4, 64), jnp.bfloat16)
-  loss = lambda q: models.attend(q, q, q, "cudnn", 128).astype(jnp.float32).sum()  # noqa
-  text = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
-  assert "__cudnn$fmhaSoftmax" in text and "__cudnn$fmhaSoftmaxBackward" in text
-  assert '"CAUSAL"' in text or "CAUSAL" in text
+  from slw_jax import compile_cache, train_step  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(fused, "cuda_versions",
+                      types.SimpleNamespace(cudnn_get_version=lambda: 91000))
+  monkeypatch.setattr(models.jax, "default_backend", lambda: "gpu")
+  data, fsdp, tensor = mesh
+  settings = dict(
+      model__dtype="bfloat16", model__attention=attention, model__scan_layers=True,
+      model__remat=remat, model__dropout=0.0, model__attention_dropout=attention_dropout,
+      model__vocab_pad_multiple=8, optim__microbatches=2, mesh__data=data, mesh__fsdp=fsdp,
+      mesh__tensor=tensor)
+  c = config_lib.validate(load_config("tiny", **{**settings, **(overrides or {})}))
+  assert c.model.d_model // c.model.n_head % 8 == 0  # A head dim cuDNN takes (32).
+  placed = train_step.on_mesh(c, jax.devices()[:data * fsdp * tensor])
+  layout = placed.layout
+  step = jax.jit(layout.traced(train_step.make_train_step(
+      c, placed.graphdef, placed.optimizer, skip_bad=False, microbatches=2)),
+                 donate_argnums=0, out_shardings=(layout.state, layout.replicated))
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=layout.replicated)
+  batch = compile_cache.batch_spec(c.batch_size, 64, layout.batch)
+  lowered = step.trace(placed.state_spec, batch, lr).lower(lowering_platforms=("cuda",))
+  return c, lowered
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_train_step_attention_lowers_to_cudnn_on_one_device(monkeypatch, load_config, remat):
+  """The whole train step (scanned, rematerialized, 2 microbatches) calls cuDNN's fused kernel
+  forward and backward: a float32 leak into attention (XLA attention instead) fails here."""
+  c, lowered = _lower_train_step_for_cuda(monkeypatch, load_config, remat, (1, 1, 1))
+  text = lowered.as_text()
+  forward_calls = text.count("custom_call @__cudnn$fmhaSoftmax(")
+  backward_calls = text.count("custom_call @__cudnn$fmhaSoftmaxBackward(")
+  # The scanned block appears once, not once per layer: its forward, the forward recomputed in
+  # the backward scan (remat), its backward.
+  assert 1 <= forward_calls <= 2 < c.model.n_layer and backward_calls == 1
+  assert "CAUSAL" in text
+
+
+def test_explicit_cudnn_with_attention_dropout_lowers_to_cudnn_dropout(monkeypatch,
+                                                                       load_config):
+  """model.attention=cudnn with model.attention_dropout > 0 (unrolled layers): cuDNN's fused
+  kernel with its own dropout, forward and backward, in the whole train step, each layer with
+  its own static seed (auto keeps XLA attention)."""
+  c, lowered = _lower_train_step_for_cuda(monkeypatch, load_config, "block", (1, 1, 1),
+                                          attention="cudnn", attention_dropout=0.1,
+                                          overrides={"model__scan_layers": False})
+  text = lowered.as_text()
+  assert "custom_call @__cudnn$fmhaSoftmaxDropout(" in text
+  assert "custom_call @__cudnn$fmhaSoftmaxDropoutBackward(" in text
+  assert "custom_call @__cudnn$fmhaSoftmax(" not in text  # No dropout-free call slipped in.
+  seeds = {int(x) for x in re.findall(r'\\22seed\\22: ?(\d+)', text)}
+  assert seeds == set(range(c.model.n_layer)), seeds
+
+
+def test_cudnn_attention_dropout_refuses_scanned_layers(load_config):
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.attention='cudnn' is invalid: "
+                     r"cuDNN's attention dropout .* needs model.scan_layers=false"):
+    config_lib.validate(load_config("tiny", model__attention="cudnn", model__dtype="bfloat16",
+                                    model__attention_dropout=0.1, model__scan_layers=True))
+
+
+@pytest.mark.parametrize("attention,attention_dropout,kernel", [
+    ("auto", 0.0, "fmhaSoftmax"), ("cudnn", 0.1, "fmhaSoftmaxDropout")])
+def test_qk_norm_train_step_still_lowers_to_cudnn(monkeypatch, load_config, attention,
+                                                  attention_dropout, kernel):
+  """model.qk_norm (with optim.z_loss): the normalized q and k stay bf16, so the train step
+  still calls cuDNN's fused kernel forward and backward (a float32 q or k would make auto
+  fall back to XLA attention, and an explicit cudnn refuse it)."""
+  _, lowered = _lower_train_step_for_cuda(
+      monkeypatch, load_config, "block", (1, 1, 1), attention, attention_dropout,
+      overrides={"model__qk_norm": True, "optim__z_loss": 1e-4,
+                 "model__scan_layers": attention_dropout == 0.0})
+  text = lowered.as_text()
+  assert f"custom_call @__cudnn${kernel}(" in text
+  assert f"custom_call @__cudnn${kernel}Backward(" in text
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_sharded_train_step_attention_partitions_as_cudnn(monkeypatch, load_config, remat):
+  """On the 2x2x2 (data, fsdp, tensor) mesh cuDNN's attention lowers to a custom-partitioning
+  call (`CustomSPMDPartitioning`): the SPMD partitioner, at compile time on a GPU, asks JAX's
+  callback for the per-device kernel. Each call's callback must be cuDNN's partitioner."""
+  from jax._src import custom_partitioning  # pylint: disable=all
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=all
+  _, lowered = _lower_train_step_for_cuda(monkeypatch, load_config, remat, (2, 2, 2))
+  text = lowered.as_text()  # `lowered` keeps the callbacks alive (weak values) while we look.
+  keys = re.findall(r'custom_call @CustomSPMDPartitioning\(.*?backend_config = "(\d+)"', text)
+  partitioners = {custom_partitioning._sharding_callbacks[k.encode()].partition for k in keys}
+  assert partitioners == {fused._dot_product_attention_fwd_partition,
+                          fused._dot_product_attention_bwd_partition}
 
 
 def _dots(jaxpr):
@@ -308,13 +431,14 @@ def test_bfloat16_accumulates_scores_and_head_in_float32_and_stays_close():
   np.testing.assert_allclose(forward(full, tokens), reference, atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("remat,dropout", [("block", 0.0), ("dots", 0.0), ("block", 0.1),
-                                           ("dots", 0.1)])
-def test_remat_gives_the_same_gradients(remat, dropout):
+@pytest.mark.parametrize("remat,dropout,qk_norm", [
+    ("block", 0.0, False), ("dots", 0.0, False), ("block", 0.1, False), ("dots", 0.1, False),
+    ("block", 0.1, True), ("dots", 0.0, True)])
+def test_remat_gives_the_same_gradients(remat, dropout, qk_norm):
   """Recomputation changes no value: with dropout on (residual and attention), the recomputed
-  forward draws the same masks as the first one and as remat=none."""
+  forward draws the same masks as the first one and as remat=none; with model.qk_norm too."""
   cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=32,
-                         dropout=dropout, attention_dropout=dropout)
+                         dropout=dropout, attention_dropout=dropout, qk_norm=qk_norm)
   tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, 259)
   _, _, (loss, _), reference = loss_and_grads(cfg, tokens)
   graphdef, params, (loss_remat, _), ours = loss_and_grads(
@@ -346,12 +470,14 @@ def loss_and_grads(cfg, tokens):
   return graphdef, params, *jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
-@pytest.mark.parametrize("remat,dropout", [("none", 0.0), ("block", 0.1), ("dots", 0.0)])
-def test_scanned_layers_equal_the_unrolled_model(remat, dropout):
+@pytest.mark.parametrize("remat,dropout,qk_norm", [
+    ("none", 0.0, False), ("block", 0.1, False), ("dots", 0.0, False), ("none", 0.0, True)])
+def test_scanned_layers_equal_the_unrolled_model(remat, dropout, qk_norm):
   """model.scan_layers: the same initial parameters (stacked), logits and gradients within
-  relative 1e-5 of the unrolled model, dropout masks included, and one scanned block."""
+  relative 1e-5 of the unrolled model, dropout masks included, and one scanned block; with
+  model.qk_norm too (its parameters stacked like the others)."""
   cfg = models.GPTConfig(vocab_size=259, n_layer=3, d_model=64, n_head=4, max_seqlen=32,
-                         dropout=dropout, remat=remat)
+                         dropout=dropout, remat=remat, qk_norm=qk_norm)
   scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
   tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, 259)
   _, unrolled, (loss, logits), grads = loss_and_grads(cfg, tokens)

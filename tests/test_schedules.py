@@ -115,19 +115,21 @@ def test_adam_nu_stats_equal_numpy(load_config):
 DECAYED = {"wte_vd", "wpe_ld", "qkv_weight_dchk", "out_weight_hkd", "fc_weight_df",
            "proj_weight_fd"}
 NOT_DECAYED = {"qkv_bias_chk", "out_bias_d", "fc_bias_f", "proj_bias_d", "bias_d", "scale_d"}
+QK_NORM = {"scale_hk", "bias_hk"}  # model.qk_norm's per-head LayerNorm: never decayed.
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_weight_decay_goes_to_weights_and_embeddings_by_name(load_config, scan_layers):
-  """By name, never by rank: the [3, H, K] QKV bias and a scanned model's stacked [layers, D]
-  LayerNorm parameters and biases take none."""
-  c = config_lib.validate(load_config("tiny", model__scan_layers=scan_layers))
+@pytest.mark.parametrize("scan_layers,qk_norm", [(False, False), (True, False), (True, True)])
+def test_weight_decay_goes_to_weights_and_embeddings_by_name(load_config, scan_layers, qk_norm):
+  """By name, never by rank: the [3, H, K] QKV bias, a scanned model's stacked [layers, D]
+  LayerNorm parameters and biases, and model.qk_norm's [H, K] ones take none."""
+  c = config_lib.validate(load_config("tiny", model__scan_layers=scan_layers,
+                                      model__qk_norm=qk_norm))
   _, params = train_step.build_model(c)
   mask = schedules._decay_mask(params)
   decayed, plain = set(), set()
   for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]:
     (decayed if flag else plain).add(schedules.parameter_name(path))
-  assert decayed == DECAYED and plain == NOT_DECAYED
+  assert decayed == DECAYED and plain == NOT_DECAYED | (QK_NORM if qk_norm else set())
 
 
 def test_a_parameter_name_in_neither_list_is_refused():
@@ -136,8 +138,10 @@ def test_a_parameter_name_in_neither_list_is_refused():
 
 
 def test_weight_decay_reaches_exactly_the_decayed_names(load_config):
-  """One AdamW update with zero gradients moves only the decayed parameters."""
-  c = config_lib.validate(load_config("tiny", model__scan_layers=True, optim__weight_decay=0.5))
+  """One AdamW update with zero gradients moves only the decayed parameters (model.qk_norm's
+  included among those that stay)."""
+  c = config_lib.validate(load_config("tiny", model__scan_layers=True, optim__weight_decay=0.5,
+                                      model__qk_norm=True))
   _, abstract = train_step.build_model(c)
   params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract)
   opt = schedules.make_optimizer(c.optim)

@@ -153,7 +153,9 @@ def _assert_same_step(a, b, before, unclear_atol=1e-2 * 3e-3):
   those are held to 1% of an lr-sized step.
   """
   (state_a, metrics_a), (state_b, metrics_b) = a, b
-  for key in ("loss", "grad_norm", "adam_nu_l1", "adam_nu_max"):
+  assert set(metrics_a) == set(metrics_b)
+  for key in ("loss", "grad_norm", "adam_nu_l1", "adam_nu_max") + (
+      ("z_loss",) if "z_loss" in metrics_b else ()):
     assert float(metrics_a[key]) == pytest.approx(float(metrics_b[key]), rel=1e-5), key
   nu = optax.tree_utils.tree_get(state_b["opt_state"], "nu")
   for x, y, p, v in zip(*(jax.tree.leaves(s["params"]) for s in (state_a, state_b, before)),
@@ -231,31 +233,109 @@ def test_auto_microbatches_pick_the_fewest_that_fit():
   steps.close()
 
 
-@pytest.mark.parametrize("seqlen,pad", [(24, 1), (200, 8), (21, 8)])
-def test_chunked_head_equals_the_whole_head(seqlen, pad):
-  """The loss with the head in chunks (remat, eval) equals the one-pass loss, value and
-  gradients, for lengths that split into 128-position chunks, other divisors and odd lengths,
-  with and without vocabulary padding."""
+def test_gpu_steps_compile_without_xla_remat_and_auto_says_so(monkeypatch):
+  """On a GPU every train step compiles with XLA's rematerialization pass off (unless
+  compile.xla_remat), so `auto` judges fit by the step's own need and says so; other backends
+  and compile.xla_remat=true keep XLA's defaults."""
+  assert compile_cache.step_compiler_options(False, "gpu") == {
+      "xla_disable_hlo_passes": "rematerialization"}
+  assert compile_cache.step_compiler_options(True, "gpu") is None
+  assert compile_cache.step_compiler_options(False, "cpu") is None
+  merged = compile_cache.merge_options(compile_cache.CPU_MEMORY_ESTIMATE_OPTIONS,
+                                       compile_cache.step_compiler_options(False, "gpu"))
+  assert merged["xla_disable_hlo_passes"] == "cse,cse_barrier_expander,rematerialization"
+  assert compile_cache.remat_pass_off(merged) and not compile_cache.remat_pass_off(None)
+  # Passes a user disabled in XLA_FLAGS stay disabled (an option would replace the list).
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                     "--xla_disable_hlo_passes=foo,bar")
+  assert compile_cache.merge_options(compile_cache.step_compiler_options(False, "gpu")) == {
+      "xla_disable_hlo_passes": "foo,bar,rematerialization"}
+  monkeypatch.delenv("XLA_FLAGS")
+  assert compile_cache.merge_options(None, {"a": 1}) == {"a": 1}
+  c = _microbatch_config()
+  placed = train_step.on_mesh(c, jax.devices()[:1])
+  monkeypatch.setattr(compile_cache.jax, "default_backend", lambda: "gpu")
+  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).steps
+  monkeypatch.undo()  # Compiles for the CPU that is here, with the GPU's options.
+  assert compile_cache.remat_pass_off(steps.compiler_options)
+  _, line = compile_cache.choose_microbatches(steps, "auto", (16, 64), 1, 10**12)
+  assert "XLA's rematerialization pass off: the step's own need" in line
+  steps.close()
+  c = _microbatch_config(**{"compile.xla_remat": True})
+  monkeypatch.setattr(compile_cache.jax, "default_backend", lambda: "gpu")
+  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).steps
+  monkeypatch.undo()
+  assert steps.compiler_options is None
+  _, line = compile_cache.choose_microbatches(steps, "auto", (16, 64), 1, 10**12)
+  assert "as compiled" in line
+  steps.close()
+
+
+@pytest.mark.parametrize("seqlen,pad,chunk_tokens", [(24, 1, 8192), (200, 8, 128), (21, 8, 10),
+                                                    (24, 8, 0)])
+def test_fused_head_equals_the_full_head(seqlen, pad, chunk_tokens):
+  """model.loss_head=fused (token chunks, gradients in the forward pass) equals the full
+  head's loss and gradients, for one chunk, several, chunks of one position (odd lengths) and
+  the whole batch at once, with and without vocabulary padding."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from slw_jax import models  # pylint: disable=g-import-not-at-top
   cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=32, n_head=2, max_seqlen=256,
-                         vocab_pad_multiple=pad)
+                         vocab_pad_multiple=pad, loss_chunk_tokens=chunk_tokens)
   graphdef, params = nnx.split(nnx.jit(lambda: models.GPT(cfg, nnx.Rngs(0)))(), nnx.Param)
   tokens = jax.random.randint(jax.random.key(1), (2, seqlen + 1), 0, 259)
 
-  def loss(p, chunked):
+  def loss(p, head):
     model = nnx.merge(graphdef, p)
-    return train_step.loss_sum(model, tokens[:, :-1], tokens[:, 1:], chunked=chunked)
+    return train_step.loss_sum(model, tokens[:, :-1], tokens[:, 1:], loss_head=head)
 
-  whole, grads_whole = jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(params)
-  chunked, grads_chunked = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(params)
+  whole, grads_whole = jax.jit(jax.value_and_grad(lambda p: loss(p, "full")))(params)
+  fused, grads_fused = jax.jit(jax.value_and_grad(lambda p: loss(p, "fused")))(params)
   logits = nnx.merge(graphdef, params)(tokens[:, :-1])
   reference = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).sum()
-  assert float(chunked) == pytest.approx(float(whole), rel=1e-6)
+  assert float(fused) == pytest.approx(float(whole), rel=1e-6)
+  assert float(jax.jit(lambda p: loss(p, "fused"))(params)) == pytest.approx(float(whole),
+                                                                              rel=1e-6)
   assert float(whole) == pytest.approx(float(reference), rel=1e-6)
-  for a, b in zip(jax.tree.leaves(grads_chunked), jax.tree.leaves(grads_whole)):
-    # Per tensor, in l2: the chunks sum 400 tokens' contributions in another order.
+  for a, b in zip(jax.tree.leaves(grads_fused), jax.tree.leaves(grads_whole)):
+    # Per tensor, in l2: the chunks sum the tokens' contributions in another order.
     assert np.linalg.norm(np.asarray(a) - b) <= 1e-5 * np.linalg.norm(b) + 1e-9
+
+
+@pytest.mark.parametrize("pad,chunk_tokens", [(8, 10), (1, 0)])
+def test_fused_head_equals_the_full_head_with_z_loss(pad, chunk_tokens):
+  """optim.z_loss: the fused head's objective, loss and z sums and the objective's gradients
+  (the z-loss's formed in the same pass) equal the full head's under autodiff, with padded
+  positions and vocabulary rows; the z-loss's share of the gradients is large here, so a
+  fused head that dropped or misscaled it would fail."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from slw_jax import models  # pylint: disable=g-import-not-at-top
+  cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=32, n_head=2, max_seqlen=64,
+                         vocab_pad_multiple=pad, loss_chunk_tokens=chunk_tokens)
+  graphdef, params = nnx.split(nnx.jit(lambda: models.GPT(cfg, nnx.Rngs(0)))(), nnx.Param)
+  tokens = jax.random.randint(jax.random.key(1), (2, 25), 0, 259)
+  targets = tokens[:, 1:].at[0, 17:].set(train_step.PAD_TARGET)
+
+  def sums(p, head, z_loss=0.5):
+    model = nnx.merge(graphdef, p)
+    objective, *values = train_step.loss_sums(model, tokens[:, :-1], targets, z_loss,
+                                              loss_head=head)
+    return objective, values
+
+  grad = lambda head, **kw: jax.jit(jax.value_and_grad(  # noqa: E731
+      lambda p: sums(p, head, **kw), has_aux=True))(params)
+  (obj_full, values_full), grads_full = grad("full")
+  (obj_fused, values_fused), grads_fused = grad("fused")
+  evaluated, values_eval = jax.jit(lambda p: sums(p, "fused"))(params)  # No backward pass.
+  for a, b in zip([obj_fused, evaluated, *values_fused, *values_eval],
+                  [obj_full, obj_full, *values_full, *values_full]):
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+  _, grads_ce = grad("full", z_loss=0.0)
+  for a, b, ce in zip(*(jax.tree.leaves(g) for g in (grads_fused, grads_full, grads_ce))):
+    assert np.linalg.norm(np.asarray(a) - b) <= 1e-5 * np.linalg.norm(b) + 1e-9
+  share = [np.linalg.norm(b - ce) / np.linalg.norm(b)
+           for b, ce in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_ce))
+           if np.linalg.norm(b) > 0]
+  assert max(share) > 0.1
 
 
 # ----- padded buckets ------------------------------------------------------------------------------
@@ -264,12 +344,15 @@ def test_chunked_head_equals_the_whole_head(seqlen, pad):
     ({}, 1), ({"model.remat": "block"}, 2), ({"model.scan_layers": True}, 4),
     ({"model.dropout": 0.1}, 1),
     ({"model.dropout": 0.1, "model.attention_dropout": 0.1, "model.scan_layers": True,
-      "model.remat": "block"}, 2)])
+      "model.remat": "block"}, 2),
+    ({"model.qk_norm": True, "optim.z_loss": 0.1, "model.scan_layers": True,
+      "model.remat": "dots", "model.dropout": 0.1}, 2)])
 def test_a_padded_bucket_trains_exactly_like_the_real_length(overrides, microbatches):
   """compile.pad_multiple: a length-20 batch right-padded to 32 (targets PAD_TARGET, inputs
   token 0) gives the loss, gradient norm, Adam statistics and updates of the length-20 step;
   with dropout on, the real positions draw the same masks (models.PositionKeyedDropout,
-  models.AttentionDropout)."""
+  models.AttentionDropout); with model.qk_norm and optim.z_loss, the padded positions add
+  no z-loss (value or gradient) and leave the count alone."""
   from slw_jax import trainer  # pylint: disable=g-import-not-at-top
   c = _microbatch_config(**overrides)
   optimizer = schedules.make_optimizer(c.optim)
@@ -280,10 +363,15 @@ def test_a_padded_bucket_trains_exactly_like_the_real_length(overrides, microbat
   padded = trainer.padded_batch(_Batch(tokens[:, :-1], tokens[:, 1:]), 32)
   assert padded["inputs"].shape == (16, 32) and np.all(padded["targets"][:, 20:] == -1)
   grads = jax.jit(train_step.make_loss_and_grads(c, graphdef, microbatches))
-  (loss_p, grads_p), (loss_r, grads_r) = (grads(state["params"], b, 0) for b in (padded, real))
-  assert float(loss_p) == pytest.approx(float(loss_r), rel=1e-5)
+  (losses_p, grads_p), (losses_r, grads_r) = (grads(state["params"], b, 0)
+                                               for b in (padded, real))
+  assert set(losses_p) == set(losses_r) == ({"loss", "z_loss"} if c.optim.z_loss else {"loss"})
+  for key in losses_r:
+    assert float(losses_p[key]) == pytest.approx(float(losses_r[key]), rel=1e-5), key
   for x, y in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_r)):
-    assert np.linalg.norm(x - y) <= 1e-5 * np.linalg.norm(y) + 1e-12
+    # 1e-9: the key norm's bias (model.qk_norm) has no gradient in exact arithmetic (softmax
+    # ignores a shift shared by all keys); what it gets is float noise, about 1e-10.
+    assert np.linalg.norm(x - y) <= 1e-5 * np.linalg.norm(y) + 1e-9
   step = jax.jit(train_step.make_train_step(c, graphdef, optimizer, False, microbatches))
   # Elements whose gradient is ~1e-9 (float noise of the summation order, as with
   # microbatches) get Adam updates anywhere in [-lr, lr]: only the clear ones are compared.
