@@ -19,8 +19,11 @@ from runs import command, finish, start
 from slw_jax import checkpoint
 
 FULL = r"(No space left on device|File too large)"
+# A checkpoint save names the newest intact checkpoint one way, a failed metrics/events write
+# (which of the two the disk fills first depends on timing) the other.
 ERROR = (r"^error: could not (save checkpoint [\d, ]+|write the run's outputs) in .*" + FULL +
-         r".*intact \((newest: step|the complete checkpoints)")
+         r".*(intact \((newest: step|the complete checkpoints)|the complete checkpoints "
+         r"\(newest: step \d+\) are intact)")
 
 
 @contextlib.contextmanager
