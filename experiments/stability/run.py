@@ -1,298 +1,348 @@
-"""The paper's stability claim in miniature: `python experiments/stability/run.py`.
+"""The paper's stability claim as an LR sweep: `python experiments/stability/run.py`.
 
-One command, on the default corpus (the Python standard library), a small model at a batch
-size and learning rate where the baseline is visibly unstable (REGIME; how it was found is in
-NOTES.md). In order:
-1. the baseline at the high learning rate; if its loss ratio never exceeds the monitor's
-   threshold (1.2), the study stops and says so: no comparison is invented for a stable
-   baseline;
-2. the low-cost tuner (`slw_jax.tune`) picks SLW's seqlen_start and T at that learning rate;
-3. the other arms at the same token budget: the baseline at a safe lower learning rate, and at
-   the high one SLW linear with the tuner's choice, Shortformer's 2-stage schedule and GPT-3's
-   batch-size warmup; then the headline arms (baseline, SLW) over more seeds;
-4. the analysis, through `slw_jax.report`, into `--results`: the Table 1 analog (steps with loss
-   ratio above 1.1/1.2/1.5, max ratio) with OLMo-core's SpikeScore, the Table 3 analog (Pearson
-   r of the loss ratio with Adam's variance l1 and max), the final validation loss at equal
-   tokens, tokens and training time to a common validation loss (Table 2 analog), the spread
-   over seeds, and the loss / ratio / variance plots (Figures 1 and 4).
-Runs finished in --out are reused, so an interrupted study resumes (and a rerun only redoes the
-analysis). `--smoke` runs a few steps
-per arm on a 1-layer model and writes its results into --out (the test suite runs it).
+One command, on the default corpus (the Python standard library), in the paper's aggressive
+recipe in ratio (sweep_regime.py: LR warmup 8% of the baseline's tokens, cosine decay by
+tokens, Adam beta2 0.999, clipping 1.0, equal token budget, SLW from 8 to a 32x longer
+context). In order:
+1. the baseline at every learning rate of the sweep (seed 0);
+2. the noise floor: the baseline at its best learning rate over --noise-seeds seeds; when the
+   seed std exceeds 0.03 nats, the seeded stage uses enough seeds that a mean's standard error
+   does not (up to regime.MAX_NOISE_SEEDS);
+3. slw, qk_norm and z_loss at every learning rate;
+4. at 3 learning rates (the baseline's best, its largest stable one and the next one up): the
+   tuner (`slw_jax.tune`, its token cost reported), slw_tuned, shortformer, batch_warmup and
+   slw+qk_norm;
+5. the mechanism probe: the first steps at fixed lengths with equal tokens per step;
+6. --seeds seeds of every arm at the 2 of those learning rates where the arms differ most;
+7. the analysis (sweep_analysis.py, sweep_tables.py, sweep_plots.py) into --results, from
+   the per-run records (sweep_records.py) alone: `--analyse` redoes only this step, from the
+   committed records.
+Every run's record is written as it finishes, and a record of the same config is reused, so an
+interrupted study resumes where it stopped (an unfinished run resumes from its checkpoint).
+`--quick`: 3 learning rates, the 4 sweep arms, 1 seed. `--smoke`: a 1-block model for a few
+steps (the test suite runs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [REPO, HERE]
 
-from slw_jax import config_lib, pacing, report, tune  # noqa: E402  (after the path)
+from slw_jax import config_lib, tune  # noqa: E402  (after the path)
+import sweep_analysis as analysis  # noqa: E402
+import sweep_plots as plots  # noqa: E402
+import sweep_records as records  # noqa: E402
+import sweep_regime as regime  # noqa: E402
+import sweep_tables as tables  # noqa: E402
 
-THRESHOLDS = (1.1, 1.2, 1.5)  # Table 1 analog columns.
-UNSTABLE_RATIO = 1.2  # The baseline must exceed this loss ratio somewhere (the paper's bar).
-ARMS = ("baseline", "baseline_safe_lr", "slw", "shortformer", "batch_warmup")
-HEADLINE = ("baseline", "slw")  # Repeated over --seeds.
-DONE_FILE = "study_arm.json"  # How an arm's run ended; its presence marks the arm done.
-
-# The unstable regime on configs/tiny.py (NOTES.md says how it was found): 8K tokens per step
-# (64 x 128), LR 0.1 (50x tiny's) after a 3-step warmup (~1% of the run, as the paper's 3K of
-# 300K steps), GPT-2's Adam beta2 0.999; 2.1M tokens (260 baseline steps). The tuner's windows
-# are scaled the same way: "a few multiples" of that warmup, at most 10% of the run.
-REGIME = {"batch_size": 64, "train_tokens": 2_129_920, "train_steps": None,
-          "model.max_seqlen": 128, "pacing.kind": "none", "optim.lr": 0.1, "optim.min_lr": 0.01,
-          "optim.warmup_steps": 3, "optim.b2": 0.999, "eval.every_steps": 20,
-          "eval.batches": 4, "eval.batch_size": 32, "checkpoint.every_steps": 100,
-          "log.print_every_steps": 50, "batch_warmup.multiple": 4,
-          "tune.seqlen_starts": (32, 64), "tune.first_duration_warmups": 10,
-          "tune.max_duration_warmups": 50, "tune.start_window_warmups": 2.0,
-          "tune.window_warmups": 3.0, "tune.search_trials": 2, "tune.evals_per_warmup": 1,
-          "tune.eval_batches": 2}
-SAFE_LR = 0.03  # find_regime.py: no step above 1.2 at 0.03 (and at 0.01 one early step).
-
-# Smoke: a 1-layer model for a few steps at a learning rate that blows the baseline up.
-SMOKE = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.max_seqlen": 32,
-         "batch_size": 16, "train_tokens": 6_144, "train_steps": None, "pacing.kind": "none",
-         "batch_warmup.multiple": 8,  # The test suite's 8 simulated devices split every batch.
-         "pacing.multiple": 8, "optim.lr": 3.0, "optim.min_lr": 0.3, "optim.warmup_steps": 2,
-         "optim.clip_norm": 0.0, "eval.every_steps": 4, "eval.batches": 1,
-         "eval.batch_size": 8, "checkpoint.every_steps": 100, "compile.pad_multiple": 16,
-         "data.val_fraction": 0.1,
-         "tune.seqlen_starts": (8,), "tune.first_duration_warmups": 1,
-         "tune.max_duration_warmups": 2, "tune.start_window_warmups": 1.0,
-         "tune.window_warmups": 1.0, "tune.search_trials": 1, "tune.evals_per_warmup": 2,
-         "tune.eval_batches": 1, "tune.max_cost_fraction": 1.0}
-SMOKE_SAFE_LR = 3e-3
+REGIME_FILE = "regime.json"  # In --out and records/: the regime their runs belong to.
+STUDY_FILE = "study.json"  # In records/: the command, machine, regime and the study's settings.
+MECHANISM_LENGTHS = (regime.SLW_START, 4 * regime.SLW_START)  # And the full length.
 
 
 class StudyError(Exception):
-  """The study cannot give a result as asked (printed as one line; exit status 1)."""
+  """Bad input, or a study that cannot give a result as asked (one line; exit status 2)."""
 
 
-@dataclasses.dataclass
+def run_name(arm: str, lr: float, seed: int) -> str:
+  return f"{arm}_lr{lr:g}_seed{seed}"
+
+
 class Study:
-  config: object  # The regime's validated config (the baseline arm).
-  out: str
-  safe_lr: float
-  seeds: int
+  def __init__(self, args, c):
+    self.args, self.c = args, c
+    self.lrs, self.arms = args.lrs, args.arms
+    self.records_dir = os.path.join(os.path.dirname(os.path.abspath(args.results)), "records")
+    self.recs = {}  # Run name -> records.Record, of this study's sweep runs so far.
+    self.log = lambda message: print(message, flush=True)
 
-  def arm_config(self, name: str, seed: int, tuned: tuple[int, int] | None = None):
-    return config_lib.with_overrides(self.config, {**self.arm_overrides(name, tuned),
-                                                   "seed": seed})
+  def config(self, overrides: dict, seed: int):
+    return config_lib.with_overrides(self.c, {**overrides, "seed": seed})
 
-  def arm_overrides(self, name: str, tuned) -> dict:
-    c, end = self.config, self.config.pacing.seqlen_end
-    if name == "baseline":
-      return {}
-    if name == "baseline_safe_lr":
-      return {"optim.lr": self.safe_lr, "optim.min_lr": self.safe_lr / 10}
-    if name == "slw":
-      return {"pacing.kind": "linear", "pacing.seqlen_start": tuned[0],
-              "pacing.duration_steps": tuned[1]}
-    if name == "shortformer":  # Paper 5.1: seqlen_end / 8 for about half the baseline's steps.
-      stage = max(c.pacing.multiple, end // 8 - (end // 8) % c.pacing.multiple)
-      half = pacing.run_schedule(c).num_steps // 2
-      return {"pacing.kind": "discrete", "pacing.stages": ((stage, half - 1),)}
-    if name == "batch_warmup":  # Paper 5.1: batch / 32 (128 of 4K) over SLW's warmup tokens.
-      slw = config_lib.with_overrides(c, self.arm_overrides("slw", tuned))
-      tokens = int(pacing.walk(slw, stop_steps=tuned[1]).total_tokens)
-      start = max(c.batch_warmup.multiple, c.batch_size // 32)  # The multiple keeps compiles few.
-      return {"batch_warmup.start": start, "batch_warmup.tokens": tokens}
-    raise ValueError(f"unknown arm {name!r}")
-
-  def workdir(self, name: str, seed: int) -> str:
-    return os.path.join(self.out, f"{name}_seed{seed}")
-
-
-def run_arm(c, workdir: str) -> dict:
-  """Trains one arm in `workdir` and records how it ended in DONE_FILE (a run stopped by
-  monitor.max_bad_in_a_row diverged: that is a result too; 20 steps in a row with a non-finite
-  loss or a loss ratio above 2), or reads that record (of the same config only)."""
-  done, config = os.path.join(workdir, DONE_FILE), json.loads(json.dumps(c.to_dict()))
-  if os.path.exists(done):
-    with open(done) as f:
-      record = json.load(f)
-    if record["config"] != config:
-      changed = config_lib.first_difference(record["config"], config)
-      raise StudyError(f"{workdir} holds a run of another regime ({changed}): use a new --out "
-                       "for another regime")
-    print(f"{workdir}: finished earlier, reused", flush=True)
+  def train(self, name: str, kind: str, arm: str, lr: float, seed: int, c) -> records.Record:
+    """The run's record: reused when recorded with this config, else trained (resuming from
+    its checkpoint in --out) and recorded."""
+    known = self._reusable(name, c, tuner=False)
+    if known is not None:
+      return known
+    from slw_jax import trainer  # pylint: disable=g-import-not-at-top  (JAX only to train)
+    workdir, started = os.path.join(self.args.out, name), time.time()
+    self.log(f"{name}: training")
+    try:
+      summary = trainer.Trainer(c, workdir).run()
+      outcome = {"completed": summary["completed"], "diverged": None,
+                 "final_val_loss": summary["final_val_loss"]}
+    except trainer.BadStepsStop as error:  # Diverged (monitor.max_bad_in_a_row): a result.
+      outcome = {"completed": False, "diverged": str(error), "final_val_loss": None}
+    if not outcome["completed"] and not outcome["diverged"]:
+      raise StudyError(f"{workdir} stopped before its end (a signal): rerun to resume")
+    outcome["seconds"] = round(time.time() - started, 1)
+    record = records.from_workdir(name, kind, arm, lr, seed, c, outcome, workdir)
+    records.write(self.records_dir, record)
+    self.log(f"{name}: {'diverged' if outcome['diverged'] else 'finished'} in "
+             f"{outcome['seconds']:.0f} s, final val loss {outcome['final_val_loss']}")
     return record
-  from slw_jax import trainer  # pylint: disable=g-import-not-at-top  (JAX only when training)
-  started = time.time()
-  try:
-    summary = trainer.Trainer(c, workdir).run()
-    record = {"completed": summary["completed"], "diverged": None,
-              "final_val_loss": summary["final_val_loss"]}
-  except trainer.BadStepsStop as error:  # Diverged (monitor.max_bad_in_a_row): a result too.
-    record = {"completed": False, "diverged": str(error), "final_val_loss": None}
-  if not record["completed"] and not record["diverged"]:
-    raise StudyError(f"{workdir} stopped before its end (a signal): rerun to resume")
-  record.update(seconds=round(time.time() - started, 1), config=config)
-  with open(done, "w") as f:
-    json.dump(record, f)
-  print(f"{workdir}: {'diverged' if record['diverged'] else 'finished'} in "
-        f"{record['seconds']:.0f} s, final val loss {record['final_val_loss']}", flush=True)
-  return record
+
+  def _reusable(self, name: str, c, tuner: bool = True) -> records.Record | None:
+    """The record `name` when it was made with config `c` (None when there is none); a record
+    of another config is refused. The tuner's settings count only for the tuner's record."""
+    known = records.read(self.records_dir, name)
+    if known is None:
+      return None
+    changed = config_lib.first_difference(records.fingerprint(known.config, tuner),
+                                          records.fingerprint(records.flat_config(c), tuner))
+    if changed:
+      raise StudyError(f"{records.path(self.records_dir, name)} is a run of another regime "
+                       f"({changed}): use another --results (and --out) for another regime")
+    return known
+
+  def arm(self, arm: str, lr: float, seed: int = 0):
+    """Trains (or reuses) one arm's run into self.recs."""
+    tuned = self.tuned(lr) if arm == "slw_tuned" else None
+    c = self.config(regime.arm_overrides(self.c, arm, lr, tuned), seed)
+    name = run_name(arm, lr, seed)
+    self.recs[name] = self.train(name, "sweep", arm, lr, seed, c)
+
+  def points(self) -> dict:
+    return analysis.points(self.recs)
+
+  def tuned(self, lr: float) -> tuple[int, int]:
+    """The tuner's (seqlen_start, T) at `lr`; its cost goes into a record of kind "tune"."""
+    name = f"tune_lr{lr:g}"
+    c = self.config(regime.arm_overrides(self.c, "slw", lr), 0)  # It tunes start and T.
+    known = self._reusable(name, c)
+    if known is None:
+      result = tune.Tuner(c, os.path.join(self.args.out, name), log=self.log).run()
+      outcome = {k: result[k] for k in ("seqlen_start", "duration_steps", "flags", "tokens",
+                                        "cost_fraction", "seconds")}
+      outcome["trials"] = len(result["trials"])
+      known = records.Record(name, "tune", "slw_tuned", lr, 0, records.flat_config(c),
+                             outcome, {}, {})
+      records.write(self.records_dir, known)
+    return known.outcome["seqlen_start"], known.outcome["duration_steps"]
+
+  def mechanism(self, lr: float):
+    for seqlen in MECHANISM_LENGTHS + (self.c.model.max_seqlen,):
+      c = self.config(regime.mechanism_overrides(self.c, seqlen, lr), 0)
+      self.train(f"mechanism_len{seqlen}_lr{lr:g}", "mechanism", f"len{seqlen}", lr, 0, c)
+
+  def run(self):
+    """The stages in order. Each decision is the one sweep_analysis.plan makes from the runs
+    it reads (the baseline's seed-0 runs, its noise seeds, every arm's seed-0 runs), so
+    `analyse` recomputes the same decisions from the records."""
+    arms, args = self.arms, self.args
+    for lr in self.lrs:
+      self.arm("baseline", lr)
+    decide = lambda: analysis.plan(self.points(), self.lrs, arms, args.noise_seeds,  # noqa: E731
+                                   args.seeds, args.max_seeds, regime.NOISE_TARGET)
+    for seed in range(1, args.noise_seeds):
+      self.arm("baseline", decide().noise_lr, seed)
+    for arm in [a for a in regime.SWEEP_ARMS if a in arms and a != "baseline"]:
+      for lr in self.lrs:
+        self.arm(arm, lr)
+    for lr in decide().extra:
+      for arm in [a for a in arms if a not in regime.SWEEP_ARMS]:
+        self.arm(arm, lr)
+    self.mechanism(decide().probe_lr)
+    final = decide()
+    for lr in final.seed_lrs:
+      for arm in [a for a in arms if a in regime.SWEEP_ARMS or lr in final.extra]:
+        for seed in range(1, final.seeds):
+          self.arm(arm, lr, seed)
 
 
-def _record(workdir: str) -> dict:
-  with open(os.path.join(workdir, DONE_FILE)) as f:
-    return json.load(f)
+# ----- the analysis: from the records alone ---------------------------------------------------
 
 
-def check_unstable(run: report.Run, config) -> float:
-  """The baseline's max loss ratio; StudyError if it never exceeds UNSTABLE_RATIO."""
-  # A non-finite loss is the most unstable step there is.
-  max_ratio = max((r["loss_ratio"] if math.isfinite(r["loss"]) else math.inf
-                   for r in run.steps), default=0.0)
-  if not max_ratio > UNSTABLE_RATIO:
-    raise StudyError(
-        f"the baseline never became unstable (max loss ratio {max_ratio:.3f} <= "
-        f"{UNSTABLE_RATIO} at optim.lr={config.optim.lr}, batch_size={config.batch_size}): this "
-        "regime cannot show a stability benefit; raise optim.lr or batch_size (--set)")
-  return max_ratio
+def analyse(records_dir: str, results: str) -> dict:
+  """RESULTS.md and the plots beside it, recomputed from the records in `records_dir` (and the
+  study's settings, records/study.json); a study that has not finished is refused."""
+  about_path = os.path.join(records_dir, STUDY_FILE)
+  if not os.path.exists(about_path):
+    raise StudyError(f"{records_dir} holds no study ({STUDY_FILE} missing): run the study "
+                     "first, with --results naming the RESULTS.md beside those records")
+  with open(about_path) as f:
+    about = json.load(f)
+  recs = records.read_all(records_dir)
+  pts = analysis.points(recs)
+  lrs, arms = tuple(about["lrs"]), tuple(about["arms"])
+  decided = analysis.plan(pts, lrs, arms, about["noise_seeds"], about["seeds"],
+                          about["max_seeds"], regime.NOISE_TARGET)
+  missing = [run_name(*key) for key in analysis.expected_runs(
+      decided, lrs, arms, about["noise_seeds"], regime.SWEEP_ARMS) if key not in pts]
+  if missing:
+    raise StudyError(f"{records_dir} lacks {len(missing)} run(s) of its study (first: "
+                     f"{missing[0]}): rerun `{about['command']}` to finish it")
+  out = os.path.dirname(os.path.abspath(results))
+  figures = [plots.lr_sweep(pts, arms, decided.seed_lrs, out),
+             plots.curves(recs, decided.probe_lr, out, "equal_cost.png"),
+             plots.mechanism(recs, decided.probe_lr, out)]
+  with open(results, "w") as f:
+    f.write(render(about, pts, recs, decided, figures))
+  return pts
 
 
-def table_row(run: report.Run) -> dict:
-  """Tables 1 and 3 analogs for one run, with SpikeScore and its final validation loss."""
-  stats = report.stability(run, UNSTABLE_RATIO)
-  ratios = [r["loss_ratio"] for r in run.steps]
-  finals = [e["val_loss"] for e in run.evals]
-  return {**{f"above_{t}": sum(1 for x in ratios if x > t) for t in THRESHOLDS},
-          "steps": len(run.steps), "max_ratio": stats["max_loss_ratio"],
-          "spike_score": stats["spike_score"], "spike_steps": stats["spike_steps"],
-          "r_l1": stats["pearson_loss_ratio_vs_adam_nu_l1"]["r"],
-          "r_max": stats["pearson_loss_ratio_vs_adam_nu_max"]["r"],
-          "final_val_loss": finals[-1] if finals else None,
-          "tokens": int(run.steps[-1]["tokens"] + run.steps[-1]["seqlen"]
-                        * run.steps[-1]["batch_size"]) if run.steps else 0}
-
-
-def _f(value, spec=".3f") -> str:
-  return "n/a" if value is None else format(value, spec)
-
-
-def spread(values) -> str:
-  values = [v for v in values if v is not None]
-  if not values:
-    return "n/a"
-  if len(values) == 1:
-    return _f(values[0])
-  return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
-
-
-def render(study: Study, rows: dict, runs: dict, tuned, tune_result, target, reached,
-           plots: list[str], command: str, seconds: float) -> str:
-  """RESULTS.md: the command, the machine, the tables and the plots."""
-  lines = ["# Stability study: results", "",
-           "Written by run.py; how the regime was found and what these tables say: NOTES.md.", "",
-           f"Command: `{command}`", "",
-           f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
-           f"Python {platform.python_version()}; the arms and the tuner trained for "
-           f"{seconds / 60:.1f} min in all (their own records; setup and analysis add about a "
-           "minute).", "",
-           f"Tuner (slw_jax.tune): `{tune_result['flags']}` for {tune_result['tokens']:,} tokens"
-           f" ({tune_result['cost_fraction']:.1%} of one run), {tune_result['seconds']:.0f} s, "
-           f"{len(tune_result['trials'])} trials.", "",
-           "## Table 1 and 3 analogs (seed 0 of every arm)", "",
-           "| arm | steps | ratio > 1.1 | ratio > 1.2 | ratio > 1.5 | max ratio | SpikeScore "
-           "(spiking steps) | r(ratio, nu l1) | r(ratio, nu max) | final val loss |",
-           "| --- " * 10 + "|"]
-  for name in ARMS:
-    r = rows[(name, 0)]
-    lines.append(f"| {name} | {r['steps']} | {r['above_1.1']} | {r['above_1.2']} | "
-                 f"{r['above_1.5']} | {_f(r['max_ratio'])} | {_f(r['spike_score'], '.4f')} "
-                 f"({r['spike_steps']}) | {_f(r['r_l1'])} | {_f(r['r_max'])} | "
-                 f"{_f(r['final_val_loss'])} |")
-  lines += ["", f"## Headline arms over {study.seeds} seeds (mean ± sample std)", "",
-            "| arm | ratio > 1.2 | max ratio | SpikeScore | final val loss |",
-            "| --- | --- | --- | --- | --- |"]
-  for name in HEADLINE:
-    seeds = [rows[(name, s)] for s in range(study.seeds)]
-    lines.append(f"| {name} | {spread([r['above_1.2'] for r in seeds])} | "
-                 f"{spread([r['max_ratio'] for r in seeds])} | "
-                 f"{spread([r['spike_score'] for r in seeds])} | "
-                 f"{spread([r['final_val_loss'] for r in seeds])} |")
-  lines += ["", "## The loss ratio at small token counts (SLW, seed 0)", "",
-            "Early SLW steps hold few tokens, so their loss is noisier: the ratio measures that "
-            "noise as well as divergence.", "",
-            "| seqlen | tokens per step | steps | ratio > 1.1 | ratio > 1.2 | max ratio |",
-            "| --- | --- | --- | --- | --- | --- |"]
-  for seqlen, steps in _by_seqlen(runs[("slw", 0)].steps):
-    ratios = [r["loss_ratio"] for r in steps]
-    lines.append(f"| {seqlen} | {seqlen * steps[0]['batch_size']:,} | {len(steps)} | "
-                 f"{sum(x > 1.1 for x in ratios)} | {sum(x > 1.2 for x in ratios)} | "
-                 f"{_f(max(ratios))} |")
-  lines += ["", "## Table 2 analog: tokens and training time to a common validation loss", ""]
-  if target is None:
-    lines.append("No arm has a finite validation loss.")
-  else:
-    lines += [f"Target: {target:.4f}, the best validation loss every arm reaches (seed 0). "
-              "Training time is the sum of step times.", "",
-              "| arm | tokens | training s |", "| --- | --- | --- |"]
-    for name in ARMS:
-      tokens, secs = reached.get(runs[(name, 0)].name) or (None, None)
-      lines.append(f"| {name} | {_f(tokens, ',')} | {_f(secs, '.1f')} |")
-  lines += ["", "## Plots (seed 0)", ""] + [f"![{p}]({p})" for p in plots]
+def render(about, pts, recs, decided, figures) -> str:
+  c, lrs, arms = about["regime"], tuple(about["lrs"]), tuple(about["arms"])
+  seconds = sum(r.outcome.get("seconds", 0.0) for r in recs.values())
+  lines = [
+      "# Stability study: the LR sweep", "",
+      "Written by run.py from the per-run records in `records/` (`run.py --analyse` recomputes "
+      "every table and plot from them); what they say: NOTES.md.", "",
+      f"Command: `{about['command']}`", "",
+      f"Machine: {about['machine']}; the runs and the tuner trained for {seconds / 60:.1f} min "
+      "in all (their own records).", "",
+      f"Regime (`{about['preset']}`): {c['model.n_layer']} blocks of width {c['model.d_model']}, "
+      f"context {c['model.max_seqlen']}, {c['batch_size']} sequences per step, "
+      f"{c['train_tokens']:,} training tokens for every arm, LR warmup "
+      f"{c['optim.warmup_tokens']:,} tokens (8% of the baseline's), cosine decay by tokens to "
+      f"lr/10, Adam beta2 {c['optim.b2']}, clipping {c['optim.clip_norm']}; slw from "
+      f"{regime.SLW_START} over {about['slw_steps']} steps; z_loss {regime.Z_LOSS}. Validation:"
+      f" {c['eval.batches'] * c['eval.batch_size']} full-length windows, the same for every run.",
+      "", "## Final validation loss against the learning rate (seed 0)", "",
+      f"![{figures[0]}]({figures[0]})", ""]
+  lines += tables.sweep_table(pts, lrs, arms)
+  lines += ["", "`div`: diverged (stopped by monitor.max_bad_in_a_row); `(init~)`: ended within "
+            "10% of its initial loss.", "", "Grid:"] + tables.grid_check(pts, lrs, decided.floor)
+  lines += ["", "## Per arm: LR sensitivity, best loss, stable range", "",
+            "LR sensitivity (Wortsman et al. 2023): mean over the LRs of min(final, initial "
+            "loss) minus the best final loss. Lower is less sensitive.", ""]
+  lines += tables.summary_table(pts, arms, decided.extra)
+  lines += ["", "## The noise floor", ""] + tables.noise_section(
+      pts, decided.noise_lr, decided.floor, about["noise_seeds"], decided.seeds)
+  where = ", ".join(f"{lr:g}" for lr in decided.seed_lrs)
+  lines += ["", f"## Seeds at the 2 LRs where the arms differ most ({where})", "",
+            "`2 x seed std`: twice the seed std of the arm and the baseline at that LR, pooled "
+            "(the root of their mean square); `beyond 2 std` says whether the difference of the "
+            "means exceeds it. The last column is the difference over its standard error "
+            "(Welch): the same difference read as a test of the means.", ""]
+  lines += tables.seeds_table(pts, decided.seed_lrs, arms)
+  lines += ["", "## Tables 1 and 3 at every LR (seed 0)", ""] + tables.stability_table(pts, lrs,
+                                                                                       arms)
+  lines += mechanism_lines(recs, decided, figures[2])
+  lines += ["", f"## Equal cost, not only equal tokens (seed 0, at the 3 LRs of the extra arms;"
+            f" curves at lr {decided.probe_lr:g}, where slw departs most from the baseline)", "",
+            "SLW and the warmups take more optimizer steps for the same tokens. Time is the sum "
+            "of step times on this machine without compile stalls (each bucket's median step "
+            "time times its steps); FLOPs are the model's 6N + attention count.", ""]
+  lines += tables.cost_table(pts, decided.extra, arms) + ["", f"![{figures[1]}]({figures[1]})"]
+  tunes = {r.lr: r.outcome for r in recs.values() if r.kind == "tune"}
+  if tunes:
+    lines += ["", "## The tuner's choice and cost (slw_jax.tune)", ""] + tables.tune_table(tunes)
   return "\n".join(lines) + "\n"
 
 
-def _by_seqlen(steps) -> list[tuple[int, list[dict]]]:
-  """Training rows grouped by sequence length, in order of length (step 0 has no ratio)."""
-  groups = {}
-  for row in steps[1:]:
-    groups.setdefault(int(row["seqlen"]), []).append(row)
-  return sorted(groups.items())
+def mechanism_lines(recs, decided, figure) -> list[str]:
+  rows = analysis.mechanism(recs, decided.probe_lr)
+  if not rows:
+    return []
+  return (["", f"## The mechanism: the first steps at one length (lr "
+           f"{decided.probe_lr:g}, where slw departs most from the baseline)", "",
+           "Each probe trains the first 2 LR warmups at one fixed sequence length with the "
+           "baseline's tokens per step, so only the length differs.", ""]
+          + tables.mechanism_table(rows) + ["", f"![{figure}]({figure})"])
 
 
-def analyse(study: Study, tuned, tune_result, results: str, command: str):
-  runs = {(name, seed): report.read_run(study.workdir(name, seed))
-          for name in ARMS for seed in range(study.seeds if name in HEADLINE else 1)}
-  rows = {key: table_row(run) for key, run in runs.items()}
-  first = [runs[(name, 0)] for name in ARMS]
-  target, reached = report.time_to_target(first)
-  out_dir = os.path.dirname(os.path.abspath(results))
-  os.makedirs(out_dir, exist_ok=True)
-  plots = report.plot(first, out_dir)
-  seconds = tune_result["seconds"] + sum(_record(study.workdir(n, s))["seconds"]
-                                         for n, s in runs)
-  text = render(study, rows, runs, tuned, tune_result, target, reached, plots, command, seconds)
-  with open(results, "w") as f:
-    f.write(text)
-  with open(os.path.join(study.out, "study.json"), "w") as f:
-    json.dump({f"{name}_seed{seed}": row for (name, seed), row in rows.items()}, f, indent=1)
-  return rows
+# ----- the command line -----------------------------------------------------------------------
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(x) for x in text.split(","))
+  except ValueError:
+    raise StudyError(f"--lrs={text!r} is invalid: give comma-separated numbers, e.g. "
+                     "--lrs=0.001,0.01,0.1") from None
+  increasing = all(b > a for a, b in zip(values, values[1:]))
+  if len(values) < 3 or not increasing or not all(math.isfinite(v) and v > 0 for v in values):
+    raise StudyError(f"--lrs={text!r} is invalid: give at least 3 finite positive learning "
+                     "rates in strictly increasing order")
+  return values
+
+
+def _arms(text: str) -> tuple[str, ...]:
+  names = tuple(x.strip() for x in text.split(",") if x.strip())
+  unknown = [n for n in names if n not in regime.ARMS]
+  if unknown or "baseline" not in names:
+    bad = unknown[0] if unknown else text
+    raise StudyError(f"--arms={text!r} is invalid ({bad!r}): allowed arms are "
+                     f"{', '.join(regime.ARMS)}, and baseline must be one of them")
+  return tuple(a for a in regime.ARMS if a in names)
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="example: "
-                                   "python experiments/stability/run.py --smoke --out=/tmp/study")
-  parser.add_argument("--out", default=os.path.join(REPO, "runs", "stability"),
-                      help="Directory of the runs (reused when the study resumes).")
-  parser.add_argument("--results", default=None, help="Markdown results file (default: "
-                      "experiments/stability/RESULTS.md; --smoke: OUT/RESULTS.md).")
-  parser.add_argument("--seeds", type=int, default=3, help="Seeds of the headline arms.")
-  parser.add_argument("--smoke", action="store_true", help="A few steps per arm, 1 layer.")
+                                   "python experiments/stability/run.py --quick")
+  parser.add_argument("--preset", default="cpu", choices=sorted(regime.PRESETS),
+                      help="Regime (sweep_regime.py): cpu (default), gpu (issue 23 item 6) or "
+                      "smoke.")
+  parser.add_argument("--smoke", action="store_true", help="Same as --preset=smoke.")
+  parser.add_argument("--quick", action="store_true",
+                      help="3 learning rates, the 4 sweep arms, 1 seed (results in --out).")
+  parser.add_argument("--lrs", default=None, help="Comma-separated, increasing (default: the "
+                      "preset's; --quick: its 1st, 3rd and 5th).")
+  parser.add_argument("--arms", default=None, help=f"Comma-separated, of {', '.join(regime.ARMS)}"
+                      " (default all; --quick and the gpu preset: the 4 sweep arms).")
+  parser.add_argument("--seeds", type=int, default=None, help="Seeds at the 2 LRs where the arms"
+                      " differ most (default 3; --quick and the gpu preset 1).")
+  parser.add_argument("--noise-seeds", type=int, default=None,
+                      help="Seeds of the noise floor (default 4; --quick 1).")
+  parser.add_argument("--max-seeds", type=int, default=None,
+                      help="The most seeds per point when the noise floor asks for more "
+                      f"(default {regime.MAX_NOISE_SEEDS}; --quick and the gpu preset 1).")
+  parser.add_argument("--out", default=None, help="Run directories (default runs/stability or "
+                      "runs/stability_<preset>[_quick]).")
+  parser.add_argument("--results", default=None, help="RESULTS.md to write; records/ beside it "
+                      "(default experiments/stability/RESULTS.md for the cpu preset, else OUT/).")
+  parser.add_argument("--analyse", action="store_true",
+                      help="Only recompute RESULTS.md and the plots from the records.")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="Override a regime field, e.g. --set optim.lr=0.01 (repeatable).")
-  return parser.parse_args(argv)
+                      help="Override a regime field, e.g. --set model.d_model=96 (repeatable).")
+  args = parser.parse_args(argv)
+  return _defaults(args)
+
+
+def _defaults(args):
+  if args.smoke:
+    args.preset = "smoke"
+  _, preset_lrs, _ = regime.PRESETS[args.preset]
+  # The gpu preset fits about 8 minutes of one device: the sweep arms, one seed per point.
+  light = args.quick or args.preset == "gpu"
+  args.lrs = _floats(args.lrs) if args.lrs is not None else (
+      preset_lrs[0:5:2] if args.quick and len(preset_lrs) >= 5 else preset_lrs)
+  args.arms = (_arms(args.arms) if args.arms is not None
+               else regime.QUICK_ARMS if light else regime.ARMS)
+  defaults = {"seeds": 1 if light else 3, "noise_seeds": 1 if args.quick else 4,
+              "max_seeds": 1 if light else regime.MAX_NOISE_SEEDS}
+  for flag, default in defaults.items():
+    value = getattr(args, flag)
+    if value is None:
+      setattr(args, flag, default)
+    elif value < 1:
+      raise StudyError(f"--{flag.replace('_', '-')}={value} is invalid: must be >= 1")
+  suffix = "" if args.preset == "cpu" else f"_{args.preset}"
+  args.out = args.out or os.path.join(REPO, "runs", f"stability{suffix}"
+                                      + ("_quick" if args.quick else ""))
+  default_results = (os.path.join(HERE, "RESULTS.md") if args.preset == "cpu" and not args.quick
+                     else os.path.join(args.out, "RESULTS.md"))
+  args.results = args.results or default_results
+  return args
 
 
 def regime_config(args):
-  overrides = dict(SMOKE if args.smoke else REGIME)
+  overrides = regime.regime_overrides(args.preset)
   for item in args.set:
     key, sep, value = item.partition("=")
     if not sep:
-      raise StudyError(f"--set {item!r} is invalid: use KEY=VALUE, e.g. --set optim.lr=0.01")
+      raise StudyError(f"--set {item!r} is invalid: use KEY=VALUE, e.g. --set optim.b2=0.99")
     try:
       overrides[key] = json.loads(value)
     except json.JSONDecodeError:
@@ -304,36 +354,64 @@ def regime_config(args):
     except (AttributeError, KeyError, TypeError, ValueError) as error:
       raise StudyError(f"--set {key}={overrides[key]!r} is invalid: {error}") from None
   try:
-    return config_lib.validate(config_lib.load_config_file(path, overrides))
+    c = config_lib.validate(config_lib.load_config_file(path, overrides))
+    for arm in args.arms:  # Every arm's config is valid before anything trains.
+      for lr in args.lrs:
+        config_lib.with_overrides(c, regime.arm_overrides(c, arm, lr, (regime.SLW_START, 1)))
+    if "slw_tuned" in args.arms:  # The tuner's cost bound (TuneError), now, not mid-study: its
+      # constructor checks it (the bound counts tokens: any LR) and only reads a state file.
+      tune.Tuner(config_lib.with_overrides(c, regime.arm_overrides(c, "slw", args.lrs[0])),
+                 os.path.join(args.out, "never_written"))
   except config_lib.ConfigError as error:
     raise StudyError(str(error)) from None
+  return c
+
+
+def regime_fingerprint(c) -> dict:
+  """What makes a regime: the baseline's config but its learning rate (and paths, logging)."""
+  return {k: v for k, v in records.fingerprint(records.flat_config(c), tuner=True).items()
+          if k not in ("optim.lr", "optim.min_lr")}
+
+
+def check_regime(directory: str, flag: str, fingerprint: dict):
+  """`directory` (--out, or the records beside --results) belongs to one regime: refuse
+  another with one line, before anything trains; record it for the next invocation."""
+  path = os.path.join(directory, REGIME_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      changed = config_lib.first_difference(json.load(f), fingerprint)
+    if changed:
+      raise StudyError(f"{flag}={directory} holds runs of another regime ({changed}): use a "
+                       "new --out and --results for another regime")
+  os.makedirs(directory, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(fingerprint, f, indent=1)
+
+
+def about_study(args, argv, c) -> dict:
+  return {"command": " ".join(["python experiments/stability/run.py", *argv]),
+          "preset": args.preset, "slw_steps": regime.slw_steps(c),
+          "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
+                     f"Python {platform.python_version()}",
+          "lrs": list(args.lrs), "arms": list(args.arms), "seeds": args.seeds,
+          "noise_seeds": args.noise_seeds, "max_seeds": args.max_seeds,
+          "regime": records.flat_config(c)}
 
 
 def study(argv=None) -> dict:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  if args.seeds < 1:
-    raise StudyError(f"--seeds={args.seeds} is invalid: must be >= 1")
-  command = "python experiments/stability/run.py " + " ".join(
-      sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  records_dir = os.path.join(os.path.dirname(os.path.abspath(args.results)), "records")
+  if args.analyse:
+    return analyse(records_dir, args.results)
   c = regime_config(args)
-  s = Study(c, args.out, SMOKE_SAFE_LR if args.smoke else SAFE_LR, args.seeds)
-  results = args.results or (os.path.join(args.out, "RESULTS.md") if args.smoke else
-                             os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          "RESULTS.md"))
-  run_arm(s.arm_config("baseline", 0), s.workdir("baseline", 0))
-  print(f"baseline max loss ratio "
-        f"{check_unstable(report.read_run(s.workdir('baseline', 0)), c):.3f}", flush=True)
-  tune_result = tune.Tuner(c_for_tune(c), os.path.join(args.out, "tune")).run()
-  tuned = (tune_result["seqlen_start"], tune_result["duration_steps"])
-  for name in ARMS:
-    for seed in range(args.seeds if name in HEADLINE else 1):
-      run_arm(s.arm_config(name, seed, tuned), s.workdir(name, seed))
-  return analyse(s, tuned, tune_result, results, command)
-
-
-def c_for_tune(c):
-  """The regime with SLW linear pacing, the config the tuner searches."""
-  return config_lib.with_overrides(c, {"pacing.kind": "linear"})
+  fingerprint = regime_fingerprint(c)
+  check_regime(args.out, "--out", fingerprint)
+  check_regime(records_dir, "--results", fingerprint)
+  with open(os.path.join(records_dir, STUDY_FILE), "w") as f:
+    json.dump(about_study(args, argv, c), f, indent=1)
+  Study(args, c).run()
+  return analyse(records_dir, args.results)
 
 
 def main():
@@ -341,13 +419,13 @@ def main():
     study()
   except (StudyError, tune.TuneError) as error:
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
-  except RuntimeError as error:  # trainer.StopTraining (imported only to train): e.g. an arm's
-    trainer = sys.modules.get("slw_jax.trainer")  # workdir resumed under another regime.
+    sys.exit(2)
+  except RuntimeError as error:  # trainer.StopTraining (imported only to train): e.g. a run's
+    trainer = sys.modules.get("slw_jax.trainer")  # workdir resumed under another config.
     if trainer is None or not isinstance(error, trainer.StopTraining):
       raise
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

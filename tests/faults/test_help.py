@@ -24,7 +24,9 @@ ENTRY_POINTS = {
     "tune": ["config", "workdir"],
 }
 SCRIPTS = {  # Scripts run by path, with argparse: their options.
-    "experiments/stability/run.py": ["--out", "--results", "--seeds", "--smoke", "--set"],
+    "experiments/stability/run.py": ["--preset", "--quick", "--lrs", "--arms", "--seeds",
+                                     "--noise-seeds", "--max-seeds", "--out", "--results",
+                                     "--analyse", "--smoke", "--set"],
     "experiments/stability/find_regime.py": ["--batches", "--lrs", "--steps", "--slw_steps"],
 }
 
