@@ -5,7 +5,8 @@ Each run trains configs/tiny.py end to end in a fresh temporary workdir with the
 compilation cache off, so every bucket really compiles.
 
 Usage: .venv/bin/python benchmarks/tiny_runs.py [--only=stall|slw] [--background=true,false]
-    [--set=compile.pad_multiple=128 --set=...]   (--set: config overrides of every stall run)
+    [--set=compile.pad_multiple=128 --set=pacing.kind=adaptive ...]   (--set: config overrides
+    of every stall run)
 """
 
 import argparse
@@ -58,6 +59,14 @@ def slw_vs_baseline():
           f"{hit['tokens']:,} | {hit['elapsed_s']:.1f} s | {summary['wall_time_s']:.1f} s |")
 
 
+def _value(text: str):
+  """A --set value: JSON (numbers, true/false, lists), else the string itself (adaptive)."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   parser.add_argument("--only", choices=["stall", "slw"], default=None)
@@ -68,6 +77,6 @@ if __name__ == "__main__":
   sets = dict(item.split("=", 1) for item in args.set)
   if only in (None, "stall"):
     stall([b == "true" for b in args.background.split(",")],
-          {k: json.loads(v) for k, v in sets.items()})
+          {k: _value(v) for k, v in sets.items()})
   if only in (None, "slw"):
     slw_vs_baseline()

@@ -322,6 +322,11 @@ class BucketedStep:
           future.cancel()
           self.released += 1
 
+  def live_shapes(self) -> list[tuple[int, int]]:
+    """The buckets whose executables are held (or compiling) now."""
+    with self._lock:
+      return list(self._futures)
+
   @property
   def num_live(self) -> int:
     """Executables held (or compiling) now."""

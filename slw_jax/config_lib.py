@@ -15,7 +15,7 @@ import os
 
 from ml_collections import config_dict
 
-PACING_KINDS = ("none", "linear", "root", "discrete")
+PACING_KINDS = ("none", "linear", "root", "discrete", "adaptive")
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axes of the model's parameters (models.py) plus the batch.
 LOGICAL_AXES = ("batch", "embed", "heads", "kv", "mlp", "vocab")
@@ -77,6 +77,29 @@ def base_config() -> config_dict.ConfigDict:
   p.root_degree = 2.0  # r in (t/T)**(1/r) (root).
   p.multiple = 8  # Sequence lengths are rounded down to a multiple of this.
   p.stages = ((128, 999),)  # discrete: ((seqlen, last_step), ...); seqlen_end after the last.
+  # adaptive: closed-loop SLW (slw_jax.adaptive, docs/adaptive-pacing.md). From seqlen_start,
+  # one rung (pacing.multiple, or the next compile.pad_multiple bucket) at a time, decided
+  # every `every_steps` steps from the signals of the last window; never below the deadline.
+  p.adaptive = a = config_dict.ConfigDict()
+  # Steps per decision, and the window its signals cover: 20 averages out a step's noise and
+  # climbs 8 -> 1024 by 8 in ~2,540 quiet steps; 10 grew too fast for the best final loss in the
+  # study (experiments/stability: adaptive_fast), though no less stably.
+  a.every_steps = 20
+  # An excursion (hold): loss / min previous loss above this (monitor.ratio_threshold's value).
+  a.max_loss_ratio = 1.2
+  # ... or the gradient norm above this times its rolling median (a doubling: clipping-scale).
+  a.grad_norm_factor = 2.0
+  # ... or adam_nu_max above this times its rolling median (the monitor's spike rule).
+  a.nu_max_factor = 2.0
+  # Steps in the rolling medians (2.5 windows: a median that settles within a few decisions).
+  a.median_window = 50
+  # A spike (a non-finite value, or a loss ratio above monitor.skip_ratio) in the window steps
+  # back one rung instead of holding. Off: the study did not show it helps (NOTES.md).
+  a.backoff = False
+  # The deadline: the length is at least a linear ramp from seqlen_start that reaches
+  # seqlen_end once this fraction of train_tokens or of train_steps (whichever comes first) is
+  # reached, so every run ends at full length whatever its signals.
+  a.deadline_fraction = 0.25
 
   c.batch_warmup = b = config_dict.ConfigDict()
   b.start = 0  # First batch size (sequences); 0 turns batch-size warmup off.
@@ -304,6 +327,27 @@ def _validate_pacing(p, model):
     _check(p.root_degree > 0, "pacing.root_degree", p.root_degree, "must be > 0")
   if p.kind == "discrete":
     _validate_stages(p, end)
+  if p.kind == "adaptive":
+    _validate_adaptive(p)
+
+
+def _validate_adaptive(p):
+  a, end = p.adaptive, p.seqlen_end
+  _check(_is_int(p.seqlen_start) and p.multiple <= p.seqlen_start <= end, "pacing.seqlen_start",
+         p.seqlen_start, f"must be an integer in [pacing.multiple={p.multiple}, "
+         f"pacing.seqlen_end={end}] (lengths round down to a multiple of pacing.multiple)")
+  for name in ("every_steps", "median_window"):
+    _check(_is_int(a[name]) and a[name] >= 1, f"pacing.adaptive.{name}", a[name],
+           "must be an integer >= 1")
+  _check(isinstance(a.max_loss_ratio, (int, float)) and a.max_loss_ratio > 1,
+         "pacing.adaptive.max_loss_ratio", a.max_loss_ratio, "must be a number > 1")
+  for name in ("grad_norm_factor", "nu_max_factor"):
+    _check(isinstance(a[name], (int, float)) and a[name] > 1, f"pacing.adaptive.{name}",
+           a[name], "must be a number > 1 (a multiple of the rolling median)")
+  _check(isinstance(a.backoff, bool), "pacing.adaptive.backoff", a.backoff, "must be true or false")
+  _check(isinstance(a.deadline_fraction, (int, float)) and 0 < a.deadline_fraction < 1,
+         "pacing.adaptive.deadline_fraction", a.deadline_fraction,
+         "must be a number in (0, 1): the share of the run by which seqlen_end is reached")
 
 
 def _validate_batch_warmup(c):
@@ -652,6 +696,9 @@ def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
   # Imported here: pacing reads configs but must not depend on this module at import time.
   from slw_jax import pacing  # pylint: disable=g-import-not-at-top
   pacing.check_warmup_fits_decay(c)
+  if c.pacing.kind == "adaptive":
+    from slw_jax import adaptive  # pylint: disable=g-import-not-at-top
+    adaptive.check_deadline(c)
   return config_dict.FrozenConfigDict(c)
 
 

@@ -35,6 +35,8 @@ def seqlens(p, steps) -> np.ndarray:
   """Sequence length of each step in `steps` (int array) under pacing config `p`."""
   steps = np.asarray(steps, dtype=np.int64)
   end = p.seqlen_end
+  if p.kind == "adaptive":  # A bug: callers walk it with slw_jax.adaptive.walk.
+    raise ValueError("adaptive pacing decides lengths online: they are not a function of step")
   if p.kind == "none":
     return np.full(steps.shape, end, dtype=np.int64)
   if p.kind == "discrete":
@@ -166,9 +168,9 @@ def _walk_constant_batch(c, stop_tokens, stop_steps) -> Schedule:
     chunks.append(lengths)
     consumed, first, size = int(before[-1]), first + count, min(size * 2, 1 << 20)
     if first > MAX_PLAN_STEPS:
-      _too_long(c, first)
+      too_long(c, first)
   lengths = np.concatenate(chunks)
-  return _schedule(lengths, np.full_like(lengths, c.batch_size))
+  return make_schedule(lengths, np.full_like(lengths, c.batch_size))
 
 
 def _walk_batch_warmup(c, stop_tokens, stop_steps) -> Schedule:
@@ -176,36 +178,45 @@ def _walk_batch_warmup(c, stop_tokens, stop_steps) -> Schedule:
   lengths, batches, consumed, step = [], [], 0, 0
   while (stop_tokens is None or consumed < stop_tokens) and step != stop_steps:
     if step > MAX_PLAN_STEPS:
-      _too_long(c, step)
+      too_long(c, step)
     seqlen, batch = seqlen_at(c.pacing, step), batch_size_at(c, consumed)
     lengths.append(seqlen)
     batches.append(batch)
     consumed += seqlen * batch
     step += 1
-  return _schedule(np.array(lengths, np.int64), np.array(batches, np.int64))
+  return make_schedule(np.array(lengths, np.int64), np.array(batches, np.int64))
 
 
-def _schedule(lengths: np.ndarray, batches: np.ndarray) -> Schedule:
+def make_schedule(lengths: np.ndarray, batches: np.ndarray) -> Schedule:
   before = np.concatenate([[0], np.cumsum(lengths * batches)]).astype(np.int64)
   return Schedule(lengths.astype(np.int64), batches.astype(np.int64), before)
 
 
-def _too_long(c, steps: int):
+def too_long(c, steps: int):
   raise ConfigError(f"config.train_tokens={c.train_tokens!r} is invalid: the run would exceed "
                     f"{MAX_PLAN_STEPS} steps (at {steps} steps so far); lower it or set "
                     "train_steps")
 
 
 def walk(c, stop_tokens=None, stop_steps=None) -> Schedule:
-  """Schedule of the steps run until `stop_tokens` consumed or `stop_steps` taken."""
+  """Schedule of the steps run until `stop_tokens` consumed or `stop_steps` taken (adaptive
+  pacing: the slowest one, the deadline's floor, as before any decision)."""
+  if c.pacing.kind == "adaptive":
+    from slw_jax import adaptive  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return adaptive.walk(c, adaptive.initial_changes(c), stop_tokens, stop_steps)
   if c.batch_warmup.start:
     return _walk_batch_warmup(c, stop_tokens, stop_steps)
   return _walk_constant_batch(c, stop_tokens, stop_steps)
 
 
-def run_schedule(c) -> Schedule:
-  """The whole run of a validated config, with its buckets' padded lengths."""
-  schedule = walk(c, c.train_tokens, c.train_steps)
+def run_schedule(c, changes=None) -> Schedule:
+  """The whole run of a validated config, with its buckets' padded lengths. Adaptive pacing:
+  the run of the controller's `changes` so far (default: none yet), projected unchanged."""
+  if changes is None:
+    schedule = walk(c, c.train_tokens, c.train_steps)
+  else:
+    from slw_jax import adaptive  # pylint: disable=g-import-not-at-top
+    schedule = adaptive.walk(c, changes, c.train_tokens, c.train_steps)
   padded = padded_lengths(schedule.seqlen, c.compile.pad_multiple, c.pacing.seqlen_end)
   return dataclasses.replace(schedule, bucket_seqlen=np.asarray(padded, np.int64))
 
@@ -232,6 +243,10 @@ def check_warmup_fits_decay(c):
   o = c.optim
   if o.decay_tokens is not None and o.warmup_steps:
     end = warmup_end(c)
+    if c.pacing.kind == "adaptive":  # The most tokens by then: a run that grows every time.
+      from slw_jax import adaptive  # pylint: disable=g-import-not-at-top
+      fastest = adaptive.walk(c, adaptive.fastest_changes(c), stop_steps=o.warmup_steps)
+      end = WarmupEnd(o.warmup_steps, fastest.total_tokens)
     if o.decay_tokens <= end.tokens:
       raise ConfigError(
           f"config.optim.decay_tokens={o.decay_tokens!r} is invalid: must be > the "

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from slw_jax import cli, compile_cache, config_lib, hardware, models, pacing, schedules
+from slw_jax import (adaptive, cli, compile_cache, config_lib, hardware, models, pacing,
+                     schedules)
 
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "csv", "json"], "Output format.")
 _EVERY = flags.DEFINE_integer("every", 1, "Print every N-th step (the last step always).")
@@ -85,10 +86,27 @@ def build_plan(config, every: int = 1) -> dict:
   rows = [dict(step=int(t), seqlen=int(schedule.seqlen[t]), batch_size=int(schedule.batch_size[t]),
                tokens=int(schedule.tokens_before[t]), lr=float(lrs[t])) for t in steps]
   warm = pacing.warmup_end(config)
-  return dict(num_params=n_params, total_steps=schedule.num_steps,
+  plan = dict(num_params=n_params, total_steps=schedule.num_steps,
               pad_multiple=config.compile.pad_multiple,
               total_tokens=schedule.total_tokens, train_flops=sum(b["flops"] for b in buckets),
               lr_warmup_end=dict(step=warm.step, tokens=warm.tokens), buckets=buckets, rows=rows)
+  if config.pacing.kind == "adaptive":
+    plan["adaptive"] = adaptive_bounds(config)
+  return plan
+
+
+def adaptive_bounds(config) -> dict:
+  """An adaptive run's two extremes: growing at every decision, and the deadline's floor (the
+  rows and buckets above are the slowest: the real run is decided online, between them)."""
+  bounds = {"note": "the real schedule is decided online, between these two; the rows above "
+                    "are the slowest"}
+  for name, changes in (("fastest", adaptive.fastest_changes(config)),
+                        ("slowest", adaptive.initial_changes(config))):
+    s = pacing.run_schedule(config, changes)
+    full = int(np.argmax(s.seqlen >= config.pacing.seqlen_end))
+    bounds[name] = dict(total_steps=s.num_steps, full_length_step=full,
+                        buckets=[b.seqlen for b in s.buckets()])
+  return bounds
 
 
 def _summary_lines(plan: dict) -> list[str]:
@@ -102,6 +120,12 @@ def _summary_lines(plan: dict) -> list[str]:
   lines += [f"  {b['seqlen']} x {b['batch_size']}: {b['first_step']}, {b['num_steps']}, "
             f"{b['flops']:.4g}" + (f", {b['padding_fraction']:.1%}" if plan["pad_multiple"] else "")
             for b in plan["buckets"]]
+  if "adaptive" in plan:
+    bounds = plan["adaptive"]
+    lines.append(f"adaptive pacing: {bounds['note']}")
+    lines += [f"  {name}: {b['total_steps']:,} steps, full length from step "
+              f"{b['full_length_step']:,}, buckets {', '.join(map(str, b['buckets']))}"
+              for name, b in ((n, bounds[n]) for n in ("fastest", "slowest"))]
   return lines
 
 

@@ -33,6 +33,7 @@ class Run:
   steps: list[dict]  # Training rows, in file order (a rollback repeats step numbers).
   evals: list[dict]  # Validation rows.
   results: dict  # eval/<task>.json contents by task.
+  pacing: list[dict] = dataclasses.field(default_factory=list)  # Adaptive pacing's decisions.
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -75,7 +76,15 @@ def read_run(workdir: str) -> Run:
     except json.JSONDecodeError as error:
       raise ValueError(f"{result} is not valid JSON ({error})") from None
   name = os.path.basename(os.path.normpath(workdir))
-  return Run(name, workdir, steps, evals, results)
+  return Run(name, workdir, steps, evals, results, read_pacing_events(workdir))
+
+
+def read_pacing_events(workdir: str) -> list[dict]:
+  """The decisions of an adaptive run (events.jsonl rows of event "pacing"); [] otherwise."""
+  path = os.path.join(workdir, "events.jsonl")
+  if not os.path.isfile(path):
+    return []
+  return [e for e in read_metrics(path) if e.get("event") == "pacing"]
 
 
 def _number(value):
@@ -155,6 +164,40 @@ def plot(runs: list[Run], out: str) -> list[str]:
   return written
 
 
+# Adaptive pacing: the length each step trained at, and the window signals of each decision.
+PACING_PANELS = (("seqlen", "sequence length"), ("max_loss_ratio", "loss ratio (window max)"),
+                 ("max_grad_norm_ratio", "grad norm / rolling median"),
+                 ("max_nu_max_ratio", "adam_nu_max / rolling median"))
+
+
+def plot_adaptive(runs: list[Run], out: str) -> list[str]:
+  """adaptive_pacing.png for the runs with adaptive pacing decisions (none: no file)."""
+  adaptive_runs = [r for r in runs if r.pacing]
+  if not adaptive_runs:
+    return []
+  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top  (plot() chose Agg)
+  figure, axes = pyplot.subplots(len(PACING_PANELS), 1, figsize=(8, 2.6 * len(PACING_PANELS)),
+                                 sharex=True)
+  for ax, (key, label) in zip(axes, PACING_PANELS):
+    for run in adaptive_runs:
+      rows = run.steps if key == "seqlen" else run.pacing
+      ax.plot(*_series(rows, "step", key), label=run.name, linewidth=1,
+              marker=None if key == "seqlen" else ".")
+    if key == "seqlen":  # Where each decision held or backed off.
+      for run in adaptive_runs:
+        held = [e for e in run.pacing if e["decision"] != "grow"]
+        ax.scatter([e["step"] for e in held], [e["seqlen"] for e in held], marker="x", s=12)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_title("Adaptive pacing: length and the signals of each decision (x: hold/backoff)")
+  axes[0].legend()
+  axes[-1].set_xlabel("step")
+  figure.tight_layout()
+  figure.savefig(os.path.join(out, "adaptive_pacing.png"), dpi=100)
+  pyplot.close(figure)
+  return ["adaptive_pacing.png"]
+
+
 def _fmt(value, spec: str = ".4g") -> str:
   if value is None:
     return "n/a"
@@ -224,7 +267,7 @@ def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2) -> str:
   os.makedirs(out, exist_ok=True)
   stats = {r.name: stability(r, ratio_threshold) for r in runs}
   target, reached = time_to_target(runs)
-  plots = plot(runs, out)
+  plots = plot(runs, out) + plot_adaptive(runs, out)
   path = os.path.join(out, "report.md")
   with open(path, "w") as f:
     f.write(markdown(runs, stats, target, reached, plots, ratio_threshold))

@@ -136,13 +136,16 @@ def check_data(saved: dict | None, current: dict, where: str, data_dir: str):
 JOURNAL = "rollback.json"
 
 
-def write_journal(workdir: str, target: int, loader: dict, monitor: dict, events: list[dict]):
+def write_journal(workdir: str, target: int, loader: dict, monitor: dict, events: list[dict],
+                  pacing: dict | None = None):
   """Records a rollback before any checkpoint is deleted: resume from `target` with this
-  loader position (past the bad batch) and monitor state, whatever the newest checkpoint, and
-  log its `events` (if the crash came before they were)."""
-  reporting.write_json(os.path.join(workdir, JOURNAL),
-                       {"target": target, "loader": loader, "monitor": monitor,
-                        "events": events})
+  loader position (past the bad batch), monitor state and adaptive pacing state (that of the
+  target: None for a fixed schedule), whatever the newest checkpoint, and log its `events`
+  (if the crash came before they were)."""
+  journal = {"target": target, "loader": loader, "monitor": monitor, "events": events}
+  if pacing is not None:
+    journal["pacing"] = pacing
+  reporting.write_json(os.path.join(workdir, JOURNAL), journal)
 
 
 def read_journal(workdir: str) -> dict | None:

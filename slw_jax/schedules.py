@@ -28,6 +28,10 @@ def learning_rates(c, schedule: pacing.Schedule) -> np.ndarray:
   tokens_before = schedule.tokens_before[:-1].astype(np.float64)
   tokens_through = schedule.tokens_before[1:].astype(np.float64)
   end = pacing.warmup_end(c)
+  if c.pacing.kind == "adaptive" and o.warmup_steps and o.warmup_steps <= schedule.num_steps:
+    # The tokens by the end of step warmup are decided online: the schedule's own (a past
+    # fixed by then, since only steps after the warmup decay by them).
+    end = pacing.WarmupEnd(o.warmup_steps, int(schedule.tokens_before[o.warmup_steps]))
 
   if o.decay_tokens is not None:
     progress = (tokens_before - end.tokens) / (o.decay_tokens - end.tokens)

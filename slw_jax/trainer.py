@@ -2,8 +2,10 @@
 
 Step t trains on `schedule.seqlen[t] x schedule.batch_size[t]` tokens at `lrs[t]`; everything
 a step depends on is a function of (config, t, checkpointed state), so a resumed run continues
-exactly. Metrics of step t are read while step t + 1 runs (one step in flight), so the loop
-never waits on the device just to log.
+exactly. Under adaptive pacing the schedule is redrawn after each of the controller's length
+changes (slw_jax.adaptive), and its state is part of the checkpointed state. Metrics of step t
+are read while step t + 1 runs (one step in flight), so the loop never waits on the device just
+to log.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from slw_jax import (checkpoint, compile_cache, config_lib, distributed, hardware,
+from slw_jax import (adaptive, checkpoint, compile_cache, config_lib, distributed, hardware,
                      input_pipeline, models, monitor, pacing, preemption, reporting, resume,
                      schedules, sharding, train_step)
 
@@ -47,6 +49,9 @@ class Trainer:
   def __init__(self, c, workdir: str, devices=None, allow_schedule_change: bool = False):
     self.c, self.workdir, self.devices = c, workdir, devices
     self.allow_schedule_change = allow_schedule_change
+    # Adaptive pacing: the controller decides lengths online and the schedule is redrawn after
+    # each change (_replan); until then it is the slowest one, so its checks cover every run.
+    self.pacer = adaptive.Controller(c) if c.pacing.kind == "adaptive" else None
     self.schedule = pacing.run_schedule(c)
     self.lrs = schedules.learning_rates(c, self.schedule)
     self.buckets = self.schedule.buckets()  # Computed once: np.unique over every step.
@@ -164,7 +169,8 @@ class Trainer:
     latest, self.state, meta = found
     if journal is not None and journal["target"] == latest:
       # A rollback the process did not outlive: from its target, past the bad batch.
-      meta = {**meta, "loader": journal["loader"], "monitor": journal["monitor"]}
+      meta = {**meta, "loader": journal["loader"], "monitor": journal["monitor"],
+              "pacing": journal.get("pacing", meta.get("pacing"))}
       self._journal_target = latest
       self.monitor.events.extend(journal.get("events", []))  # Logged at the first step.
       self._print(f"continuing the rollback to step {latest} recorded in {resume.JOURNAL}")
@@ -179,6 +185,8 @@ class Trainer:
     self.monitor.load_state(meta["monitor"])
     self.step = latest
     self._log_config_changes(latest)
+    if self.pacer is not None:
+      self._restore_pacing(meta, latest)
     if meta["tokens"] != int(self.schedule.tokens_before[latest]):
       self._print(f"note: the checkpoint's step {latest} came after {meta['tokens']:,} tokens but "
                   f"this config's schedule reaches it after "
@@ -186,6 +194,29 @@ class Trainer:
                   "changed since it was saved (e.g. a seqlen_start now rounded down); the run "
                   "continues on this config's schedule")
     self._print(f"resumed from step {latest} ({meta['tokens']:,} tokens) in {self.workdir}")
+
+  def _restore_pacing(self, meta: dict, step: int):
+    """The controller's state from a checkpoint's record, and the run redrawn from it. A
+    fixed schedule's checkpoint (resumed as adaptive under --allow_schedule_change) starts the
+    controller at the rung at or below the length that schedule had reached."""
+    state = meta.get("pacing")
+    if state is None:
+      saved = config_lib.on_one_device(meta["config"])
+      reached = int(pacing.run_schedule(saved).seqlen[max(step - 1, 0)]) if step else 0
+      rungs = [r for r in self.pacer.rungs if r <= reached] or self.pacer.rungs[:1]
+      state = {**self.pacer.state(), "changes": [[0, rungs[0]]] + (
+          [[step, rungs[-1]]] if rungs[-1] > rungs[0] else [])}
+      self._print(f"the checkpoint of step {step} has a fixed schedule (pacing.kind="
+                  f"{saved.pacing.kind!r}): adaptive pacing continues from seqlen {rungs[-1]}")
+    self.pacer.load_state(state)
+    self._replan()
+
+  def _replan(self):
+    """Adaptive pacing: the run redrawn from the controller's changes (lengths, LRs, steps)."""
+    self.schedule = pacing.run_schedule(self.c, self.pacer.changes)
+    self.lrs = schedules.learning_rates(self.c, self.schedule)
+    if getattr(self, "log", None) is not None:
+      self.log.total_steps = self.schedule.num_steps
 
   def _clear_journal(self, journal: dict | None):
     if journal is not None and self.primary:
@@ -278,10 +309,27 @@ class Trainer:
   def save(self):
     meta = checkpoint.record(self.step, int(self.schedule.tokens_before[self.step]),
                              self.loader.state(), self.monitor.state(), self.c.to_dict(),
-                             data=self.data_fingerprint, **self.carried_meta)
+                             data=self.data_fingerprint, **self._pacing_meta(),
+                             **self.carried_meta)
     self.checkpoints.save(self.step, self.state, meta)
     if self.stop_signal is None:  # Stopping: the preemption deadline bounds the wait (_finish).
       self._clear_spent_journal()
+
+  def _check_pacing_agrees(self):
+    """Every process decided the same lengths: they read the same global metrics, so a
+    difference is a bug (raised as one; it would also have desynchronized the steps)."""
+    if jax.process_count() == 1:
+      return
+    everyone = np.asarray(multihost_utils.process_allgather(np.int64(self.pacer.digest())))
+    everyone = everyone.ravel()
+    if len(set(everyone.tolist())) != 1:
+      raise RuntimeError(f"adaptive pacing decided differently on the processes (digests "
+                         f"{everyone.tolist()}; this one's changes: {self.pacer.changes})")
+    self._print(f"adaptive pacing: the {jax.process_count()} processes took the same "
+                f"{len(self.pacer.changes) - 1} length change(s)")
+
+  def _pacing_meta(self) -> dict:
+    return {} if self.pacer is None else {"pacing": self.pacer.state()}
 
   def _clear_spent_journal(self):
     """The rollback's journal goes once a later checkpoint is on disk (waits for it)."""
@@ -298,7 +346,15 @@ class Trainer:
 
   def _prefetch_upcoming(self, step: int):
     """Queues the next `compile.ahead` buckets (at least `compile.threads`, unless ahead is 0)
-    first used after `step`, each at the priority of its first step."""
+    first used after `step`, each at the priority of its first step. Adaptive pacing: the
+    bucket of `step` and the next rung's (the first step a growth can reach)."""
+    if self.pacer is not None:
+      batch_size, seqlen = self.schedule.bucket_shape(step)
+      self.steps.prefetch([(batch_size, seqlen)], priority=step)
+      if self.c.compile.ahead:
+        self.steps.prefetch([(batch_size, self._bucket_of(self.pacer.next_rung(seqlen)))],
+                            priority=step + self.c.pacing.adaptive.every_steps)
+      return
     ahead = self.c.compile.ahead and max(self.c.compile.ahead, self.c.compile.threads)
     start = bisect.bisect_right(self._first_steps, step)
     for b in self.buckets[start:start + ahead]:
@@ -307,8 +363,18 @@ class Trainer:
   def _finished_buckets(self, step: int) -> list[tuple[int, int]]:
     """Buckets whose last step is `step - 2`: their executables can go (the step before
     `step` may still be running on the device). Earlier ones went at their own turn, or were
-    never compiled by this process (a resumed run)."""
-    return self._release_after.get(step - 2, [])
+    never compiled by this process (a resumed run). Adaptive pacing: those shorter than the
+    buckets of `step` and `step - 1`, and than the previous rung's while a backoff can come."""
+    if self.pacer is None:
+      return self._release_after.get(step - 2, [])
+    keep = min(int(self.schedule.compiled_seqlen[k]) for k in (max(step - 1, 0), step))
+    if self.c.pacing.adaptive.backoff:
+      keep = min(keep, self._bucket_of(self.pacer.previous_rung(keep)))
+    return [shape for shape in self.steps.live_shapes() if shape[1] < keep]
+
+  def _bucket_of(self, seqlen: int) -> int:
+    return int(pacing.padded_lengths(seqlen, self.c.compile.pad_multiple,
+                                     self.c.pacing.seqlen_end))
 
   def setup(self):
     """Everything before step 0: the first bucket to run compiles in the background while the
@@ -336,6 +402,9 @@ class Trainer:
       meta = None
     if meta is not None:
       self._check_resumable(meta)
+      if self.pacer is not None and meta.get("pacing"):  # Its buckets compile ahead from here.
+        self.pacer.load_state(meta["pacing"])
+        self._replan()
 
   def _compile_eval(self, start: int):
     """Queues the eval step's compile at the priority of the first evaluation after `start`."""
@@ -503,7 +572,21 @@ class Trainer:
       self.log.step(row, int(self.schedule.tokens_before[t + 1]))
     action = self.monitor.observe(t, {**row, "skipped": bool(values["skipped"])})
     self.log.events(self.monitor.pop_events())
+    if self.pacer is not None:
+      self._decide_pacing(t, row)
     return action
+
+  def _decide_pacing(self, t: int, row: dict):
+    """Adaptive pacing: the controller's decision at the end of a window (an event); after a
+    change the run is redrawn and the batches still queued (at the old lengths) drawn again."""
+    changes = len(self.pacer.changes)
+    decision = self.pacer.observe(t, row)
+    if decision is not None:
+      self.log.events([decision])
+    if len(self.pacer.changes) != changes:
+      self._replan()
+      self._batch_iter.close()
+      self._batch_iter = self._batches()
 
   def _rollback(self, bad_step: int, position_after_bad: int):
     """Restores the newest checkpoint at or before `bad_step` and skips the data up to and
@@ -524,18 +607,21 @@ class Trainer:
     saved = self.checkpoints.read_meta(target)
     loader = {**saved["loader"], "position": position_after_bad}
     counters = {**saved["monitor"], "rollbacks": self.monitor.rollbacks + 1}
+    pacing_state = saved.get("pacing")
     self.monitor.event(bad_step, "rollback", to_step=target,  # `rollback`: its ordinal, so
                        skipped_batches=bad_step + 1 - target,  # that two alike stay two.
                        rollback=counters["rollbacks"])
     events = self.monitor.pop_events()
     if self.primary:
-      resume.write_journal(self.workdir, target, loader, counters, events)
+      resume.write_journal(self.workdir, target, loader, counters, events, pacing_state)
     self.log.events(events)  # A resume logs them again from the journal: RunLog skips repeats.
     self._journal_target = target
     self._free_state()  # Before the restore: peak memory stays one train state.
     self.state, _ = self._restore(target)
     self.loader.restore(loader)
     self.monitor.load_state(counters)
+    if self.pacer is not None:  # The lengths of the target's past, and its controller.
+      self._restore_pacing({**saved, "pacing": pacing_state}, target)
     self._batch_iter.close()
     self.step = target
     self._batch_iter = self._batches()
@@ -614,6 +700,8 @@ class Trainer:
                     f"{max(self.checkpoints.complete_steps(), default=None)}")
     self.steps.close(wait=self.stop_signal is None)  # A preempted run does not wait on compiles.
     last_eval = getattr(self, "last_eval", {})
+    if self.pacer is not None:
+      self._check_pacing_agrees()
     summary = {
         "completed": completed, "stopped_by": self.stop_signal, "steps": self.step,
         "total_steps": self.schedule.num_steps,
@@ -625,6 +713,8 @@ class Trainer:
         "other_compile_s": dict(self.steps.other_compile_s),
         "executables_released": self.steps.released,
         "stability": self.monitor.summary(), "save_abandoned": not saved,
+        "pacing": (self.pacer.summary() if self.pacer is not None
+                   else {"kind": self.c.pacing.kind}),
     }
     if self.primary:
       reporting.write_json(os.path.join(self.workdir, "summary.json"), summary)

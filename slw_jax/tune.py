@@ -146,10 +146,12 @@ class Tuner:
 
   def __init__(self, c, workdir: str, log=print):
     self.c, self.workdir, self.log = c, workdir, log
-    self.warmup = warmup_steps(c)
     if c.pacing.kind not in ("linear", "root"):
       raise TuneError(f"config.pacing.kind={c.pacing.kind!r} is invalid for tune: it tunes the "
-                      "start and duration of linear or root pacing")
+                      "start and duration of linear or root pacing"
+                      + (" (adaptive pacing decides its lengths online: it has nothing to "
+                         "tune)" if c.pacing.kind == "adaptive" else ""))
+    self.warmup = warmup_steps(c)
     self.run_tokens = int(pacing.run_schedule(c).total_tokens)
     self.bound = cost_bound(c)
     if self.bound > c.tune.max_cost_fraction * self.run_tokens:

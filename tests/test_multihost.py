@@ -33,18 +33,24 @@ def _env(devices: int) -> dict:
   return env
 
 
+def _launch_two(c, workdir, **overrides) -> subprocess.CompletedProcess:
+  """launch/local.sh with 2 processes x 4 devices, run to its end (exit 0)."""
+  result = subprocess.run(
+      ["launch/local.sh", "2", "--config=configs/tiny.py", f"--workdir={workdir}",
+       *_cli_args(c, **overrides)],
+      cwd=REPO, env={**_env(8), "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable},
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
 def test_two_processes_match_one_and_resume_elsewhere(make_config, tmp_path):
   c = make_config(**RUN)
   trainer.Trainer(c, str(tmp_path / "one")).run()  # 1 process x 8 devices, 9 steps.
   reference = [r["loss"] for r in metric_rows(tmp_path / "one")]
 
   two = tmp_path / "two"
-  result = subprocess.run(
-      ["launch/local.sh", "2", "--config=configs/tiny.py", f"--workdir={two}",
-       *_cli_args(c, train_steps=6)],
-      cwd=REPO, env={**_env(8), "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable},
-      capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = _launch_two(c, two, train_steps=6)
   assert "in 2 process(es)" in result.stdout
   np.testing.assert_allclose([r["loss"] for r in metric_rows(two)], reference[:6], rtol=1e-5)
   assert "6" in os.listdir(two / "checkpoints")
@@ -61,6 +67,26 @@ def test_two_processes_match_one_and_resume_elsewhere(make_config, tmp_path):
   rows = metric_rows(two)
   assert [r["step"] for r in rows] == list(range(9))
   np.testing.assert_allclose([r["loss"] for r in rows], reference, rtol=1e-5)
+
+
+def test_two_processes_take_the_same_adaptive_decisions_as_one(make_config, tmp_path):
+  """The decisions read global metrics: 2 processes x 4 devices decide (and train) as 1 x 8,
+  and each process checks at the end that the others decided the same."""
+  adaptive = {"pacing.kind": "adaptive", "pacing.adaptive.every_steps": 2,
+              "pacing.adaptive.deadline_fraction": 0.75, "train_steps": 12}
+  c = make_config(**{k.replace(".", "__"): v for k, v in {**RUN, **adaptive}.items()})
+  one = trainer.Trainer(c, str(tmp_path / "one")).run()
+  two = tmp_path / "two"
+  result = _launch_two(c, two, **adaptive)
+  changes = one["pacing"]["changes"]
+  assert len(changes) > 1
+  assert (f"adaptive pacing: the 2 processes took the same {len(changes) - 1} length change(s)"
+          in result.stdout)
+  assert json.load(open(two / "summary.json"))["pacing"]["changes"] == changes
+  rows = metric_rows(two)
+  assert [r["seqlen"] for r in rows] == [r["seqlen"] for r in metric_rows(tmp_path / "one")]
+  np.testing.assert_allclose([r["loss"] for r in rows],
+                             [r["loss"] for r in metric_rows(tmp_path / "one")], rtol=1e-5)
 
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(make_config, tmp_path):

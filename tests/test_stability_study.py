@@ -31,19 +31,20 @@ def _data_flags(corpus_dir, tmp_path_factory, cache_dir):
 
 SECTIONS = ("## Final validation loss against the learning rate", "## Per arm: LR sensitivity",
             "## The noise floor", "## Seeds at the 2 LRs", "## Tables 1 and 3 at every LR",
-            "## The mechanism", "## Equal cost", "## The tuner's choice and cost")
-PLOTS = ("lr_sweep.png", "equal_cost.png", "mechanism.png")
+            "## The mechanism", "## Equal cost", "## The tuner's choice and cost",
+            "## Adaptive pacing against the tuned schedule")
+PLOTS = ("lr_sweep.png", "equal_cost.png", "mechanism.png", "adaptive_lengths.png")
 
 
 def test_smoke_study_runs_every_stage_and_recomputes_from_its_records(
     tmp_path, corpus_dir, cache_dir, tmp_path_factory):
   run = _study_module()
   out, results = tmp_path / "runs", tmp_path / "results" / "RESULTS.md"
-  args = ["--smoke", "--arms=baseline,slw,slw_tuned", "--seeds=2", "--max-seeds=2",
+  args = ["--smoke", "--arms=baseline,slw,adaptive,slw_tuned", "--seeds=2", "--max-seeds=2",
           "--noise-seeds=2", f"--out={out}", f"--results={results}",
           *_data_flags(corpus_dir, tmp_path_factory, cache_dir)]
   pts = run.study(args)
-  lrs, arms = run.regime.PRESETS["smoke"][1], ("baseline", "slw", "slw_tuned")
+  lrs, arms = run.regime.PRESETS["smoke"][1], ("baseline", "slw", "adaptive", "slw_tuned")
   decided = run.analysis.plan(pts, lrs, arms, 2, 2, 2, run.regime.NOISE_TARGET)
   assert decided.seeds == 2 and len(decided.extra) == 3 and len(decided.seed_lrs) == 2
   expected = run.analysis.expected_runs(decided, lrs, arms, 2, run.regime.SWEEP_ARMS)
@@ -170,7 +171,11 @@ def test_every_arm_has_a_valid_config_that_changes_what_it_says():
                           "pacing.duration_steps": 70},
             "shortformer": {"pacing.kind": "discrete", "pacing.stages": ((32, 74),)},
             "batch_warmup": {"batch_warmup.start": 4},
-            "slw+qk_norm": {"pacing.kind": "linear", "model.qk_norm": True}}
+            "slw+qk_norm": {"pacing.kind": "linear", "model.qk_norm": True},
+            "adaptive": {"pacing.kind": "adaptive", "pacing.seqlen_start": 8,
+                         "pacing.adaptive.backoff": False},
+            "adaptive_fast": {"pacing.kind": "adaptive", "pacing.adaptive.every_steps": 10},
+            "adaptive+backoff": {"pacing.kind": "adaptive", "pacing.adaptive.backoff": True}}
   assert set(expect) == set(run.regime.ARMS)
   for arm, fields in expect.items():
     arm_c = run.config_lib.with_overrides(c, run.regime.arm_overrides(c, arm, 0.05, (32, 70)))

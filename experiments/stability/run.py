@@ -8,19 +8,21 @@ context). In order:
 2. the noise floor: the baseline at its best learning rate over --noise-seeds seeds; when the
    seed std exceeds 0.03 nats, the seeded stage uses enough seeds that a mean's standard error
    does not (up to regime.MAX_NOISE_SEEDS);
-3. slw, qk_norm and z_loss at every learning rate;
+3. slw, qk_norm, z_loss and adaptive (pacing.kind=adaptive, its defaults) at every learning
+   rate;
 4. at 3 learning rates (the baseline's best, its largest stable one and the next one up): the
-   tuner (`slw_jax.tune`, its token cost reported), slw_tuned, shortformer, batch_warmup and
-   slw+qk_norm;
+   tuner (`slw_jax.tune`, its token cost reported), slw_tuned, shortformer, batch_warmup,
+   slw+qk_norm and adaptive+backoff;
 5. the mechanism probe: the first steps at fixed lengths with equal tokens per step;
-6. --seeds seeds of every arm at the 2 of those learning rates where the arms differ most;
+6. --seeds seeds of every arm at the 2 of those learning rates where the arms of issue 23
+   differ most (regime.SEED_LR_ARMS: an arm added later does not move them);
 7. the analysis (sweep_analysis.py, sweep_tables.py, sweep_plots.py) into --results, from
    the per-run records (sweep_records.py) alone: `--analyse` redoes only this step, from the
    committed records.
 Every run's record is written as it finishes, and a record of the same config is reused, so an
 interrupted study resumes where it stopped (an unfinished run resumes from its checkpoint).
-`--quick`: 3 learning rates, the 4 sweep arms, 1 seed. `--smoke`: a 1-block model for a few
-steps (the test suite runs it).
+`--quick`: 3 learning rates, 5 of the sweep arms (regime.QUICK_ARMS), 1 seed. `--smoke`: a
+1-block model for a few steps (the test suite runs it).
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ def analyse(records_dir: str, results: str) -> dict:
   figures = [plots.lr_sweep(pts, arms, decided.seed_lrs, out),
              plots.curves(recs, decided.probe_lr, out, "equal_cost.png"),
              plots.mechanism(recs, decided.probe_lr, out)]
+  if "adaptive" in arms:
+    figures.append(plots.adaptive_lengths(recs, out))
   with open(results, "w") as f:
     f.write(render(about, pts, recs, decided, figures))
   return pts
@@ -238,6 +242,10 @@ def render(about, pts, recs, decided, figures) -> str:
   tunes = {r.lr: r.outcome for r in recs.values() if r.kind == "tune"}
   if tunes:
     lines += ["", "## The tuner's choice and cost (slw_jax.tune)", ""] + tables.tune_table(tunes)
+  adaptive = tables.adaptive_section(pts, lrs, decided.extra, decided.seed_lrs, tunes, arms)
+  if adaptive:
+    lines += ["", "## Adaptive pacing against the tuned schedule (issue 24)", ""] + adaptive
+    lines += ["", f"![{figures[3]}]({figures[3]})"]
   return "\n".join(lines) + "\n"
 
 
@@ -286,11 +294,12 @@ def parse_args(argv):
                       "smoke.")
   parser.add_argument("--smoke", action="store_true", help="Same as --preset=smoke.")
   parser.add_argument("--quick", action="store_true",
-                      help="3 learning rates, the 4 sweep arms, 1 seed (results in --out).")
+                      help="3 learning rates, 5 of the sweep arms, 1 seed (results in --out).")
   parser.add_argument("--lrs", default=None, help="Comma-separated, increasing (default: the "
                       "preset's; --quick: its 1st, 3rd and 5th).")
   parser.add_argument("--arms", default=None, help=f"Comma-separated, of {', '.join(regime.ARMS)}"
-                      " (default all; --quick and the gpu preset: the 4 sweep arms).")
+                      " (default all; --quick and the gpu preset: regime.QUICK_ARMS, 5 of the "
+                      "sweep arms).")
   parser.add_argument("--seeds", type=int, default=None, help="Seeds at the 2 LRs where the arms"
                       " differ most (default 3; --quick and the gpu preset 1).")
   parser.add_argument("--noise-seeds", type=int, default=None,
@@ -314,7 +323,7 @@ def _defaults(args):
   if args.smoke:
     args.preset = "smoke"
   _, preset_lrs, _ = regime.PRESETS[args.preset]
-  # The gpu preset fits about 8 minutes of one device: the sweep arms, one seed per point.
+  # The gpu preset fits about 10 minutes of one device: 5 sweep arms, one seed per point.
   light = args.quick or args.preset == "gpu"
   args.lrs = _floats(args.lrs) if args.lrs is not None else (
       preset_lrs[0:5:2] if args.quick and len(preset_lrs) >= 5 else preset_lrs)
@@ -379,7 +388,12 @@ def check_regime(directory: str, flag: str, fingerprint: dict):
   path = os.path.join(directory, REGIME_FILE)
   if os.path.exists(path):
     with open(path) as f:
-      changed = config_lib.first_difference(json.load(f), fingerprint)
+      stored = json.load(f)
+    # Keys added since at their defaults, settings that do nothing in it dropped (the same
+    # rule as `fingerprint`); not the keys a regime leaves out (its LR).
+    stored = {k: v for k, v in records.fingerprint(stored, tuner=True).items()
+              if k in stored or k in fingerprint}
+    changed = config_lib.first_difference(stored, fingerprint)
     if changed:
       raise StudyError(f"{flag}={directory} holds runs of another regime ({changed}): use a "
                        "new --out and --results for another regime")

@@ -13,6 +13,8 @@ import statistics
 
 from slw_jax import report
 
+import sweep_regime as regime  # pylint: disable=g-bad-import-order  (beside this file)
+
 UNSTABLE_RATIO = 1.2  # Table 1's bar: a step whose loss ratio exceeds it is unstable.
 NEAR_INIT = 0.9  # A run that ends above 90% of its initial loss learned (almost) nothing.
 
@@ -206,7 +208,8 @@ def plan(pts: dict, lrs, arms, noise_seeds: int, seeds: int, most: int, target: 
   extra = extra_lrs(lrs, baseline)
   _, floor = noise_floor(pts, noise, noise_seeds)
   return Plan(noise, floor, extra, mechanism_lr(pts, lrs, extra, baseline),
-              needed_seeds(floor, seeds, target, most), seed_lrs(pts, lrs, arms))
+              needed_seeds(floor, seeds, target, most),
+              seed_lrs(pts, lrs, tuple(a for a in arms if a in regime.SEED_LR_ARMS)))
 
 
 def expected_runs(p: Plan, lrs, arms, noise_seeds: int, sweep_arms) -> list[tuple]:

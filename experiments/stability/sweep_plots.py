@@ -30,11 +30,8 @@ def lr_sweep(pts, arms, seed_lrs, out: str) -> str:
       if n > 1:
         ax.errorbar([lr * 1.03], [mean], yerr=[std or 0.0], color=line.get_color(), capsize=3)
   ax.set_xscale("log")
-  ax.set_xlabel("peak learning rate")
-  ax.set_ylabel("final validation loss (nats)")
-  ax.set_title("LR sweep (x: diverged or ended near the initial loss; bars: seed mean ± std)")
-  ax.grid(alpha=0.3)
-  _legend(ax)
+  _label(ax, "peak learning rate", "final validation loss (nats)",
+         "LR sweep (x: diverged or ended near the initial loss; bars: seed mean ± std)")
   return _save(figure, pyplot, out, "lr_sweep.png")
 
 
@@ -79,6 +76,35 @@ def mechanism(records, lr: float, out: str) -> str:
   axes[0].set_title(f"The first steps at one length, equal tokens per step (lr {lr:g})")
   _legend(axes[0])
   return _save(figure, pyplot, out, "mechanism.png")
+
+
+def adaptive_lengths(records, out: str) -> str:
+  """The sequence length each step trained at: adaptive (its defaults) at every LR beside
+  slw_tuned's and slw's fixed schedules (seed 0): where the closed loop held and where it grew."""
+  pyplot = _pyplot()
+  figure, ax = pyplot.subplots(figsize=(8, 5))
+  sweep = [r for r in records.values() if r.kind == "sweep" and r.seed == 0]
+  fixed = {}  # A fixed schedule is the same at any LR: its lowest LR's run.
+  for r in sorted(sweep, key=lambda r: -r.lr):
+    if r.arm in ("slw", "slw_tuned"):
+      fixed[r.arm] = r
+  runs = sorted([r for r in sweep if r.arm == "adaptive"], key=lambda r: r.lr)
+  runs += [fixed[arm] for arm in sorted(fixed)]
+  for record in runs:
+    style = "-" if record.arm == "adaptive" else "--"
+    label = f"adaptive, lr {record.lr:g}" if record.arm == "adaptive" else record.arm
+    ax.plot(record.steps["step"], record.steps["seqlen"], style, label=label, linewidth=1)
+  _label(ax, "optimizer step", "sequence length",
+         "Adaptive pacing's lengths per LR (dashed: the fixed schedules, any LR)")
+  return _save(figure, pyplot, out, "adaptive_lengths.png")
+
+
+def _label(ax, x: str, y: str, title: str):
+  ax.set_xlabel(x)
+  ax.set_ylabel(y)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  _legend(ax)
 
 
 def _legend(ax):

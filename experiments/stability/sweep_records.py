@@ -30,10 +30,20 @@ def flat_config(c) -> dict:
   return config_lib.flatten(json.loads(json.dumps(c.to_dict())))
 
 
+def with_new_keys(flat: dict) -> dict:
+  """A flattened config recorded by an earlier release, with the keys added since (e.g.
+  pacing.adaptive.*) at their defaults: the same run as before, not another regime."""
+  defaults = config_lib.flatten(json.loads(json.dumps(config_lib.base_config().to_dict())))
+  return {**{k: v for k, v in defaults.items() if k not in flat}, **flat}
+
+
 def fingerprint(flat: dict, tuner: bool = False) -> dict:
   """The fields of a flattened config that decide what a run computes (the tuner's settings,
   `tune.*`, only with `tuner`: they decide the tuner's choice, not a run's steps)."""
+  flat = with_new_keys(flat)
   ignored = NOT_THE_REGIME + (() if tuner else ("tune.",))
+  if flat.get("pacing.kind") != "adaptive":  # Its settings do nothing then.
+    ignored += ("pacing.adaptive.",)
   return {k: v for k, v in flat.items() if not k.startswith(ignored)}
 
 

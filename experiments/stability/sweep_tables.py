@@ -138,3 +138,48 @@ def grid_check(pts, lrs, floor) -> list[str]:
           f"noise floor): **{'yes' if under else 'no'}**",
           f"- highest lr {_lr(lrs[-1])} diverges or ends within 10% of its initial loss: "
           f"**{'yes' if over else 'no'}**"]
+
+
+def unstable_lrs(pts, lrs) -> tuple[float, ...]:
+  """The LRs where the baseline (seed 0) is unstable: it diverged, or had steps with a loss
+  ratio above UNSTABLE_RATIO."""
+  base = analysis.at_seed0(pts, "baseline")
+  return tuple(lr for lr in lrs if lr in base and (base[lr].final is None or base[lr].above))
+
+
+def adaptive_section(pts, lrs, extra, seed_lrs, tunes, arms) -> list[str]:
+  """Issue 24's targets: adaptive (its defaults) against slw_tuned where the baseline is
+  unstable, its LR sensitivity on slw_tuned's LRs, and the tuning tokens each needs."""
+  ours = [a for a in arms if a.startswith("adaptive")]
+  if not ours or "slw_tuned" not in arms:
+    return []
+  unstable = unstable_lrs(pts, lrs)
+  compared = ["slw_tuned", "slw", *ours]
+  rows = []
+  for arm in compared:
+    sweep = analysis.at_seed0(pts, arm)
+    rows.append([arm, _f(analysis.lr_sensitivity(sweep, extra))]
+                + [_cell(sweep.get(lr)) for lr in unstable])
+  lines = _table(["arm", f"LR sensitivity ({', '.join(_lr(x) for x in extra)})"]
+                 + [f"lr {_lr(lr)}" for lr in unstable], rows)
+  lines += ["", f"The baseline is unstable (diverged, or loss ratio above "
+            f"{analysis.UNSTABLE_RATIO}) at lr {', '.join(_lr(x) for x in unstable)}; slw_tuned "
+            "ran at the extra LRs only. Seeds where both ran them:", ""]
+  seeded = []
+  for lr in seed_lrs:
+    tuned_mean, tuned_std, tuned_n = analysis.seed_summary(pts, "slw_tuned", lr)
+    for arm in ours:
+      mean, std, n = analysis.seed_summary(pts, arm, lr)
+      if not n or not tuned_n or None in (mean, tuned_mean, tuned_std):
+        continue
+      delta = mean - tuned_mean
+      verdict = "better" if delta < 0 else ("within" if delta <= tuned_std else "worse")
+      seeded.append([_lr(lr), arm, str(n), _f(mean), _f(std, ".4f"), str(tuned_n),
+                     _f(tuned_mean), _f(tuned_std, ".4f"), _f(delta, "+.3f"),
+                     f"{verdict} (one slw_tuned seed std)"])
+  lines += _table(["lr", "arm", "seeds", "mean", "seed std", "slw_tuned seeds", "slw_tuned mean",
+                   "slw_tuned seed std", "difference", "verdict"], seeded)
+  cost = ", ".join(f"lr {_lr(lr)}: {t['tokens']:,} tokens ({t['cost_fraction']:.1%} of a run)"
+                   for lr, t in sorted(tunes.items()))
+  return lines + ["", f"Tuning tokens: adaptive 0 (its defaults at every LR); slw_tuned's tuner "
+                  f"{cost}."]

@@ -43,7 +43,26 @@ CASES = [
     ("lr_not_a_number", "plan", "{tiny} --config.optim.lr=abc",
      r"--config\.optim\.lr=abc: could not convert string to float"),
     ("pacing_kind", "plan", "{tiny} --config.pacing.kind=bogus",
-     r"config\.pacing\.kind='bogus' is invalid: must be one of none, linear, root, discrete"),
+     r"config\.pacing\.kind='bogus' is invalid: must be one of none, linear, root, discrete, "
+     r"adaptive"),
+    ("adaptive_unknown_key", "plan", "{tiny} --config.pacing.kind=adaptive "
+     "--config.pacing.adaptive.every_step=5", r"every_step"),
+    ("adaptive_window_zero", "plan", "{tiny} --config.pacing.kind=adaptive "
+     "--config.pacing.adaptive.every_steps=0",
+     r"config\.pacing\.adaptive\.every_steps=0 is invalid: must be an integer >= 1"),
+    ("adaptive_deadline_before_first_decision", "plan", "{tiny} --config.pacing.kind=adaptive "
+     "--config.pacing.adaptive.every_steps=200 --config.pacing.adaptive.deadline_fraction=0.01",
+     r"deadline_fraction=0\.01 is invalid: it reaches seqlen_end=256 at step \d+, before the "
+     r"first decision applies"),
+    ("adaptive_deadline_past_the_run", "plan", "{tiny} --config.pacing.kind=adaptive "
+     "--config.pacing.adaptive.deadline_fraction=1.5",
+     r"deadline_fraction=1\.5 is invalid: must be a number in \(0, 1\)"),
+    ("adaptive_with_batch_warmup", "plan", "{tiny} --config.pacing.kind=adaptive "
+     "--config.batch_warmup.start=4 --config.batch_warmup.tokens=1000",
+     r"batch_warmup\.start=4 is invalid: batch warmup together with pacing\.kind='adaptive' "
+     r"needs batch_warmup\.allow_with_slw=True"),
+    ("tune_adaptive", "tune", "{tiny} --config.pacing.kind=adaptive --workdir={tmp}/tune",
+     r"pacing\.kind='adaptive' is invalid for tune: .*decides its lengths online"),
     ("seqlen_start_too_long", "plan", "{tiny} --config.pacing.seqlen_start=2000",
      r"config\.pacing\.seqlen_start=2000 is invalid"),
     ("heads_do_not_divide_width", "plan", "{tiny} --config.model.n_head=3",

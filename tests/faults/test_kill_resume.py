@@ -100,7 +100,11 @@ def test_killed_terminated_and_killed_mid_save_a_run_ends_as_if_never_stopped(
   assert f"abandoned the save of step {stopped}" in output
   assert max(checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), 3).complete_steps()) < stopped
 
-  # SIGKILL at a random step, then a run to the end.
+  _kill_at_a_random_step_then_finish(command, workdir)
+  _same_run(reference, workdir)
+
+
+def _kill_at_a_random_step_then_finish(command, workdir):
   target = _steps_done(workdir) + int(np.random.default_rng().integers(5, 30))
   process = _start(command)
   _wait_for(process, lambda: _steps_done(workdir) >= target)
@@ -108,7 +112,6 @@ def test_killed_terminated_and_killed_mid_save_a_run_ends_as_if_never_stopped(
   _finish(process)
   assert process.returncode == -signal.SIGKILL, f"killed at step {target}"
   _run(command)
-  _same_run(reference, workdir)
 
 
 def test_killed_inside_rollbacks_a_run_ends_as_if_never_stopped(make_config, reference,
@@ -129,3 +132,42 @@ def test_killed_inside_rollbacks_a_run_ends_as_if_never_stopped(make_config, ref
   _run(command)
   _same_run(reference, workdir)
   assert json.load(open(os.path.join(workdir, "summary.json")))["stability"]["rollbacks"] == 2
+
+
+# Adaptive pacing: a decision every 4 steps (the deadline, 25% of the 120 steps, is full
+# length from step 30); the rollbacks at steps 25 and 60 restore their targets' pacing state.
+ADAPTIVE_RUN = {"pacing__kind": "adaptive", "pacing__adaptive__every_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def adaptive_reference(session_config, tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp("adaptive_reference"))
+  _run(_command(session_config, workdir, **ADAPTIVE_RUN))
+  return workdir
+
+
+def _decisions(workdir) -> dict[int, dict]:
+  """Each decision step's last pacing event (a resume or a rollback repeats some)."""
+  with open(os.path.join(workdir, "events.jsonl")) as f:
+    return {e["step"]: e for e in map(json.loads, f) if e["event"] == "pacing"}
+
+
+def test_an_adaptive_run_killed_anywhere_decides_and_trains_as_if_never_stopped(
+    make_config, adaptive_reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  command = _command(make_config, workdir, **ADAPTIVE_RUN)
+  process = _start(command, {"SLW_FAULT_KILL": "after_journal"})  # Inside the first rollback.
+  _finish(process)
+  assert process.returncode == -signal.SIGKILL
+  assert "pacing" in json.load(open(os.path.join(workdir, resume.JOURNAL)))
+  _kill_at_a_random_step_then_finish(command, workdir)
+  _same_run(adaptive_reference, workdir)
+  decisions = _decisions(adaptive_reference)
+  assert _decisions(workdir) == decisions
+  assert {e["decision"] for e in decisions.values()} >= {"grow"}
+  rows = _final_rows(workdir)
+  assert [r["seqlen"] for r in rows] == [r["seqlen"] for r in _final_rows(adaptive_reference)]
+  summaries = [json.load(open(os.path.join(d, "summary.json"))) for d in (workdir,
+                                                                          adaptive_reference)]
+  assert summaries[0]["pacing"] == summaries[1]["pacing"]
+  assert summaries[0]["pacing"]["kind"] == "adaptive"
