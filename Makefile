@@ -24,7 +24,7 @@ REQUIREMENTS := $(REQUIREMENTS_$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup test train clean
+.PHONY: setup test test-fast train clean
 
 setup: $(STAMP)
 	@echo $(ACCEL) > $(VENV)/.accel
@@ -47,6 +47,12 @@ $(TEST_STAMP): $(VENV)/.installed-cpu requirements-test.txt
 test: export JAX_PLATFORMS := cpu
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q --durations=15 tests
+
+# The unit tier, for the inner loop (at most 3 minutes on a 2-core machine): every test but
+# those marked slow, fault or multiprocess (tests/conftest.py). CI runs `make test`, never this.
+test-fast: export JAX_PLATFORMS := cpu
+test-fast: $(TEST_STAMP)
+	$(PY) -m pytest -q --durations=10 -m "not slow and not fault and not multiprocess" tests
 
 # Trains the tiny config on the default corpus (prepared on first use); resumes if interrupted.
 # Uses the accelerator JAX finds; with ACCEL=cpu wheels that is the CPU.

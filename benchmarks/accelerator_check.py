@@ -8,7 +8,7 @@ What it measures (each item is recorded even when another fails):
    attention dropout 0 (what llm.c times: the comparable number), and `recipe`, the paper's
    recipe as configured (dropout 0.1 and attention dropout 0.1, which rules the fused attention
    kernels out); through the codebase's own path: `train_step.on_mesh`,
-   `sharded_steps`, `compile_cache.choose_microbatches` (optim.microbatches=auto picks the
+   `sharded_steps`, `compiled_steps.choose_microbatches` (optim.microbatches=auto picks the
    fewest microbatches that fit the device memory). Per length: compile seconds, step ms,
    tokens/s, MFU against the datasheet bf16 peak (`hardware.KNOWN_PEAKS`) and against item 2,
    microbatches, device memory, whether the compiled HLO calls cuDNN fused attention
@@ -57,7 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slw_jax import (compile_cache, config_lib, hardware, models,  # noqa: E402
+from slw_jax import (attention, compiled_steps, config_lib, hardware, models,  # noqa: E402
                      train_step)
 
 TOKENS_PER_STEP = 65536  # Rows per length = this // seqlen: the same work at every length.
@@ -185,11 +185,11 @@ def compile_bucket(c, shape: tuple[int, int], limit_bytes: int | None = -1,
   device = train_step.sharded_steps(c, placed, skip_bad=False, background=False,
                                     compiler_options=compiler_options)
   start = time.perf_counter()
-  _, line = compile_cache.choose_microbatches(device.steps, c.optim.microbatches, shape,
-                                              placed.layout.batch_shards, limit_bytes)
-  executable = device.steps.get(shape)  # Already compiled (and kept) when "auto" searched.
+  _, line = compiled_steps.choose_microbatches(device.executables, c.optim.microbatches, shape,
+                                               placed.layout.batch_shards, limit_bytes)
+  executable = device.executables.get(shape)  # Already compiled (and kept) when "auto" searched.
   return {"placed": placed, "device": device, "executable": executable,
-          "stats": device.steps.stats[shape], "microbatch_line": line,
+          "stats": device.executables.stats[shape], "microbatch_line": line,
           "compile_total_s": time.perf_counter() - start}
 
 
@@ -266,9 +266,9 @@ def measure_length(args, kind: str, seqlen: int, peaks: dict) -> dict:
   cudnn_in_hlo = "__cudnn$fmha" in (built["executable"].as_text() or "")
   timed = time_steps(built, (rows, seqlen), c.model.vocab_size, args.steps)
   m = c.model
-  kernel, why = models.resolve_attention(m.attention, m.dtype,
-                                         attention_dropout=m.attention_dropout)
-  bucket_kernel, bucket_why = models.bucket_attention(
+  kernel, why = attention.resolve_attention(m.attention, m.dtype,
+                                            attention_dropout=m.attention_dropout)
+  bucket_kernel, bucket_why = attention.bucket_attention(
       m.attention, m.dtype, seqlen, models.GPTConfig.from_config(m).head_dim,
       attention_dropout=m.attention_dropout)
   row = {"step": kind, "seqlen": seqlen, "rows": rows, "tokens_per_step": rows * seqlen,
@@ -282,7 +282,7 @@ def measure_length(args, kind: str, seqlen: int, peaks: dict) -> dict:
          "attention_bucket_why": bucket_why, "losses": timed["losses"],
          "loss_last": timed["losses"][-1],
          "loss_finite": all(math.isfinite(x) for x in timed["losses"])}
-  built["device"].steps.close()
+  built["device"].executables.close()
   built.clear()  # Drops the executable and state layout before the next length compiles.
   return row
 

@@ -75,13 +75,13 @@ def host_costs(configs=("configs/tiny.py", "configs/gpt2_117m.py")) -> list[tupl
   for path in configs:
     c = config_lib.validate(config_lib.load_config_file(path, {"pacing.kind": "adaptive"}))
     controller = adaptive.Controller(c)
-    row = {"seqlen": adaptive.ladder(c)[0], "loss": 3.0, "loss_ratio": 1.0, "grad_norm": 1.0,
+    row = {"seqlen": pacing.ladder(c)[0], "loss": 3.0, "loss_ratio": 1.0, "grad_norm": 1.0,
            "adam_nu_max": 0.01}
     start = time.perf_counter()
     for step in range(20_000):
       controller.observe(step, {**row, "grad_norm": 1.0 + (step % 7) / 10})
     observe_us = (time.perf_counter() - start) / 20_000 * 1e6
-    changes = adaptive.fastest_changes(c)[:4]
+    changes = pacing.fastest_changes(c)[:4]
     start = time.perf_counter()
     for _ in range(5):
       pacing.run_schedule(c, changes)

@@ -1,10 +1,10 @@
 """Summed compile time of each paper config's plan against its training time, with and without
 the recommended `compile.pad_multiple` (issue 12; target: below 1% with the recommendation).
 
-Each case is `python -m slw_jax.plan --compile_estimate` in a fresh process, on the README's
-device count and mesh: compile seconds measured by AOT-compiling the shortest and the longest
-bucket on simulated CPU devices, training time at the paper's own throughput (its Tables 2 and
-4: the SLW runs' tokens over their wall-clock hours on 128 V100s).
+Each case is `python -m slw_jax.plan --compile_estimate` in a fresh process, on the docs' launch
+commands' device count and mesh: compile seconds measured by AOT-compiling the shortest and the
+longest bucket on simulated CPU devices, training time at the paper's own throughput (its Tables
+2 and 4: the SLW runs' tokens over their wall-clock hours on 128 V100s).
 
     .venv/bin/python benchmarks/compile_plan.py [--only=gpt2_117m,...]
 """
@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 # (config, devices, overrides, paper tokens/s and where it comes from). Microbatches are the
-# counts `auto` picks on 80 GB (benchmarks/RESULTS.md, memory of the README commands), fixed
+# counts `auto` picks on 80 GB (benchmarks/RESULTS.md, memory of the launch commands), fixed
 # so that each measurement is one compile per bucket.
 CASES = [
     ("gpt2_117m", 8, ["mesh.data=1", "mesh.fsdp=8", "optim.microbatches=4"],
@@ -31,7 +31,7 @@ CASES = [
 def estimate(config, devices, overrides, tokens_per_s) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   # compile.threads=4: the trainer's default on a host of 8 or more cores (every GPU and TPU
-  # host of the README's launch commands); it sets how much compiling overlaps training.
+  # host of the launch commands in docs/); it sets how much compiling overlaps training.
   command = [sys.executable, "-m", "slw_jax.plan", f"--config=configs/{config}.py",
              "--compile_estimate", f"--devices={devices}", f"--tokens_per_s={tokens_per_s}",
              "--config.compile.threads=4", *(f"--config.{o}" for o in overrides)]

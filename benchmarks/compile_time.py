@@ -8,7 +8,7 @@ ones), nothing allocated. Microbatches are fixed so that each case is one compil
     .venv/bin/python benchmarks/compile_time.py [--config=configs/gpt2_1p5b.py] [--devices=16]
         [--microbatches=1] [--layers=12,48] [--scan=true,false] [--mesh=data=2,fsdp=8]
 
-The defaults are the README's two-node `gpt2_1p5b` command (16 GPUs, data=2 x fsdp=8) with the
+The defaults are the docs' two-node `gpt2_1p5b` command (16 GPUs, data=2 x fsdp=8) with the
 microbatch count `auto` picks there when scanned (benchmarks/RESULTS.md).
 """
 

@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slw_jax import models  # noqa: E402
+from slw_jax import attention  # noqa: E402
 
 LENGTH = 128  # Also the head dim, so v can be the identity (cuDNN takes head dims <= 128).
 
@@ -51,9 +51,9 @@ def _masks_and_grads(rate: float):
   """A jitted function: (mask, mask of another layer's call (another seed) in the same program,
   out, dV)."""
   def probe(q, v, g):
-    out, vjp = jax.vjp(lambda v: models.cudnn_attention_with_dropout(q, q, v, rate, 0), v)
+    out, vjp = jax.vjp(lambda v: attention.cudnn_attention_with_dropout(q, q, v, rate, 0), v)
     (dv,) = vjp(g)
-    other = models.cudnn_attention_with_dropout(q, q, v + 0, rate, 1)  # The next layer's.
+    other = attention.cudnn_attention_with_dropout(q, q, v + 0, rate, 1)  # The next layer's.
     return out[0, :, 0, :] > 0, other[0, :, 0, :] > 0, out, dv
   return jax.jit(probe)
 
@@ -63,7 +63,7 @@ def _scanned_masks_and_grads(rate: float, layers: int = 3):
   `lax.scan` (one custom call, as scanned layers compile) and their backward scan."""
   def probe(q, v, g):
     def body(_, v_layer):
-      return None, models.cudnn_attention_with_dropout(q, q, v_layer, rate, 0)
+      return None, attention.cudnn_attention_with_dropout(q, q, v_layer, rate, 0)
     vs = jnp.stack([v] * layers)
     outs, vjp = jax.vjp(lambda vs: jax.lax.scan(body, None, vs)[1], vs)
     (dvs,) = vjp(jnp.stack([g] * layers))
@@ -81,8 +81,8 @@ def implied_dv(mask_ls, g_blhk, rate: float):
 def probe(rate: float = 0.1) -> dict:
   """The probe's findings as a dict (`available` False off a GPU, with the reason)."""
   try:
-    models.resolve_attention("cudnn", "bfloat16", jax.default_backend(), attention_dropout=rate)
-  except models.AttentionError as error:
+    attention.resolve_attention("cudnn", "bfloat16", jax.default_backend(), attention_dropout=rate)
+  except attention.AttentionError as error:
     return {"available": False, "why": str(error)}
   q, v, g = _inputs()
   fn = _masks_and_grads(rate)

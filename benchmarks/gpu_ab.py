@@ -2,7 +2,7 @@
 
 What: each variant (VARIANTS: the H100 check as it ran, one change at a time, the best
 combination, the paper recipe with XLA and with cuDNN attention) is the trainer's own compiled
-step (`train_step.on_mesh`, `sharded_steps`, `compile_cache.choose_microbatches`, the state
+step (`train_step.on_mesh`, `sharded_steps`, `compiled_steps.choose_microbatches`, the state
 donated; benchmarks/accelerator_check.py's functions) at --rows x --seqlen (64 x 1024). Per
 variant: compile seconds, memory analysis, the need with XLA's rematerialization pass off,
 microbatches, step ms (2 warm-up + 5 timed), tokens/s, MFU (datasheet and measured bf16
@@ -78,7 +78,7 @@ import jax  # noqa: E402
 from gpu_ab_hlo import PROFILE_STEPS, hlo_facts, summarize_profile  # noqa: E402
 from gpu_ab_tables import render  # noqa: E402
 import gpu_ab_torch as peer  # noqa: E402
-from slw_jax import compile_cache, config_lib, hardware, models  # noqa: E402
+from slw_jax import attention, compiled_steps, config_lib, errors, hardware  # noqa: E402
 
 log = check.log
 GIB = 2**30
@@ -227,14 +227,14 @@ def check_inputs(args, backend: str) -> dict:
     try:
       c = variant_config(args, VARIANTS[name])
       if c.optim.microbatches != "auto":
-        compile_cache.check_microbatches(c.optim.microbatches, (args.rows, args.seqlen), 1)
-      models.resolve_attention(c.model.attention, c.model.dtype, backend,
-                               c.model.attention_dropout)
-    except models.AttentionError as error:
+        compiled_steps.check_microbatches(c.optim.microbatches, (args.rows, args.seqlen), 1)
+      attention.resolve_attention(c.model.attention, c.model.dtype, backend,
+                                  c.model.attention_dropout)
+    except attention.AttentionError as error:
       if args.explicit:
         raise InputError(f"--variants={name}: {error}") from None
       unavailable[name] = f"not available on {backend}: {error}"
-    except config_lib.ConfigError as error:
+    except errors.ConfigError as error:
       raise InputError(f"--rows={args.rows} --seqlen={args.seqlen} (variant {name}): "
                        f"{error}") from None
   return unavailable
@@ -266,20 +266,20 @@ REMAT_WARNING = re.compile(r"[^\n]*Can't reduce memory use below[^\n]*")
 
 
 def memory_fields(executable) -> dict:
-  """The executable's memory analysis in bytes, and `compile_cache.memory_bytes` (its need)."""
+  """The executable's memory analysis in bytes, and `compiled_steps.memory_bytes` (its need)."""
   stats = executable.memory_analysis()
   kinds = ("argument", "output", "temp", "alias", "generated_code")
   fields = {f"{k}_bytes": getattr(stats, f"{k}_size_in_bytes", None) if stats else None
             for k in kinds}
-  return {**fields, "bytes": compile_cache.memory_bytes(executable)}
+  return {**fields, "bytes": compiled_steps.memory_bytes(executable)}
 
 
 def need_without_remat(steps, shape: tuple[int, int], microbatches: int) -> dict:
   """Compiles (only) the bucket again with XLA's remat pass off at the same microbatches: what
   the step needs when XLA recomputes nothing to fit."""
   saved, stderr = steps.compiler_options, []
-  options = compile_cache.merge_options(
-      saved, {"xla_disable_hlo_passes": compile_cache.XLA_REMAT_PASS})
+  options = compiled_steps.merge_options(
+      saved, {"xla_disable_hlo_passes": compiled_steps.XLA_REMAT_PASS})
   steps.compiler_options = options  # compile_with compiles with the cache's options.
   try:
     with captured_stderr(stderr):
@@ -295,17 +295,17 @@ def need_without_remat(steps, shape: tuple[int, int], microbatches: int) -> dict
 def compile_variant(args, name: str, c, limit_bytes) -> tuple[dict, dict, str]:
   """(built, row, HLO text): the variant compiled the trainer's way, and what that shows."""
   variant, shape, stderr = VARIANTS[name], (args.rows, args.seqlen), []
-  options = compile_cache.merge_options((SMOKE if args.smoke else FULL)["options"],
-                                        variant.options)
+  options = compiled_steps.merge_options((SMOKE if args.smoke else FULL)["options"],
+                                         variant.options)
   with captured_stderr(stderr):
     built = check.compile_bucket(c, shape, limit_bytes, options)
-  stats, options = built["stats"], built["device"].steps.compiler_options
+  stats, options = built["stats"], built["device"].executables.compiler_options
   hlo = built["executable"].as_text() or ""
   m = c.model
-  kernel, why = models.resolve_attention(m.attention, m.dtype,
-                                         attention_dropout=m.attention_dropout)
+  kernel, why = attention.resolve_attention(m.attention, m.dtype,
+                                            attention_dropout=m.attention_dropout)
   row = {"change": variant.change, "overrides": variant.overrides, "compiler_options": options,
-         "remat_pass_off": compile_cache.remat_pass_off(options),
+         "remat_pass_off": compiled_steps.remat_pass_off(options),
          "xla_remat": c.compile.xla_remat, "rows": args.rows, "seqlen": args.seqlen,
          "microbatches": stats.microbatches, "microbatch_line": built["microbatch_line"],
          "compile_s": stats.compile_s, "compile_total_s": built["compile_total_s"],
@@ -315,7 +315,7 @@ def compile_variant(args, name: str, c, limit_bytes) -> tuple[dict, dict, str]:
   # Where XLA has no remat pass (a CPU) the need equals the compile: only V0's, as a check.
   has_pass = jax.default_backend() == "gpu" or name == "V0"
   if not args.no_need and c.compile.xla_remat and not row["remat_pass_off"] and has_pass:
-    row["need"] = need_without_remat(built["device"].steps, shape, stats.microbatches)
+    row["need"] = need_without_remat(built["device"].executables, shape, stats.microbatches)
   return built, row, hlo
 
 
@@ -357,7 +357,7 @@ def run_variant(args, name: str, peaks: dict, limit_bytes, done: dict) -> dict:
     traceback.print_exc()
     row.update(status="error", error=one_line(error))
   finally:
-    built["device"].steps.close()
+    built["device"].executables.close()
     built.clear()
   return row
 

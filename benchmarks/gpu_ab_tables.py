@@ -75,7 +75,7 @@ def pass_lines(name: str, record: dict, not_available: dict, variants: dict) -> 
   lines += [variant_line(n, rows[n], base_ms) for n in variants if n in rows]
   if "cudnn_dropout_probe" in record:
     lines += ["", probe_line(record["cudnn_dropout_probe"])]
-  lines += ["", "Microbatch choice per variant (compile_cache.choose_microbatches):"]
+  lines += ["", "Microbatch choice per variant (compiled_steps.choose_microbatches):"]
   lines += [f"- {n}: {rows[n]['microbatch_line']}" for n in variants
             if rows.get(n, {}).get("microbatch_line")]
   return lines + [""]

@@ -15,13 +15,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-from slw_jax import config_lib, input_pipeline, pacing, schedules, train_step
+from slw_jax import config_lib, input_pipeline, optim, pacing, train_step
 
 
 def make_step(config):
   """The trainer's own step (train_step.make_train_step), jitted without donation so the
   same state can be timed repeatedly."""
-  optimizer = schedules.make_optimizer(config.optim)
+  optimizer = optim.make_optimizer(config.optim)
   graphdef, _ = train_step.build_model(config)
   state = jax.jit(train_step.make_init_fn(config, optimizer))()
   step_fn = jax.jit(train_step.make_train_step(config, graphdef, optimizer, False))

@@ -1,4 +1,4 @@
-"""Memory proof of the README's launch commands and of remat, by `slw_jax.plan --memory`.
+"""Memory proof of the docs' launch commands and of remat, by `slw_jax.plan --memory`.
 
 Each case AOT-compiles a paper config's largest bucket on N simulated CPU devices (a fresh
 process per case, since the device count is fixed when JAX starts) and prints one JSON line,
@@ -16,7 +16,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (name, config, devices, overrides): the README's launch commands with each config's defaults.
+# (name, config, devices, overrides): the docs' launch commands with each config's defaults.
 README = [
     ("gpt2_117m, one node x 8 GPUs", "gpt2_117m", 8, ["mesh.data=1", "mesh.fsdp=8"]),
     ("gpt2_1p5b, 2 nodes x 8 GPUs", "gpt2_1p5b", 16, ["mesh.data=2", "mesh.fsdp=8"]),
@@ -33,7 +33,7 @@ REMAT = [(f"gpt2_117m 64x1024, remat={r}", "gpt2_117m", 1,
 HEAD = [(f"gpt2_117m 64x1024, loss_head={h}, remat=none", "gpt2_117m", 1,
          ["batch_size=64", "optim.microbatches=1", "model.remat=none", f"model.loss_head={h}"])
         for h in ("full", "fused")]
-# Before this change: float32, no microbatches (the README command needed ~137 GiB).
+# Before this change: float32, no microbatches (the docs/accelerators.md command needed ~137 GiB).
 FP32 = [("gpt2_117m, 8 GPUs, float32, 1 microbatch (old defaults)", "gpt2_117m", 8,
          ["mesh.data=1", "mesh.fsdp=8", "model.dtype=float32", "optim.microbatches=1"])]
 

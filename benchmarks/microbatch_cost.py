@@ -31,7 +31,7 @@ def main():
   placed = train_step.on_mesh(c, jax.devices()[:1])
   device = train_step.sharded_steps(c, placed, skip_bad=False, background=False)
   shape = (16, 256)
-  executables = {k: device.steps.compile_with(shape, k)[0] for k in counts}
+  executables = {k: device.executables.compile_with(shape, k)[0] for k in counts}
   tokens = np.random.default_rng(0).integers(0, 259, (16, 257)).astype(np.int32)
   batch = placed.layout.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, 16)
   state = device.init()

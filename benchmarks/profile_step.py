@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from slw_jax import hardware, models, schedules, train_step
+from slw_jax import attention, hardware, models, optim, train_step
 
 import train_buckets  # pylint: disable=g-bad-import-order
 import vs_torch  # pylint: disable=g-bad-import-order
@@ -29,7 +29,7 @@ MATMUL_KINDS = ("ynn_fusion", "dot", "dot_general")
 
 
 def compiled_step(c, seqlen):
-  optimizer = schedules.make_optimizer(c.optim)
+  optimizer = optim.make_optimizer(c.optim)
   graphdef, _ = train_step.build_model(c)
   init = jax.jit(train_step.make_init_fn(c, optimizer))
   tokens = jax.random.randint(jax.random.key(0), (c.batch_size, seqlen + 1), 0,
@@ -101,8 +101,8 @@ def main():
   peak = max(peak, hardware.measured_matmul_flops(2048))
   total = sum(kinds.values())
   matmul = sum(v for k, v in kinds.items() if k in MATMUL_KINDS)
-  kernel = models.resolve_attention(cfg.attention, cfg.dtype,
-                                    attention_dropout=cfg.attention_dropout)[0]
+  kernel = attention.resolve_attention(cfg.attention, cfg.dtype,
+                                       attention_dropout=cfg.attention_dropout)[0]
   print(f"{' '.join(args.set)} seqlen {args.seqlen}, attention={kernel}; "
         f"float32 matmul rate {peak / 1e9:.1f} GFLOP/s")
   print(f"step {step_s * 1e3:.0f} ms = {flops / step_s / peak:.1%} MFU; "

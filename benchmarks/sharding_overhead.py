@@ -36,7 +36,7 @@ def step_seconds(c, mesh, seqlen, steps):
   layout = placed.layout
   device = train_step.sharded_steps(c, placed, skip_bad=False, background=False)
   state, shape = device.init(), (c.batch_size, seqlen)
-  executable = device.steps.get(shape)
+  executable = device.executables.get(shape)
   tokens = np.random.default_rng(0).integers(0, 259, (c.batch_size, seqlen + 1)).astype(np.int32)
   batch = layout.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, c.batch_size)
   times = []
@@ -45,7 +45,7 @@ def step_seconds(c, mesh, seqlen, steps):
     state, metrics = executable(state, batch, np.float32(1e-4))
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return statistics.median(times[1:]), device.steps.stats[shape].compile_s, placed.num_params
+  return statistics.median(times[1:]), device.executables.stats[shape].compile_s, placed.num_params
 
 
 def main():

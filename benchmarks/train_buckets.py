@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from slw_jax import compile_cache, config_lib, hardware, models, pacing, schedules, train_step
+from slw_jax import compiled_steps, config_lib, hardware, models, optim, pacing, train_step
 
 
 def parse_args():
@@ -39,11 +39,11 @@ def load(args):
 
 
 def measure(c, shapes, steps):
-  optimizer = schedules.make_optimizer(c.optim)
+  optimizer = optim.make_optimizer(c.optim)
   graphdef, _ = train_step.build_model(c)
   init = jax.jit(train_step.make_init_fn(c, optimizer))
   state = init()
-  bucketed = compile_cache.BucketedStep(
+  bucketed = compiled_steps.BucketedStep(
       lambda k: train_step.make_train_step(c, graphdef, optimizer, False, k),
       jax.eval_shape(init), background=False)
   cfg = models.GPTConfig.from_config(c.model)

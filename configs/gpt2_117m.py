@@ -6,12 +6,12 @@ Sources cited per line: [paper] the SLW paper; [script] that example script; [me
 Megatron-LM's argument defaults, which the script leaves in force.
 """
 
-from slw_jax import config_lib
+from slw_jax import config_lib, data_spec
 
 
 def get_config():
-  # No default corpus: pass data.source and data.vocab=gpt2:PATH (README: Real corpora).
-  c = config_lib.no_corpus_config(config_lib.base_config())
+  # No default corpus: pass data.source and data.vocab=gpt2:PATH (docs/data.md, "Real corpora").
+  c = data_spec.no_corpus_config(config_lib.base_config())
   c.batch_size = 512  # [paper] Sec. 3: batch size 512.
   c.train_tokens = 157_286_400_000  # [paper] 300K steps x 512 x 1024 = 157B tokens.
   c.model.n_layer = 12  # [script] 117M: 12 layers, 768 hidden, 12 heads.

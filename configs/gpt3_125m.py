@@ -9,12 +9,12 @@ argument defaults, which that script leaves in force. Initialization: normal(0.0
 init_std=0.02 for 125M), output projections scaled by 1/sqrt(2 * n_layer), as models.py does.
 """
 
-from slw_jax import config_lib
+from slw_jax import config_lib, data_spec
 
 
 def get_config():
-  # No default corpus: pass data.source and data.vocab=gpt2:PATH (README: Real corpora).
-  c = config_lib.no_corpus_config(config_lib.base_config())
+  # No default corpus: pass data.source and data.vocab=gpt2:PATH (docs/data.md, "Real corpora").
+  c = data_spec.no_corpus_config(config_lib.base_config())
   c.batch_size = 2048  # [paper] 8x GPT-3's 256 sequences (2K).
   c.train_tokens = 30_000_000_000  # [paper] 30B tokens, 10% of GPT-3's 300B.
   c.model.n_layer = 12  # [gpt3] Table 2.1, GPT-3 Small: 12 layers, d_model 768, 12 heads of 64.

@@ -21,26 +21,36 @@ port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.
 # Our device count replaces any the caller set; other XLA flags are kept.
 xla_flags="$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g') --xla_force_host_platform_device_count=${devices}"
 
-pids=()
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM  # Each finishes its step and saves.
+declare -A process_of=()  # pid -> process id, for the processes not reaped yet.
+# Only live ones: a reaped pid may already belong to an unrelated process.
+trap 'kill -TERM "${!process_of[@]}" 2>/dev/null || true' INT TERM  # Each finishes its step.
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" "$python" -m slw_jax.main "$@" \
     --coordinator_address="127.0.0.1:${port}" --num_processes="$num_processes" --process_id="$i" &
-  pids+=($!)
+  process_of[$!]=$i
 done
 
 # Wait for all; on the first failure, kill the rest at once (without it they cannot finish a
 # step, they would only wait for it) and exit with that failure's status.
 status=0
-for ((left = num_processes; left > 0; )); do
+while ((${#process_of[@]} > 0)); do
   finished="" rc=0
-  wait -n -p finished "${pids[@]}" || rc=$?
-  if [[ -z "$finished" ]]; then continue; fi  # A trapped signal interrupted `wait`.
-  left=$((left - 1))
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+  # Only the processes not reaped yet: given a reaped one, `wait` prints bash's own "no such
+  # job", which would bury the failed process's error line.
+  wait -n -p finished "${!process_of[@]}" || rc=$?
+  # A trapped signal interrupted `wait`, which then leaves `finished` unset (not empty).
+  if [[ -z "${finished:-}" ]]; then continue; fi
+  id=${process_of[$finished]}
+  unset "process_of[$finished]"
+  if [[ $rc -ne 0 ]]; then
     status=$rc
-    echo "launch/local.sh: process $finished exited with status $rc; killing the others" >&2
-    kill -KILL "${pids[@]}" 2>/dev/null || true
+    kill -KILL "${!process_of[@]}" 2>/dev/null || true
+    # Reaped quietly: bash would report each as "Killed", after the failure's error line.
+    for pid in "${!process_of[@]}"; do wait "$pid" 2>/dev/null || true; done
+    # Last: nothing is left to write after it.
+    echo "launch/local.sh: process $id (pid $finished) exited with status $rc; killing the" \
+      "others (its error is above)" >&2
+    break
   fi
 done
 exit "$status"

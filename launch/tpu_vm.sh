@@ -3,7 +3,7 @@
 #
 # Usage: launch/tpu_vm.sh TPU_NAME ZONE --config=configs/gpt2_117m.py --workdir=/mnt/runs/117m \
 #          --config.data.source='files:/mnt/owt/*.jsonl' --config.data.vocab=gpt2:/mnt/gpt2/ \
-#          [--config.a.b=v ...]   (the paper configs have no default corpus: README, Data)
+#          [--config.a.b=v ...]   (the paper configs have no default corpus: docs/data.md)
 # Each worker needs this repository at $REPO_DIR (default ~/slw_jax) with
 #   .venv/bin/pip install -r requirements-train.txt "jax[tpu]==0.10.2"
 # and --workdir / data.dir on storage every worker shares (e.g. a Filestore mount).

@@ -17,7 +17,7 @@ import shutil
 
 import orbax.checkpoint as ocp
 
-from slw_jax import config_lib
+from slw_jax import config_diff, data_spec, errors
 
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # A save in progress (renamed to its step when complete).
@@ -40,13 +40,25 @@ STORAGE_FULL_OR_LOCKED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                           errno.EFBIG)
 
 
+def storage_stop(error: OSError, workdir: str, newest: int | None) -> errors.StopTraining:
+  """The stop of a run whose outputs in `workdir` could not be written (a full or read-only
+  disk: STORAGE_FULL_OR_LOCKED), naming its `newest` complete checkpoint
+  (`Checkpoints.newest_complete`)."""
+  where = f": {error.filename}" if error.filename else ""
+  intact = ("no checkpoint was saved yet" if newest is None else
+            f"the complete checkpoints (newest: step {newest}) are intact")
+  return errors.StopTraining(
+      f"could not write the run's outputs in {workdir} ({storage_reason(error)}{where}); "
+      f"{intact}: free disk space or make the directory writable, then resume")
+
+
 def storage_reason(error: BaseException) -> str:
   """The storage failure behind `error` in a few words (or its first line, shortened)."""
   text = str(error)
   for reason in STORAGE_REASONS:
     if reason in text:
       return reason
-  return config_lib.one_line(error, 120)
+  return errors.one_line(error, 120)
 
 
 # tensorstore statuses (in its ValueError's text) of a machine or storage failing, not of the
@@ -117,6 +129,13 @@ class Checkpoints:
     still a temporary directory; orbax renames it to its step when complete)."""
     return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
 
+  def newest_complete(self) -> int | None:
+    """The newest step whose save finished (`complete_steps`), None when none did: the
+    checkpoint a stop names as intact and a resume tries first. Not `latest_step`: orbax counts
+    a save from the moment it starts (an asynchronous one may still be writing, or fail) and
+    sees the directory only as of its last `reload`."""
+    return max(self.complete_steps(), default=None)
+
   def save(self, step: int, state, meta: dict):
     """Starts saving (returns at once when asynchronous); a step already saved is kept as is
     (it holds the same state: steps are deterministic). Raises if orbax refuses the save."""
@@ -139,15 +158,15 @@ class Checkpoints:
     except SaveError:
       raise
     except Exception as error:  # pylint: disable=broad-except  # orbax and tensorstore's own.
-      complete = self.complete_steps()
-      newest = f"newest: step {complete[-1]}" if complete else "none was saved yet"
+      intact = self.newest_complete()
+      newest = "none was saved yet" if intact is None else f"newest: step {intact}"
       # An asynchronous save's error comes with the next call: name the save that failed.
-      if self._saving is not None and self._saving not in complete:
+      if self._saving is not None and self._saving not in self.complete_steps():
         step = self._saving
       raise SaveError(f"could not save checkpoint {step} in {self.directory} "
                       f"({storage_reason(error)}); the checkpoints saved before it are intact "
                       f"({newest}): free disk space or make the directory writable, then "
-                      f"resume (details: {config_lib.one_line(error, 300)})") from error
+                      f"resume (details: {errors.one_line(error, 300)})") from error
 
   def set_aside(self, step: int, where: str) -> str:
     """Moves an unreadable checkpoint out of the directory (kept for inspection: nothing is
@@ -225,7 +244,7 @@ def model_vocab(meta: dict, data_vocab: str, workdir: str) -> str | None:
 def reads_other_ids(model_vocab_spec: str | None, data_vocab: str) -> bool:
   """Whether a model reading `model_vocab_spec` (`model_vocab`) would be fed other token ids
   by data prepared with `data_vocab`. Kinds are compared, not paths (spelled many ways)."""
-  kind = lambda spec: config_lib.split_spec(spec, "byte")[0]  # noqa: E731
+  kind = lambda spec: data_spec.split_spec(spec, "byte")[0]  # noqa: E731
   return model_vocab_spec is not None and kind(model_vocab_spec) != kind(data_vocab)
 
 
@@ -245,16 +264,17 @@ def load_params(workdir: str, step: int | None = None) -> Loaded:
   from slw_jax import train_step  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise ValueError(f"--workdir={workdir} has no checkpoints/ (a run directory of slw_jax.main)")
+    raise errors.UsageError(f"--workdir={workdir} has no checkpoints/ (a run directory of "
+                            "slw_jax.main)")
   checkpoints = Checkpoints(directory, keep=1_000_000, async_save=False)
   try:
     saved = checkpoints.steps()
     if not saved:
-      raise ValueError(f"--workdir={workdir} has no checkpoint saved yet")
+      raise errors.UsageError(f"--workdir={workdir} has no checkpoint saved yet")
     step = saved[-1] if step is None else step
     if step not in saved:
-      raise ValueError(f"--step={step} is not a checkpoint in {directory} (saved: {saved})")
-    c = config_lib.on_one_device(checkpoints.read_meta(step)["config"])
+      raise errors.UsageError(f"--step={step} is not a checkpoint in {directory} (saved: {saved})")
+    c = config_diff.on_one_device(checkpoints.read_meta(step)["config"])
     placed = train_step.on_mesh(c, jax.devices()[:1])
     params, meta = checkpoints.restore_params(step, placed.state_spec["params"])
   finally:

@@ -10,15 +10,18 @@ prints its usage, its flags and an example (`exit_on_help`) and exits 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import sys
+import tempfile
 import textwrap
 
 from absl import flags
 from ml_collections import config_dict, config_flags
 
-from slw_jax import config_lib
+from slw_jax import config_lib, errors
+from slw_jax.errors import UsageError
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tiny.py; override fields with --config.a.b=v.",
@@ -40,25 +43,37 @@ flags.register_validator("workdir", lambda path: path is None or not os.path.isf
 
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "--helpfull")
 _CONFIG_OVERRIDES = ("--config.<group>.<field>=<value>: override one config field, e.g. "
-                     "--config.optim.lr=3e-4 (repeatable; every field: README.md, "
-                     "\"Config reference\"). An unknown field is an error.")
-
-
-class UsageError(ValueError):
-  """A bad flag or file given on the command line."""
-
-
-one_line = config_lib.one_line
+                     "--config.optim.lr=3e-4 (repeatable; every field: "
+                     "docs/configuration.md). An unknown field is an error.")
 
 
 @contextlib.contextmanager
 def exit_on_bad_input():
-  """Turns bad-input errors raised inside the block into `error: ...` and exit status 2."""
+  """Turns bad input raised inside the block (`errors.InputError`, absl's flag errors) into
+  `error: ...` and exit status 2. Anything else is a bug: it keeps its traceback (status 1)."""
   try:
     yield
-  except (ValueError, TypeError, flags.Error, OSError) as error:
-    print(f"error: {one_line(error)}", file=sys.stderr)
+  except (errors.InputError, flags.Error) as error:
+    print(f"error: {errors.one_line(error)}", file=sys.stderr)
     sys.exit(2)
+
+
+def writable_directory(path: str, flag: str = "--workdir"):
+  """Checks that directory `path` can be created (if missing) and written: a read-only disk or
+  a path under a file is bad input, one line naming the flag, before any work (later, the same
+  OSError would stop the run as if it were a bug). Nothing is left behind: the probe is a
+  temporary file in `path`, or in its nearest existing parent."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as error:
+    raise UsageError(f"{flag}={path} is not a writable directory: "
+                     f"{error.strerror or errors.one_line(error)}") from None
 
 
 def _wrapped(text: str) -> str:
@@ -133,9 +148,9 @@ def parse_flags(argv) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.CantOpenFlagFileError as error:  # absl's text starts with "ERROR:: ".
-    raise UsageError(one_line(error).removeprefix("ERROR:: ")) from None
+    raise UsageError(errors.one_line(error).removeprefix("ERROR:: ")) from None
   except flags.Error as error:
-    raise UsageError(one_line(error)) from None
+    raise UsageError(errors.one_line(error)) from None
 
 
 def config_path(argv) -> str | None:
@@ -163,7 +178,7 @@ def parse_config(argv, adjust=None) -> config_dict.FrozenConfigDict:
   try:
     plain = config_lib.load_config_file(path)
   except Exception as error:  # The config file itself failed to import or run.
-    raise UsageError(f"--config={path} could not be loaded: {one_line(error)}") from None
+    raise UsageError(f"--config={path} could not be loaded: {errors.one_line(error)}") from None
   _check_override_paths(plain, _override_paths(argv))
   positional = parse_flags(argv)[1:]
   if positional:  # E.g. `--memory true` (a bool takes no value): never ignored in silence.

@@ -9,18 +9,20 @@ copy in which defaults that depend on other fields are filled in (`pacing.seqlen
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from ml_collections import config_dict
+
+from slw_jax import data_spec, pacing
+from slw_jax.errors import ConfigError
 
 PACING_KINDS = ("none", "linear", "root", "discrete", "adaptive")
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axes of the model's parameters (models.py) plus the batch.
 LOGICAL_AXES = ("batch", "embed", "heads", "kv", "mlp", "vocab")
 # dot_product: jax.nn.dot_product_attention's XLA path; cudnn: its cuDNN fused kernel (GPU,
-# bfloat16); splash: the Pallas splash-attention kernel (TPU). models.resolve_attention.
+# bfloat16); splash: the Pallas splash-attention kernel (TPU). attention.resolve_attention.
 ATTENTION_KINDS = ("auto", "dot_product", "blockwise", "cudnn", "splash")
 REMAT_KINDS = ("none", "block", "dots")
 # fused: the head's matmul and the cross-entropy by token chunks, gradients formed in the forward
@@ -179,7 +181,8 @@ def base_config() -> config_dict.ConfigDict:
   mesh.data = -1  # Data-parallel size; -1 = the devices left over by the other two axes.
   mesh.fsdp = 1  # Parameter/optimizer-state sharding (ZeRO-3 style) size; the batch too.
   mesh.tensor = 1  # Tensor-parallel size (heads, MLP hidden and vocabulary are split).
-  # Logical axis -> mesh axes (a name, a tuple of names, or None = replicated); see README.
+  # Logical axis -> mesh axes (a name, a tuple of names, or None = replicated); see
+  # docs/accelerators.md.
   mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
                 ("kv", None), ("mlp", "tensor"), ("vocab", "tensor"))
   mesh.allow_replicated = False  # Replicate a dimension its mesh axes do not divide (else error).
@@ -213,16 +216,6 @@ def base_config() -> config_dict.ConfigDict:
 
   c.lock()
   return c
-
-
-class ConfigError(ValueError):
-  """A bad config value: the message names the field, the value and what is allowed."""
-
-
-def one_line(error: BaseException, limit: int = 400) -> str:
-  """An error's message on one line, cut at `limit` characters (for `error: ...` lines)."""
-  text = " ".join(str(error).split()) or type(error).__name__
-  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _fail(field: str, value, allowed: str):
@@ -380,133 +373,14 @@ def _validate_stop(c):
          "must be an integer >= 1")
 
 
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-  """`saved` with the keys it lacks (added by later releases) taken from `defaults`."""
-  merged = dict(defaults)
-  for key, value in saved.items():
-    merged[key] = (_with_defaults(value, defaults[key]) if isinstance(value, dict) and
-                   isinstance(defaults.get(key), dict) else value)
-  return merged
-
-
-ACCELERATOR_KERNELS = ("cudnn", "splash")  # Attention kernels only a GPU / TPU compiles.
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-  """A nested config dict as {"a.b": value}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-  """(field, saved value, current value) for every field (sorted) where two configs, nested or
-  flat, differ after a JSON round trip (tuples and lists compare equal)."""
-  there, here = (flatten(json.loads(json.dumps(d))) for d in (saved, current))
-  return [(key, there.get(key), here.get(key)) for key in sorted(set(there) | set(here))
-          if there.get(key) != here.get(key)]
-
-
-def describe_difference(difference: tuple[str, object, object]) -> str:
-  key, there, here = difference
-  return f"{key}={there!r} there, {here!r} here"
-
-
-def first_difference(saved: dict, current: dict) -> str:
-  """"a.b=X there, Y here" for the first field (sorted) where two configs differ; "" when none
-  does (see `differences`)."""
-  found = differences(saved, current)
-  return describe_difference(found[0]) if found else ""
-
-
-def saved_defaults(config: dict) -> dict:
-  """A config saved in a checkpoint, with the keys of later releases at their defaults, or at
-  what that release did where the default differs from it."""
-  # Keys whose default changed when they were added take the old behaviour, so that a resume
-  # logs the change: unrolled blocks, threefry dropout masks, XLA:GPU's remat pass on.
-  config = {**config, "model": {"scan_layers": False, "dropout_rng": "threefry",
-                                **config.get("model", {})},
-            "compile": {"xla_remat": True, **config.get("compile", {})}}
-  config = _with_defaults(config, base_config().to_dict())
-  # Before 2026-11-28 a seqlen_start below pacing.multiple was allowed (rounded up to it).
-  p = config["pacing"]
-  if p["kind"] in ("linear", "root") and p["seqlen_start"] < p["multiple"]:
-    config["pacing"] = {**p, "seqlen_start": p["multiple"]}
-  return config
-
-
-def on_one_device(config: dict) -> config_dict.FrozenConfigDict:
-  """A run's config (as saved in its checkpoints) with a 1x1x1 mesh, validated: evaluation and
-  conversion run on one device whatever mesh the run trained on, with the attention kernel
-  this machine has (a run trained with cuDNN's or splash's is evaluated on a CPU too)."""
-  config = config_dict.ConfigDict(saved_defaults(config))
-  config.mesh.update(data=1, fsdp=1, tensor=1)
-  return with_local_attention(config)
-
-
-def with_local_attention(config) -> config_dict.FrozenConfigDict:
-  """`config` validated, with an accelerator-only attention kernel replaced by auto."""
-  config = config_dict.ConfigDict(config.to_dict())
-  if config.model.attention in ACCELERATOR_KERNELS:
-    config.model.attention = "auto"
-  return validate(config)
-
-
-def split_spec(spec: str, simple: str) -> tuple[str, str]:
-  """'files:a/*.txt' -> ('files', 'a/*.txt'); 'pystdlib' -> ('pystdlib', '')."""
-  if spec == simple:
-    return spec, ""
-  kind, _, arg = spec.partition(":")
-  return kind, arg
-
-
-def _slug(text: str) -> str:
-  keep = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
-  return "-".join(part for part in keep.split("-") if part)[:60]
-
-
-def default_data_dir(d) -> str:
-  """data/<source>_<vocab>, so preparing another source or vocabulary never overwrites."""
-  source_kind, source_arg = split_spec(d.source, "pystdlib")
-  vocab_kind, vocab_arg = split_spec(d.vocab, "byte")
-  source = _slug(f"{source_kind}-{source_arg}")
-  vocab = _slug(f"{vocab_kind}-{os.path.splitext(os.path.basename(vocab_arg))[0]}")
-  return os.path.join("data", f"{source}_{vocab}")
-
-
-def no_corpus_config(config) -> config_dict.ConfigDict:
-  """`config` without a default corpus: `data.source` and `data.vocab` must be passed (the
-  paper configs: their 50257-id GPT-2 model needs GPT-2 BPE data, which no machine has
-  offline). Validation accepts it (plan needs no data); reading data asks for them."""
-  config.data.source = config_dict.placeholder(str)
-  config.data.vocab = config_dict.placeholder(str)
-  return config
-
-
-def corpus_missing(d) -> str | None:
-  """The one-line complaint about an unset data.source / data.vocab, or None."""
-  unset = [f"data.{k}" for k in ("source", "vocab") if d[k] is None]
-  if not unset:
-    return None
-  return (f"config.{' and config.'.join(unset)} {'is' if len(unset) == 1 else 'are'} unset: "
-          "this config has no default corpus; pass --config.data.source=files:GLOB (.txt/.jsonl "
-          "documents; or tfds:NAME:VERSION, megatron:PATH_PREFIX) and "
-          "--config.data.vocab=gpt2:PATH (GPT-2's tokenizer.json, or a directory with "
-          "vocab.json + merges.txt); README: Real corpora")
-
-
 def _validate_data(d, model):
   if d.source is not None:
-    kind, arg = split_spec(d.source, "pystdlib")
+    kind, arg = data_spec.split_spec(d.source, "pystdlib")
     ok = (kind == "pystdlib" or (kind in ("files", "megatron") and arg) or
           (kind == "tfds" and ":" in arg and all(arg.split(":"))))
     _check(ok, "data.source", d.source, f"must be {SOURCE_FORMS}")
   if d.vocab is not None:
-    kind, arg = split_spec(d.vocab, "byte")
+    kind, arg = data_spec.split_spec(d.vocab, "byte")
     _check(kind == "byte" or (kind in ("spm", "gpt2") and arg), "data.vocab", d.vocab,
            f"must be {VOCAB_FORMS}")
   _check(d.mode in DATA_MODES, "data.mode", d.mode, f"must be one of {', '.join(DATA_MODES)}")
@@ -662,8 +536,8 @@ def _resolve_defaults(c: config_dict.ConfigDict):
   if c.model.scan_layers is None:
     c.model.scan_layers = c.model.n_layer >= SCAN_LAYERS_FROM
   _validate_cudnn_dropout(c.model)
-  if c.data.dir is None and corpus_missing(c.data) is None:
-    c.data.dir = default_data_dir(c.data)
+  if c.data.dir is None and data_spec.corpus_missing(c.data) is None:
+    c.data.dir = data_spec.default_data_dir(c.data)
   if c.eval.batch_size is None:
     c.eval.batch_size = c.batch_size
   if c.compile.threads is None:
@@ -693,12 +567,9 @@ def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
   _validate_optim(c)
   _validate_data(c.data, c.model)
   _validate_runtime(c)
-  # Imported here: pacing reads configs but must not depend on this module at import time.
-  from slw_jax import pacing  # pylint: disable=g-import-not-at-top
   pacing.check_warmup_fits_decay(c)
   if c.pacing.kind == "adaptive":
-    from slw_jax import adaptive  # pylint: disable=g-import-not-at-top
-    adaptive.check_deadline(c)
+    pacing.check_deadline(c)
   return config_dict.FrozenConfigDict(c)
 
 

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from slw_jax import cli, models
+from slw_jax import cli, config_diff, errors, models
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Import: a Hugging Face GPT-2 directory "
                                "(config.json + model.safetensors or pytorch_model.bin).")
@@ -45,7 +45,7 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.InputError):
   """A checkpoint that cannot be converted: the message names the file and the bad value."""
 
 
@@ -298,8 +298,8 @@ def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
   Refuses a workdir that already holds checkpoints."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from slw_jax import (checkpoint, config_lib, input_pipeline, monitor,  # pylint: disable=g-import-not-at-top
-                       train_step)
+  # pylint: disable-next=g-import-not-at-top
+  from slw_jax import checkpoint, input_pipeline, monitor, train_step
   directory = os.path.join(workdir, "checkpoints")
   if os.path.isdir(directory) and os.listdir(directory):
     raise ConvertError(f"--workdir={workdir} already holds checkpoints: import into a new "
@@ -311,7 +311,7 @@ def import_hf(hf_dir: str, workdir: str, c, log=print) -> dict:
   del weights  # Only the converted copy is needed from here on.
   checkpoints = checkpoint.Checkpoints(directory, c.checkpoint.keep, async_save=False)
   try:
-    placed = train_step.on_mesh(config_lib.on_one_device(c.to_dict()), jax.devices()[:1])
+    placed = train_step.on_mesh(config_diff.on_one_device(c.to_dict()), jax.devices()[:1])
     params = jax.tree.map(lambda x: x, placed.state_spec["params"])  # A copy to fill in.
     if c.model.scan_layers:  # HF keeps one tensor per layer.
       pure = models.restack_blocks(pure, nnx.to_pure_dict(params), c.model.n_layer)
@@ -371,7 +371,7 @@ def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  from slw_jax import checkpoint, reporting  # pylint: disable=g-import-not-at-top
+  from slw_jax import checkpoint, run_log  # pylint: disable=g-import-not-at-top
   _check_export_target(out_dir)
   loaded = checkpoint.load_params(workdir, step)
   cfg = models.GPTConfig.from_config(loaded.config.model)
@@ -388,9 +388,9 @@ def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
   safetensors_numpy.save_file(weights, partial, metadata={"format": "pt"})
   os.replace(partial, path)  # Atomic: a killed export leaves no truncated model file.
   tokens = _export_tokens(loaded.meta, loaded.vocab, cfg.vocab_size)
-  reporting.write_json(os.path.join(out_dir, "config.json"),
-                       hf_config(cfg, loaded.config.model.dropout, tokens,
-                                 loaded.config.model.attention_dropout))
+  run_log.write_json(os.path.join(out_dir, "config.json"),
+                     hf_config(cfg, loaded.config.model.dropout, tokens,
+                               loaded.config.model.attention_dropout))
   kind, _, tokenizer_dir = (loaded.vocab or "").partition(":")
   if kind == "gpt2" and os.path.isdir(tokenizer_dir):
     for name in TOKENIZER_FILES:
@@ -442,17 +442,17 @@ def main(argv=None):
     c = cli.parse_config(argv, adjust=take_shape) if cli.config_path(argv) else None
     positional = cli.parse_flags(argv)[1:] if c is None else []
     if bool(_FROM_HF.value) == bool(_TO_HF.value) or not cli.WORKDIR.value or positional:
-      raise cli.UsageError(_USAGE)
+      raise errors.UsageError(_USAGE)
     if _FROM_HF.value:
       if c is None:
-        raise cli.UsageError("--from_hf needs --config=CONFIG: the recipe the imported model "
-                             "trains under (its shape comes from config.json)")
+        raise errors.UsageError("--from_hf needs --config=CONFIG: the recipe the imported model "
+                                "trains under (its shape comes from config.json)")
       meta = import_hf(_FROM_HF.value, cli.WORKDIR.value, c)
       print("\n".join(_next_steps(argv, cli.WORKDIR.value, meta, changed,
                                    needs_source=c.data.source is None)))
     else:
       if c is not None:
-        raise cli.UsageError("--to_hf exports with the run's own config: drop --config")
+        raise errors.UsageError("--to_hf exports with the run's own config: drop --config")
       export_hf(cli.WORKDIR.value, cli.STEP.value, _TO_HF.value)
 
 

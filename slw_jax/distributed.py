@@ -19,17 +19,19 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from slw_jax import errors
+
 ENV = {"coordinator_address": "SLW_COORDINATOR_ADDRESS", "num_processes": "SLW_NUM_PROCESSES",
        "process_id": "SLW_PROCESS_ID"}
 
 
-class DistributedError(ValueError):
+class DistributedError(errors.InputError):
   """Inconsistent multi-process settings (one line: what is wrong, what is allowed)."""
 
 
 class ProcessFailed(DistributedError):
-  """Another process of the run failed; the message names it. (A ValueError like the settings
-  errors, so that main.py prints it as one line.)"""
+  """Another process of the run failed; the message names it. (An InputError like the settings
+  errors, so that main.py prints it as one line: that process printed its own error.)"""
 
 
 def _explicit(coordinator_address, num_processes, process_id) -> dict:
@@ -133,6 +135,20 @@ def first_process_does(work: Callable[[], object], what: str):
   if not ok:
     raise ProcessFailed(f"process 0 failed while {what} (its log has the error); process "
                         f"{jax.process_index()} stops too")
+
+
+def everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective: call it on all of them)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def gather(value: int) -> list[int]:
+  """`value` of every process, in process order (a collective)."""
+  if jax.process_count() == 1:
+    return [value]
+  return np.asarray(multihost_utils.process_allgather(np.int64(value))).ravel().tolist()
 
 
 # Calls of stop_agreed in this process: the same sequence on every process, whatever step a run

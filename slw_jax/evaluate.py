@@ -24,7 +24,8 @@ import sys
 import numpy as np
 from absl import flags
 
-from slw_jax import cli, reporting
+from slw_jax import cli, run_log
+from slw_jax.errors import UsageError
 
 _TASK = flags.DEFINE_enum("task", None, ["val", "wikitext103", "lambada"], "What to evaluate.")
 _DATA = flags.DEFINE_string("data", None, "wikitext103: the raw test file (wiki.test.raw); "
@@ -95,7 +96,7 @@ def wikitext103(path: str, tokenizer, scorer, seq_len: int, overlap: int) -> dic
   tokens = tokenizer.encode(wikitext_detokenize(raw))
   num_words = len(raw.strip().split(" "))
   if len(tokens) < 2 or num_words < 2:
-    raise ValueError(f"--data={path} has fewer than two tokens or words: nothing to score")
+    raise UsageError(f"--data={path} has fewer than two tokens or words: nothing to score")
   inputs, targets, mask = lm_windows(tokens, seq_len, overlap)
   nll, _ = scorer(inputs, targets)
   return wikitext_result(float((nll * mask).sum()), len(tokens), num_words)
@@ -110,7 +111,7 @@ def lambada_example(text: str, tokenizer, seq_len: int):
   """
   words = text.split() if isinstance(text, str) else []
   if len(words) < 2:
-    raise ValueError(f"needs a string \"text\" with at least two words, got {text!r:.60}")
+    raise UsageError(f"needs a string \"text\" with at least two words, got {text!r:.60}")
   text = text.strip()
   last = words[-1]
   start = text.rfind(last)
@@ -132,10 +133,10 @@ def lambada(path: str, tokenizer, scorer, seq_len: int) -> dict:
         try:
           examples.append(lambada_example(json.loads(line)["text"], tokenizer, seq_len))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-          raise ValueError(f"--data={path}:{number} is not a LAMBADA example (a JSON object "
+          raise UsageError(f"--data={path}:{number} is not a LAMBADA example (a JSON object "
                            f"with a \"text\" of two or more words): {error}") from None
   if not examples:
-    raise ValueError(f"--data={path} has no examples")
+    raise UsageError(f"--data={path} has no examples")
   inputs, targets, mask = (np.stack(x) for x in zip(*examples))
   _, argmax = scorer(inputs, targets)
   correct = ((argmax == targets) | ~mask).all(axis=1)
@@ -199,7 +200,7 @@ def validation(c, data_dir: str | None, graphdef, params, batch_size: int) -> di
   sums += jax.device_get(list(pending))
   total, count = (sum(float(part[i]) for part in sums) for i in (0, 1))
   loss = total / count
-  return {"loss": loss, "ppl": reporting.perplexity(loss), "windows": index.num_windows,
+  return {"loss": loss, "ppl": run_log.perplexity(loss), "windows": index.num_windows,
           "tokens": int(count)}
 
 
@@ -207,25 +208,25 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
         batch_size: int, overlap: int) -> dict:
   from slw_jax import checkpoint, tokenizers_lib  # pylint: disable=g-import-not-at-top
   if task != "val" and not data:
-    raise ValueError(f"--task={task} needs --data=PATH (see --help)")
+    raise UsageError(f"--task={task} needs --data=PATH (see --help)")
   if data and not os.path.exists(data):
-    raise ValueError(f"--data={data} does not exist")
+    raise UsageError(f"--data={data} does not exist")
   if batch_size < 1 or overlap < 1:
-    raise ValueError(f"--batch_size={batch_size} and --overlap={overlap} must be >= 1")
+    raise UsageError(f"--batch_size={batch_size} and --overlap={overlap} must be >= 1")
   loaded = checkpoint.load_params(workdir, step)
   c, step = loaded.config, loaded.step
   if overlap > c.model.max_seqlen:
-    raise ValueError(f"--overlap={overlap} must be <= model.max_seqlen={c.model.max_seqlen}")
+    raise UsageError(f"--overlap={overlap} must be <= model.max_seqlen={c.model.max_seqlen}")
   scorer = make_scorer(loaded.graphdef, loaded.params, batch_size)
   if task == "val":
     if checkpoint.reads_other_ids(loaded.vocab, c.data.vocab):
-      raise ValueError(f"--task=val scores data prepared with data.vocab={c.data.vocab!r}, but "
+      raise UsageError(f"--task=val scores data prepared with data.vocab={c.data.vocab!r}, but "
                        f"this model reads {loaded.vocab}: use --task=wikitext103 or lambada")
     result = validation(c, data, loaded.graphdef, loaded.params, batch_size)
   else:
     vocab = vocab or loaded.vocab
     if vocab is None:
-      raise ValueError(f"--vocab is required: {workdir} holds a model imported from "
+      raise UsageError(f"--vocab is required: {workdir} holds a model imported from "
                        f"{loaded.meta.get('imported_from')} without tokenizer files "
                        "(pass --vocab=gpt2:PATH, spm:PATH or byte)")
     tokenizer = tokenizers_lib.checked(tokenizers_lib.make_tokenizer(vocab), c.model.vocab_size,
@@ -236,7 +237,7 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
       result = lambada(data, tokenizer, scorer, c.model.max_seqlen)
   result = {"task": task, "step": step, "data": data, **result}
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  reporting.write_json(os.path.join(workdir, "eval", f"{task}.json"), result)
+  run_log.write_json(os.path.join(workdir, "eval", f"{task}.json"), result)
   return result
 
 
@@ -249,8 +250,8 @@ def main(argv=None):
   with cli.exit_on_bad_input():
     cli.parse_flags(argv)
     if not cli.WORKDIR.value or not _TASK.value:
-      raise cli.UsageError("--workdir and --task are required, e.g. --workdir=runs/tiny "
-                           "--task=val")
+      raise UsageError("--workdir and --task are required, e.g. --workdir=runs/tiny "
+                       "--task=val")
     result = run(cli.WORKDIR.value, _TASK.value, _DATA.value, _VOCAB.value, cli.STEP.value,
                  _BATCH.value, _OVERLAP.value)
   print(json.dumps(result, indent=1))

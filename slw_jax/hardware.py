@@ -11,6 +11,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from slw_jax import errors
+
 # Dense peak FLOP/s per chip from vendor datasheets: (bfloat16, float32 as the step runs it).
 # float32 matmuls on NVIDIA GPUs run as TF32 under JAX's default precision. Names are matched
 # as whole words of `device_kind`, the more specific first (an "H100 PCIe" is not an SXM H100,
@@ -85,7 +87,7 @@ def enable_compilation_cache(cache_dir: str):
 ACCELERATOR_MODULES = {"jax_cuda13_plugin": "CUDA", "jax_cuda12_plugin": "CUDA", "libtpu": "TPU"}
 
 
-class NoAcceleratorError(ValueError):
+class NoAcceleratorError(errors.InputError):
   """Accelerator wheels are installed but JAX found no accelerator (drivers, visibility)."""
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slw_jax import models
+from slw_jax import pinned
 
 PADDED_LOGIT = -1e30  # Logit of a padded vocabulary row: exp() of it is exactly 0.
 
@@ -112,7 +112,7 @@ def _scan_chunks(x_bld, w_vd, targets_bl, real_bl, chunk_tokens: int, vocab_size
   batch, seqlen = targets_bl.shape
   # Chunks hold `chunk_tokens` of each device's tokens: under a batch-sharded mesh each device
   # computes its own rows of every chunk.
-  positions = chunk_positions(models.rows_per_device(batch, seqlen), seqlen, chunk_tokens)
+  positions = chunk_positions(pinned.rows_per_device(batch, seqlen), seqlen, chunk_tokens)
   xs = tuple(_to_chunks(a, positions) for a in (x_bld, targets_bl, real_bl))
   safe = lambda t, r: jnp.where(r, t, 0)  # A padded target's id must index something.  # noqa
   add = lambda a, b: tuple(x + y for x, y in zip(a, b))  # noqa: E731

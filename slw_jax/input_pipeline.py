@@ -32,13 +32,13 @@ from typing import Iterator
 
 import numpy as np
 
-from slw_jax import config_lib
+from slw_jax import data_spec, errors
 
 METADATA = "metadata.json"
 SPLITS = ("train", "validation")
 
 
-class CorpusError(ValueError):
+class CorpusError(errors.InputError):
   """Prepared data that is missing, damaged or unusable with this config (one-line message)."""
 
 
@@ -329,7 +329,7 @@ def validation_batch(index: WindowIndex, number: int, batch_size: int, process_i
 
 def require_corpus(d):
   """CorpusError when the config names no corpus (the paper configs have none by default)."""
-  missing = config_lib.corpus_missing(d)
+  missing = data_spec.corpus_missing(d)
   if missing:
     raise CorpusError(missing)
 
@@ -367,8 +367,8 @@ def prepare_in_child(data, log=print):
   finally:
     os.remove(path)
   if child.returncode:
-    errors = [l[len("error: "):] for l in lines if l.startswith("error: ")]
-    raise CorpusError(errors[-1] if errors else (
+    messages = [l[len("error: "):] for l in lines if l.startswith("error: ")]
+    raise CorpusError(messages[-1] if messages else (
         f"preparing data.dir={data.dir!r} failed in its child process (exit status "
         f"{child.returncode}): {lines[-1] if lines else 'no output'}"))
 
@@ -393,7 +393,7 @@ def open_megatron(d) -> tuple[dict, dict[str, np.ndarray]]:
     splits = megatron_data.open_splits(d.source.split(":", 1)[1], d.val_fraction)
     vocab_size = tokenizers_lib.make_tokenizer(d.vocab).vocab_size
     megatron_data.check_ids(splits, vocab_size, d.source.split(":", 1)[1], d.vocab)
-  except ValueError as error:  # MegatronDataError, or the tokenizer's files.
+  except errors.InputError as error:  # MegatronDataError, or the tokenizer's files.
     raise CorpusError(f"config.data.source={d.source!r}: {error}") from None
   return {"vocab": d.vocab, "vocab_size": vocab_size}, splits
 
@@ -406,6 +406,20 @@ def open_token_splits(c, log=print) -> tuple[dict, dict[str, np.ndarray]]:
     return open_megatron(c.data)
   meta = ensure_prepared(c, log=log)
   return meta, {s: open_split(c.data.dir, s, c.data.verify_max_bytes) for s in SPLITS}
+
+
+def open_run_data(c, process_rows: tuple[int, int], log) -> tuple[Loader, WindowIndex]:
+  """`open_training_data` for this process's block of batch rows (`process_rows`: index,
+  count). With several processes, process 0 prepares missing data while the others wait for
+  it (a Megatron pair is read as is)."""
+  import jax  # pylint: disable=g-import-not-at-top  (JAX: only to train, not to prepare)
+  from slw_jax import distributed  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1 and not is_megatron(c.data):
+    require_corpus(c.data)
+    distributed.first_process_does(lambda: ensure_prepared(c, log=log),
+                                   f"preparing data.dir={c.data.dir!r}")
+    check_prepared_here(c.data.dir, jax.process_index())
+  return open_training_data(c, *process_rows, log=log)
 
 
 def open_training_data(c, process_index: int = 0, process_count: int = 1,

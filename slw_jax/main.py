@@ -10,7 +10,7 @@ import sys
 
 from absl import flags
 
-from slw_jax import cli
+from slw_jax import cli, errors
 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's "
                                    "coordinator (multi-process runs); env SLW_COORDINATOR_ADDRESS.")
@@ -32,10 +32,11 @@ def main(argv=None):
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:
-      raise cli.UsageError("--workdir is required: the run directory, e.g. --workdir=runs/tiny")
+      raise errors.UsageError("--workdir is required: the run directory, e.g. --workdir=runs/tiny")
     if cli.STEP.value is not None:
-      raise cli.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
-                           "resumes from the newest checkpoint of --workdir")
+      raise errors.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
+                              "resumes from the newest checkpoint of --workdir")
+    cli.writable_directory(cli.WORKDIR.value)
     from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
     hardware.use_gpu_memory_fraction()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -45,13 +46,13 @@ def main(argv=None):
                             allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
       _orbax_log_to_file(cli.WORKDIR.value)  # The workdir exists once the Trainer is made.
       run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
-    except trainer.StopTraining as error:
-      raise cli.UsageError(str(error)) from None
+    except errors.StopTraining as error:
+      raise errors.UsageError(str(error)) from None
   from slw_jax import checkpoint  # pylint: disable=g-import-not-at-top
   try:
     summary = run.run()
-  except (trainer.StopTraining, checkpoint.SaveError, OSError) as error:  # E.g. a full disk.
-    print(f"error: {cli.one_line(error, 2000)}", file=sys.stderr)  # Ours: whole, one line.
+  except (errors.StopTraining, checkpoint.SaveError, OSError) as error:  # E.g. a full disk.
+    print(f"error: {errors.one_line(error, 2000)}", file=sys.stderr)  # Ours: whole, one line.
     _exit_now(1)  # The saves that could finish did (Trainer._abort): orbax's failed writer
     # threads would abort the interpreter's shutdown.
   status = 0 if summary["completed"] or summary["stopped_by"] else 1

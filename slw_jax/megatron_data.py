@@ -33,13 +33,15 @@ import struct
 
 import numpy as np
 
+from slw_jax import errors
+
 MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34  # magic, version, dtype code, S, D.
 TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 FLOAT_CODES = {6: "float64", 7: "float32"}
 
 
-class MegatronDataError(ValueError):
+class MegatronDataError(errors.InputError):
   """A `.bin`/`.idx` pair that cannot be read (one line naming the file and the problem)."""
 
 

@@ -26,10 +26,14 @@ from scipy import stats as scipy_stats
 _PAIRS = ("adam_nu_l1", "adam_nu_max")
 
 
-def is_bad(loss: float, grad_norm: float, ratio: float, skip_ratio: float) -> bool:
-  """The host's copy of `train_step.is_bad_step`, on fetched floats."""
-  finite = math.isfinite(loss) and math.isfinite(grad_norm)
-  return not finite or ratio > skip_ratio
+def is_bad(loss, grad_norm, ratio, skip_ratio: float, xp=np):
+  """Whether a step is bad: its loss or its gradients' norm is not finite (a finite loss can
+  still have inf/NaN gradients, which would turn every parameter into NaN), or its loss ratio
+  exceeds `skip_ratio`. The one definition of the rule: the train step applies it on the
+  device (`xp=jax.numpy`, to skip the update), the monitor on the host (numpy, on the values
+  fetched), so the two can never disagree about a step."""
+  finite = xp.isfinite(loss) & xp.isfinite(grad_norm)
+  return xp.logical_not(finite) | (ratio > skip_ratio)
 
 
 _COUNTERS = ("steps", "unstable_steps", "skipped_steps", "bad_steps", "nu_spikes", "rollbacks",
@@ -65,6 +69,19 @@ class StabilityMonitor:
     if state:
       self.load_state(state)
 
+  def bad_steps_stop(self, step: int, saved_steps: list[int], where: str) -> str:
+    """Why the run stops after monitor.max_bad_in_a_row bad steps in a row (up to `step`),
+    naming the newest of the `saved_steps` checkpoints (in `where`) saved before them (none is
+    saved during a streak of applied bad updates)."""
+    m, count = self.cfg, self.bad_in_a_row
+    first_bad = step - count + 1  # Consecutive in the data; a rollback may have rewound steps.
+    clean = [k for k in saved_steps if m.action == "skip" or k <= first_bad]
+    newest = f"the newest before them: step {max(clean)}" if clean else "none before them"
+    return (f"the last {count} steps (up to step {step}) were all bad (monitor.max_bad_in_a_row="
+            f"{m.max_bad_in_a_row}: non-finite loss or gradient norm, or loss ratio above "
+            f"monitor.skip_ratio={m.skip_ratio}); stopped with the checkpoints kept in {where} "
+            f"({newest}): lower optim.lr or lengthen pacing.duration_steps, then resume")
+
   def observe(self, step: int, metrics: dict) -> str | None:
     """Takes one step's metrics; returns "stop" when the run must stop (too many bad steps in
     a row), "rollback" when the trainer must roll back, else None."""
@@ -77,7 +94,7 @@ class StabilityMonitor:
       self._accumulate(ratio, metrics)
     self._check_nu_spike(step, float(metrics["adam_nu_max"]))
     self._score_spikes({"loss": loss, "grad_norm": grad_norm})
-    if not is_bad(loss, grad_norm, ratio, self.cfg.skip_ratio):
+    if not bool(is_bad(loss, grad_norm, ratio, self.cfg.skip_ratio)):
       self.bad_in_a_row = 0
       return None
     self.bad_steps += 1

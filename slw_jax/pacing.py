@@ -17,11 +17,13 @@ Training ends at the first step whose tokens-before reaches `train_tokens`, or a
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import math
 
 import numpy as np
 
-from slw_jax.config_lib import ConfigError
+from slw_jax.errors import ConfigError
 
 # Plans longer than this are almost certainly a units mistake (and would need GBs of arrays).
 MAX_PLAN_STEPS = 20_000_000
@@ -35,7 +37,7 @@ def seqlens(p, steps) -> np.ndarray:
   """Sequence length of each step in `steps` (int array) under pacing config `p`."""
   steps = np.asarray(steps, dtype=np.int64)
   end = p.seqlen_end
-  if p.kind == "adaptive":  # A bug: callers walk it with slw_jax.adaptive.walk.
+  if p.kind == "adaptive":  # A bug: callers walk it with walk_changes.
     raise ValueError("adaptive pacing decides lengths online: they are not a function of step")
   if p.kind == "none":
     return np.full(steps.shape, end, dtype=np.int64)
@@ -202,8 +204,7 @@ def walk(c, stop_tokens=None, stop_steps=None) -> Schedule:
   """Schedule of the steps run until `stop_tokens` consumed or `stop_steps` taken (adaptive
   pacing: the slowest one, the deadline's floor, as before any decision)."""
   if c.pacing.kind == "adaptive":
-    from slw_jax import adaptive  # pylint: disable=g-import-not-at-top  (it imports this module)
-    return adaptive.walk(c, adaptive.initial_changes(c), stop_tokens, stop_steps)
+    return walk_changes(c, initial_changes(c), stop_tokens, stop_steps)
   if c.batch_warmup.start:
     return _walk_batch_warmup(c, stop_tokens, stop_steps)
   return _walk_constant_batch(c, stop_tokens, stop_steps)
@@ -215,8 +216,7 @@ def run_schedule(c, changes=None) -> Schedule:
   if changes is None:
     schedule = walk(c, c.train_tokens, c.train_steps)
   else:
-    from slw_jax import adaptive  # pylint: disable=g-import-not-at-top
-    schedule = adaptive.walk(c, changes, c.train_tokens, c.train_steps)
+    schedule = walk_changes(c, changes, c.train_tokens, c.train_steps)
   padded = padded_lengths(schedule.seqlen, c.compile.pad_multiple, c.pacing.seqlen_end)
   return dataclasses.replace(schedule, bucket_seqlen=np.asarray(padded, np.int64))
 
@@ -244,8 +244,7 @@ def check_warmup_fits_decay(c):
   if o.decay_tokens is not None and o.warmup_steps:
     end = warmup_end(c)
     if c.pacing.kind == "adaptive":  # The most tokens by then: a run that grows every time.
-      from slw_jax import adaptive  # pylint: disable=g-import-not-at-top
-      fastest = adaptive.walk(c, adaptive.fastest_changes(c), stop_steps=o.warmup_steps)
+      fastest = walk_changes(c, fastest_changes(c), stop_steps=o.warmup_steps)
       end = WarmupEnd(o.warmup_steps, fastest.total_tokens)
     if o.decay_tokens <= end.tokens:
       raise ConfigError(
@@ -257,3 +256,129 @@ def check_warmup_fits_decay(c):
       raise ConfigError(
           f"config.optim.decay_steps={o.decay_steps!r} is invalid: must be > the {end.step} "
           f"steps it takes to consume optim.warmup_tokens={o.warmup_tokens}")
+
+
+# ----- adaptive pacing (pacing.kind=adaptive): the run of a change list ----------------------
+
+def ladder(c) -> list[int]:
+  """The lengths an adaptive run can take, ascending: its start (rounded down to
+  pacing.multiple), then every rung of pacing.multiple (compile.pad_multiple when set: each rung
+  is then a whole bucket, no padding) above it, and seqlen_end."""
+  p = c.pacing
+  start = p.seqlen_start - p.seqlen_start % p.multiple
+  rung = c.compile.pad_multiple or p.multiple
+  lengths = [start] + list(range((start // rung + 1) * rung, p.seqlen_end + 1, rung))
+  if lengths[-1] != p.seqlen_end:
+    lengths.append(p.seqlen_end)
+  return lengths
+
+
+class Deadline:
+  """The floor of every step's length: a linear ramp to seqlen_end by the deadline."""
+
+  def __init__(self, c):
+    fraction = c.pacing.adaptive.deadline_fraction
+    # Each stop the run has, scaled: whichever ends the run first, the ramp ends by its share.
+    self.token_span = c.train_tokens and fraction * c.train_tokens
+    self.step_span = c.train_steps and fraction * c.train_steps
+    self.rungs = ladder(c)  # A list: bisect on it is ~10x np.searchsorted on one value.
+    self.start, self.end = self.rungs[0], self.rungs[-1]
+
+  def floor(self, step: int, tokens_before: int) -> int:
+    """The shortest length step `step` may take after `tokens_before` tokens (a rung)."""
+    progress = max(tokens_before / self.token_span if self.token_span else 0.0,
+                   step / self.step_span if self.step_span else 0.0)
+    progress = min(1.0, progress)
+    target = self.start + (self.end - self.start) * progress
+    return self.rungs[bisect.bisect_right(self.rungs, target) - 1]
+
+
+def initial_changes(c) -> list[list[int]]:
+  return [[0, ladder(c)[0]]]
+
+
+def fastest_changes(c) -> list[list[int]]:
+  """The change list of a run quiet at every decision: one rung per decision."""
+  every = c.pacing.adaptive.every_steps
+  return initial_changes(c) + [[k * every + 1, rung] for k, rung in enumerate(ladder(c)) if k]
+
+
+def walk_changes(c, changes, stop_tokens=None, stop_steps=None) -> Schedule:
+  """The schedule of `changes` (with the deadline's floor) until `stop_tokens` consumed or
+  `stop_steps` taken; after the last change, nothing changes but the floor. Walked in runs of
+  steps whose shape cannot change (`_steady_steps`): a GPT-2-sized run's ramp is 10^5 steps,
+  and the trainer walks again after every change."""
+  deadline, end = Deadline(c), c.pacing.seqlen_end
+  runs, consumed, step, k = [], 0, 0, 0  # runs: (seqlen, batch_size, steps).
+  while (stop_tokens is None or consumed < stop_tokens) and step != stop_steps:
+    while k + 1 < len(changes) and changes[k + 1][0] <= step:
+      k += 1
+    seqlen = max(changes[k][1], deadline.floor(step, consumed))
+    batch = batch_size_at(c, consumed)
+    last_change = k + 1 == len(changes)
+    if seqlen == end and batch == c.batch_size and last_change:
+      break  # Constant from here on: the tail below.
+    next_change = None if last_change else changes[k + 1][0]
+    count = _steady_steps(c, deadline, seqlen, batch, step, consumed, next_change, stop_tokens,
+                          stop_steps)
+    runs.append((seqlen, batch, count))
+    consumed += seqlen * batch * count
+    step += count
+    if step > MAX_PLAN_STEPS:
+      too_long(c, step)
+  runs.append((end, c.batch_size, _constant_tail(c.batch_size * end, consumed, step, stop_tokens,
+                                                 stop_steps)))
+  counts = [n for _, _, n in runs]
+  return make_schedule(np.repeat(np.array([r[0] for r in runs], np.int64), counts),
+                       np.repeat(np.array([r[1] for r in runs], np.int64), counts))
+
+
+def _steady_steps(c, deadline: Deadline, seqlen: int, batch: int, step: int, consumed: int,
+                  next_change, stop_tokens, stop_steps) -> int:
+  """How many steps from `step` surely keep this (seqlen, batch): none of them reaches the next
+  change, the floor's next rung, the stop, or a new batch size. A lower bound (1 near an
+  edge, where the caller's step-by-step rule decides), never an overshoot."""
+  if c.batch_warmup.start and consumed < c.batch_warmup.tokens:
+    return 1  # The batch size moves with every step's tokens.
+  per_step = seqlen * batch
+  bounds = [_constant_tail(per_step, consumed, step, stop_tokens, stop_steps)]
+  if next_change is not None:
+    bounds.append(next_change - step)
+  if seqlen < deadline.end:  # The floor stays below the next rung while progress is below this.
+    rung = deadline.rungs[bisect.bisect_right(deadline.rungs, seqlen)]
+    progress = (rung - deadline.start) / (deadline.end - deadline.start)
+    if deadline.token_span:  # The margin of 1 step keeps float rounding on the safe side.
+      bounds.append(math.floor((progress * deadline.token_span - consumed) / per_step) - 1)
+    if deadline.step_span:
+      bounds.append(math.floor(progress * deadline.step_span - step) - 1)
+  return max(1, min(bounds))
+
+
+def _constant_tail(per_step: int, consumed: int, step: int, stop_tokens, stop_steps) -> int:
+  """Steps of `per_step` tokens from (`step`, `consumed`) to the first stop reached."""
+  counts = []
+  if stop_tokens is not None:
+    counts.append(max(0, -(-(stop_tokens - consumed) // per_step)))
+  if stop_steps is not None:
+    counts.append(max(0, stop_steps - step))
+  return min(counts)
+
+
+def check_deadline(c):
+  """Raises ConfigError when the deadline is past the run (the slowest schedule never reaches
+  seqlen_end) or leaves no decision to take (it reaches it by the first decision)."""
+  every, fraction = c.pacing.adaptive.every_steps, c.pacing.adaptive.deadline_fraction
+  slowest = walk_changes(c, initial_changes(c), c.train_tokens, c.train_steps)
+  reached = np.nonzero(slowest.seqlen >= c.pacing.seqlen_end)[0]
+  if not len(reached):
+    raise ConfigError(
+        f"config.pacing.adaptive.deadline_fraction={fraction!r} is invalid: the deadline's ramp "
+        f"does not reach seqlen_end={c.pacing.seqlen_end} within the run's "
+        f"{slowest.num_steps} steps (its last steps are {int(slowest.seqlen[-1])} long); "
+        "lower it")
+  if reached[0] <= every + 1:
+    raise ConfigError(
+        f"config.pacing.adaptive.deadline_fraction={fraction!r} is invalid: it reaches "
+        f"seqlen_end={c.pacing.seqlen_end} at step {reached[0]}, before the first decision "
+        f"applies (step {every + 1}, pacing.adaptive.every_steps={every}); raise it (below 1) "
+        "or lower every_steps")

@@ -33,8 +33,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from slw_jax import (adaptive, cli, compile_cache, config_lib, hardware, models, pacing,
-                     schedules)
+from slw_jax import (attention, cli, compiled_steps, config_diff, config_lib, errors, hardware,
+                     models, optim, pacing)
 
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "csv", "json"], "Output format.")
 _EVERY = flags.DEFINE_integer("every", 1, "Print every N-th step (the last step always).")
@@ -67,11 +67,11 @@ ROW_KEYS = ("step", "seqlen", "batch_size", "tokens", "lr")
 def build_plan(config, every: int = 1) -> dict:
   """The plan of a validated config as a JSON-ready dict (rows every `every` steps)."""
   if every < 1:
-    raise cli.UsageError(f"--every={every} is invalid: must be an integer >= 1")
+    raise errors.UsageError(f"--every={every} is invalid: must be an integer >= 1")
   model_cfg = models.GPTConfig.from_config(config.model)
   n_params = models.num_params(model_cfg)
   schedule = pacing.run_schedule(config)
-  lrs = schedules.learning_rates(config, schedule)
+  lrs = optim.learning_rates(config, schedule)
   buckets = []
   for b in schedule.buckets():
     step_flops = b.batch_size * b.seqlen * models.train_flops_per_token(model_cfg, b.seqlen,
@@ -86,7 +86,10 @@ def build_plan(config, every: int = 1) -> dict:
   rows = [dict(step=int(t), seqlen=int(schedule.seqlen[t]), batch_size=int(schedule.batch_size[t]),
                tokens=int(schedule.tokens_before[t]), lr=float(lrs[t])) for t in steps]
   warm = pacing.warmup_end(config)
-  plan = dict(num_params=n_params, total_steps=schedule.num_steps,
+  padding = models.padding_params(model_cfg)
+  plan = dict(num_params=n_params, published_params=n_params - padding,
+              padded_vocab_rows=model_cfg.padded_vocab - model_cfg.vocab_size,
+              total_steps=schedule.num_steps,
               pad_multiple=config.compile.pad_multiple,
               total_tokens=schedule.total_tokens, train_flops=sum(b["flops"] for b in buckets),
               lr_warmup_end=dict(step=warm.step, tokens=warm.tokens), buckets=buckets, rows=rows)
@@ -100,8 +103,8 @@ def adaptive_bounds(config) -> dict:
   rows and buckets above are the slowest: the real run is decided online, between them)."""
   bounds = {"note": "the real schedule is decided online, between these two; the rows above "
                     "are the slowest"}
-  for name, changes in (("fastest", adaptive.fastest_changes(config)),
-                        ("slowest", adaptive.initial_changes(config))):
+  for name, changes in (("fastest", pacing.fastest_changes(config)),
+                        ("slowest", pacing.initial_changes(config))):
     s = pacing.run_schedule(config, changes)
     full = int(np.argmax(s.seqlen >= config.pacing.seqlen_end))
     bounds[name] = dict(total_steps=s.num_steps, full_length_step=full,
@@ -110,7 +113,11 @@ def adaptive_bounds(config) -> dict:
 
 
 def _summary_lines(plan: dict) -> list[str]:
-  lines = [f"num_params: {plan['num_params']:,}", f"total_steps: {plan['total_steps']:,}",
+  padding = plan["num_params"] - plan["published_params"]
+  params = f"num_params: {plan['num_params']:,}" + (
+      f" ({plan['published_params']:,} as published, plus {padding:,} in the "
+      f"{plan['padded_vocab_rows']} padded vocabulary rows)" if padding else "")
+  lines = [params, f"total_steps: {plan['total_steps']:,}",
            f"total_tokens: {plan['total_tokens']:,}",
            f"train_flops: {plan['train_flops']:.4g}",
            f"lr_warmup_end: step {plan['lr_warmup_end']['step']:,}, "
@@ -147,8 +154,8 @@ def use_cpu_devices(count: int) -> list:
   """`count` CPU devices: JAX is told to make them when its backend has not started yet (the
   command line); an already running backend (tests) lends its first `count`."""
   if count is None or count < 1:
-    raise cli.UsageError(f"--devices={count} is invalid: --memory needs --devices=N, N >= 1 "
-                         "(the target's device count)")
+    raise errors.UsageError(f"--devices={count} is invalid: --memory needs --devices=N, N >= 1 "
+                            "(the target's device count)")
   try:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
@@ -156,15 +163,15 @@ def use_cpu_devices(count: int) -> list:
     pass
   devices = jax.devices("cpu")
   if len(devices) < count:
-    raise cli.UsageError(f"--devices={count} is invalid here: this process already has "
-                         f"{len(devices)} CPU devices (run plan in its own process)")
+    raise errors.UsageError(f"--devices={count} is invalid here: this process already has "
+                            f"{len(devices)} CPU devices (run plan in its own process)")
   return devices[:count]
 
 
 def _check_memory_gib(device_memory_gib: float):
   if not (math.isfinite(device_memory_gib) and device_memory_gib > 0):
-    raise cli.UsageError(f"--device_memory_gib={device_memory_gib} is invalid: must be a "
-                         "number > 0 (GiB of one target device)")
+    raise errors.UsageError(f"--device_memory_gib={device_memory_gib} is invalid: must be a "
+                            "number > 0 (GiB of one target device)")
 
 
 def _usable_bytes(device_memory_gib: float) -> int:
@@ -175,9 +182,9 @@ def _usable_bytes(device_memory_gib: float) -> int:
 def _local_kernels(config) -> tuple[object, str]:
   """(config, note): cuDNN or splash attention, which the CPU cannot compile, estimated with
   the CPU's attention."""
-  if config.model.attention not in config_lib.ACCELERATOR_KERNELS:
+  if config.model.attention not in config_diff.ACCELERATOR_KERNELS:
     return config, ""
-  return config_lib.with_local_attention(config), (
+  return config_diff.with_local_attention(config), (
       f"; model.attention={config.model.attention!r} is estimated with the CPU's attention")
 
 
@@ -189,10 +196,10 @@ def simulated_steps(config, devices, device_memory_gib: float, compiler_options=
   placed = train_step.on_mesh(config, devices)
   sharding.check_batch_sizes(placed.layout, {"config.batch_size": config.batch_size})
   steps = train_step.sharded_steps(config, placed, skip_bad=False, background=False,
-                                   compiler_options=compiler_options).steps
-  policy, _ = compile_cache.choose_microbatches(steps, config.optim.microbatches, shape,
-                                                placed.layout.batch_shards,
-                                                _usable_bytes(device_memory_gib))
+                                   compiler_options=compiler_options).executables
+  policy, _ = compiled_steps.choose_microbatches(steps, config.optim.microbatches, shape,
+                                                 placed.layout.batch_shards,
+                                                 _usable_bytes(device_memory_gib))
   return placed, steps, policy
 
 
@@ -203,7 +210,7 @@ def memory_report(config, devices, device_memory_gib: float) -> dict:
   shape = pacing.largest_bucket(pacing.run_schedule(config).buckets())
   start = time.perf_counter()
   placed, steps, policy = simulated_steps(config, devices, device_memory_gib,
-                                           compile_cache.CPU_MEMORY_ESTIMATE_OPTIONS)
+                                          compiled_steps.CPU_MEMORY_ESTIMATE_OPTIONS)
   steps.get(shape)
   stats = steps.stats[shape]
   steps.close()
@@ -214,7 +221,7 @@ def memory_report(config, devices, device_memory_gib: float) -> dict:
       compile_s=round(stats.compile_s, 2), total_s=round(time.perf_counter() - start, 2),
       microbatches=policy.largest_count, microbatches_setting=config.optim.microbatches,
       remat=config.model.remat, dtype=config.model.dtype,
-      attention=models.resolve_attention(
+      attention=attention.resolve_attention(
           config.model.attention, config.model.dtype,
           attention_dropout=config.model.attention_dropout)[0],
       caveat=MEMORY_CAVEAT + note)
@@ -250,7 +257,7 @@ def compile_estimate(config, devices: int, compile_s: float | None, tokens_per_s
   from slw_jax import bucket_cost  # pylint: disable=g-import-not-at-top
   for flag, value in (("compile_s", compile_s), ("tokens_per_s", tokens_per_s), ("mfu", mfu)):
     if value is not None and not (math.isfinite(value) and value > 0):
-      raise cli.UsageError(f"--{flag}={value} is invalid: must be a number > 0")
+      raise errors.UsageError(f"--{flag}={value} is invalid: must be a number > 0")
   schedule = pacing.run_schedule(config)
   model_cfg = models.GPTConfig.from_config(config.model)
   n_params = models.num_params(model_cfg)
@@ -298,12 +305,12 @@ def main(argv=None):
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not (_MEMORY.value or _COMPILE_ESTIMATE.value) and _DEVICES.value is not None:
-      raise cli.UsageError(f"--devices={_DEVICES.value} is only for --memory or "
-                           "--compile_estimate; plain plan needs no devices")
+      raise errors.UsageError(f"--devices={_DEVICES.value} is only for --memory or "
+                              "--compile_estimate; plain plan needs no devices")
     if _COMPILE_ESTIMATE.value:
       if _DEVICES.value is None or _DEVICES.value < 1:
-        raise cli.UsageError(f"--devices={_DEVICES.value} is invalid: --compile_estimate needs "
-                             "--devices=N, N >= 1 (the target's device count)")
+        raise errors.UsageError(f"--devices={_DEVICES.value} is invalid: --compile_estimate needs "
+                                "--devices=N, N >= 1 (the target's device count)")
       print(json.dumps(compile_estimate(config, _DEVICES.value, _COMPILE_S.value,
                                         _TOKENS_PER_S.value, _MFU.value)))
       return

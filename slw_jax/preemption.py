@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Callable
 
 import jax
+
+from slw_jax import distributed
 
 
 class StopOnSignal:
@@ -58,3 +61,46 @@ def finished_within(wait: Callable[[], None], seconds: float) -> bool:
   if failed:
     raise failed[0]
   return not waiter.is_alive()
+
+
+class Stop:
+  """A run's stop request and its deadline: the signal received (`signal`, None until one
+  is), when (`time`, monotonic), and the step before which every process stops (several
+  processes agree on it: `agreed`). The final save must end `timeout_s` after the signal."""
+
+  def __init__(self, timeout_s: float):
+    self.timeout_s = timeout_s
+    self.signal: str | None = None
+    self.time: float | None = None
+    self._before: int | None = None  # Kept: a rollback trains back up to it.
+
+  def on_signal(self, name: str):
+    self.signal, self.time = name, time.monotonic()  # The deadline counts from here.
+    print(f"{name}: finishing the current step and saving", flush=True)
+
+  def agreed(self, step: int) -> bool:
+    """Whether to stop before launching `step`. With several processes, all stop before the
+    same step, so a signal that reached any one of them stops every one."""
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if self._before is None and distributed.stop_agreed(self.signal is not None):
+      self._before = step
+    if self._before is None or step < self._before:
+      return False
+    self.signal = self.signal or "signal to one of the processes"
+    self.time = self.time or time.monotonic()
+    return True
+
+  def seconds_left(self) -> float:
+    """Until the deadline; infinite when no stop was asked."""
+    if self.time is None:
+      return float("inf")
+    return self.time + self.timeout_s - time.monotonic()
+
+  def waited_in_time(self, wait: Callable[[], None]) -> bool:
+    """Runs `wait()` (the started saves); after a stop only until the deadline. False: it was
+    abandoned (a save's temporary directory is never read as a checkpoint)."""
+    if self.signal is None or self.time is None:
+      wait()
+      return True
+    return finished_within(wait, self.seconds_left())

@@ -40,7 +40,7 @@ from typing import Iterator
 
 from absl import flags
 
-from slw_jax import cli, config_lib, input_pipeline, parallel_encode, tokenizers_lib
+from slw_jax import cli, data_spec, errors, input_pipeline, parallel_encode, tokenizers_lib
 from slw_jax.input_pipeline import METADATA, SPLITS, CorpusError, read_metadata
 
 _FORCE = flags.DEFINE_bool("force", False, "Prepare again even if data.dir is already prepared.")
@@ -82,7 +82,7 @@ def _named_documents(d, on_read=None) -> Iterator[tuple[str, parallel_encode.Doc
   """(name, document) of every document of a pystdlib or files source, in a fixed order: a
   text, or an undecoded .jsonl line; `on_read(nbytes)` is told the bytes read (progress)."""
   on_read = on_read or (lambda nbytes: None)
-  kind, pattern = config_lib.split_spec(d.source, "pystdlib")
+  kind, pattern = data_spec.split_spec(d.source, "pystdlib")
   if kind == "pystdlib":
     root = sysconfig.get_paths()["stdlib"]
     for path in stdlib_files():
@@ -129,7 +129,7 @@ def split_documents(d, split: str) -> Iterator[str]:
 def tagged_documents(d, on_read=None) -> Iterator[tuple[str, parallel_encode.Document]]:
   """(split, document) of the source in a fixed order, read once: texts, or undecoded .jsonl
   lines (parallel_encode.JsonLine). Empty texts are dropped here or by the workers."""
-  kind, _ = config_lib.split_spec(d.source, "pystdlib")
+  kind, _ = data_spec.split_spec(d.source, "pystdlib")
   if kind == "tfds":
     for split, tfds_split in (("train", d.tfds_train_split), ("validation", d.tfds_val_split)):
       yield from ((split, text) for text in _tfds_texts(d, tfds_split, on_read))
@@ -144,7 +144,7 @@ def check_source(d):
   Megatron pair (nothing to prepare). (A source whose documents
   are all empty, or a malformed line, is reported when reached: reading a 40 GB corpus twice
   to find it first would double the work.)"""
-  kind, pattern = config_lib.split_spec(d.source, "pystdlib")
+  kind, pattern = data_spec.split_spec(d.source, "pystdlib")
   if kind == "megatron":
     raise CorpusError(f"config.data.source={d.source!r} is read as is: there is nothing to "
                       "prepare (train with it directly)")
@@ -154,7 +154,7 @@ def check_source(d):
 
 def source_bytes(d) -> int | None:
   """Bytes the source will read (for the ETA); None when unknown (TFDS)."""
-  kind, pattern = config_lib.split_spec(d.source, "pystdlib")
+  kind, pattern = data_spec.split_spec(d.source, "pystdlib")
   if kind == "tfds":
     return None
   paths = stdlib_files() if kind == "pystdlib" else _source_files(pattern)
@@ -165,7 +165,7 @@ def make_tokenizer(d) -> tokenizers_lib.Tokenizer:
   """The tokenizer of `data.vocab`, or a one-line CorpusError naming it and the problem."""
   try:
     tokenizer = tokenizers_lib.make_tokenizer(d.vocab)
-  except ValueError as error:
+  except tokenizers_lib.TokenizerError as error:
     hint = (" (train one with python -m slw_jax.prepare --train_spm=PATH)"
             if d.vocab.startswith("spm:") and "does not exist" in str(error) else "")
     reason = str(error).removeprefix(f"vocabulary {d.vocab} ")
@@ -217,10 +217,10 @@ def default_workers() -> int:
 
 def _check_flags(workers: int, memory_mb: int):
   if not (isinstance(workers, int) and workers >= 1):
-    raise cli.UsageError(f"--workers={workers} is invalid: must be an integer >= 1")
+    raise errors.UsageError(f"--workers={workers} is invalid: must be an integer >= 1")
   if not (isinstance(memory_mb, int) and memory_mb >= MIN_MEMORY_MB):
-    raise cli.UsageError(f"--memory_mb={memory_mb} is invalid: must be an integer >= "
-                         f"{MIN_MEMORY_MB}")
+    raise errors.UsageError(f"--memory_mb={memory_mb} is invalid: must be an integer >= "
+                            f"{MIN_MEMORY_MB}")
 
 
 def _write_splits(d, tokenizer, staging: str, dtype: str, workers: int, memory_mb: int,
@@ -262,7 +262,7 @@ def _vocab_sha256(spec: str):
   """sha256 of the vocabulary's file (of both files' bytes, for vocab.json + merges.txt)."""
   try:
     paths = tokenizers_lib.vocab_files(spec)
-  except ValueError:
+  except tokenizers_lib.TokenizerError:
     return None  # Missing files: make_tokenizer reports them.
   if not paths or not all(os.path.isfile(p) for p in paths):
     return None
@@ -394,7 +394,7 @@ def _tfds_texts(d, split: str, on_read=None) -> Iterator[str]:
   except ImportError as error:
     raise CorpusError(f"config.data.source={d.source!r} needs tensorflow-datasets ({error}): "
                       "prepare where requirements.txt is installed, then copy data.dir") from None
-  _, name = config_lib.split_spec(d.source, "pystdlib")
+  _, name = data_spec.split_spec(d.source, "pystdlib")
   dataset = tfds.load(name, split=split, data_dir=d.tfds_data_dir)
   for example in tfds.as_numpy(dataset):
     raw = example[d.text_key]
@@ -414,8 +414,12 @@ _SPM_TYPE = flags.DEFINE_enum("spm_type", "unigram", ["unigram", "bpe"], "--trai
 def _data_config(path: str):
   """A config holding just the data section that `input_pipeline.prepare_in_child` wrote."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  with open(path) as f:
-    return config_dict.ConfigDict({"data": json.load(f)})
+  try:
+    with open(path) as f:
+      return config_dict.ConfigDict({"data": json.load(f)})
+  except (OSError, json.JSONDecodeError) as error:
+    raise errors.UsageError(f"--data_json={path} is unreadable: {errors.one_line(error)} (it is "
+                            "written by the trainer's data preparation step)") from None
 
 
 EXAMPLE = "python -m slw_jax.prepare --config=configs/tiny.py"

@@ -19,7 +19,7 @@ import sys
 
 from absl import flags
 
-from slw_jax import cli, config_lib, monitor
+from slw_jax import cli, config_lib, errors, monitor
 
 _OUT = flags.DEFINE_string("out", None, "Output directory for the PNG plots and report.md.")
 _RATIO = flags.DEFINE_float("ratio_threshold", 1.2, "Loss ratio above which a step counts as "
@@ -49,15 +49,15 @@ def read_metrics(path: str) -> list[dict]:
     except json.JSONDecodeError:
       if number == len(lines):  # Last line, not newline-terminated: still being written.
         break
-      raise ValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}") from None
+      raise errors.InputError(f"{path}:{number} is not a JSON object: {line[:80]!r}") from None
   return rows
 
 
 def read_run(workdir: str) -> Run:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
-    raise ValueError(f"{workdir!r} has no metrics.jsonl: pass run directories written by "
-                     "python -m slw_jax.main --workdir=DIR")
+    raise errors.InputError(f"{workdir!r} has no metrics.jsonl: pass run directories written by "
+                            "python -m slw_jax.main --workdir=DIR")
   rows = [{k: _number(v) for k, v in row.items()} for row in read_metrics(path)]
   # Training time: the sum of step times, which (unlike an evaluation's elapsed_s) keeps
   # counting across a resume.
@@ -74,7 +74,7 @@ def read_run(workdir: str) -> Run:
       with open(result) as f:
         results[os.path.splitext(os.path.basename(result))[0]] = json.load(f)
     except json.JSONDecodeError as error:
-      raise ValueError(f"{result} is not valid JSON ({error})") from None
+      raise errors.InputError(f"{result} is not valid JSON ({error})") from None
   name = os.path.basename(os.path.normpath(workdir))
   return Run(name, workdir, steps, evals, results, read_pacing_events(workdir))
 
@@ -284,12 +284,12 @@ def main(argv=None):
   with cli.exit_on_bad_input():
     workdirs = cli.parse_flags(argv)[1:]
     if not workdirs:
-      raise cli.UsageError("pass one or more run directories: python -m slw_jax.report DIR "
-                           "[DIR ...] --out=OUT")
+      raise errors.UsageError("pass one or more run directories: python -m slw_jax.report DIR "
+                              "[DIR ...] --out=OUT")
     if not _OUT.value:
-      raise cli.UsageError("--out is required: the directory for the plots and report.md")
+      raise errors.UsageError("--out is required: the directory for the plots and report.md")
     if _RATIO.value <= 1:
-      raise cli.UsageError(f"--ratio_threshold={_RATIO.value} must be > 1")
+      raise errors.UsageError(f"--ratio_threshold={_RATIO.value} must be > 1")
     path = build(workdirs, _OUT.value, _RATIO.value)  # Reads every run before plotting.
   print(f"wrote {path} and {len(PLOTS)} plots in {_OUT.value}")
 

@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 
+import jax
 import numpy as np
 
-from slw_jax import checkpoint, config_lib, input_pipeline, reporting
+from slw_jax import (checkpoint, config_diff, config_lib, errors, input_pipeline, models, run_log,
+                     train_step)
 
 
-class ResumeError(ValueError):
+class ResumeError(errors.InputError):
   """The workdir's checkpoints cannot be continued with this config or data (one line)."""
 
 
@@ -57,9 +59,9 @@ def check_config(saved: dict, current: dict, param_shaping: tuple[str, ...], whe
   field always, a schedule field unless `allow_schedule_change`. `where` names the checkpoint.
   """
   found = {"allowed": [], "never": [], "schedule": []}
-  for difference in config_lib.differences(saved, current):
+  for difference in config_diff.differences(saved, current):
     found[classify(difference[0], param_shaping)].append(
-        config_lib.describe_difference(difference))
+        config_diff.describe_difference(difference))
   if found["never"]:
     raise ResumeError(f"{where} holds checkpoints of another model ({found['never'][0]}): use "
                       "a new --workdir or the same model config")
@@ -84,7 +86,7 @@ def check_checkpoint(meta: dict, c, workdir: str, num_steps: int, fingerprint: d
     raise ResumeError(f"{where} holds checkpoint {meta['step']}, past this config's last step "
                       f"{num_steps}: its train_tokens / train_steps end earlier than the run "
                       "already went")
-  changes = check_config(config_lib.saved_defaults(meta["config"]), c.to_dict(), param_shaping,
+  changes = check_config(config_diff.saved_defaults(meta["config"]), c.to_dict(), param_shaping,
                          where, allow_schedule_change)
   check_data(meta.get("data"), fingerprint, f"checkpoint {meta['step']}",
              c.data.dir or c.data.source)
@@ -145,7 +147,7 @@ def write_journal(workdir: str, target: int, loader: dict, monitor: dict, events
   journal = {"target": target, "loader": loader, "monitor": monitor, "events": events}
   if pacing is not None:
     journal["pacing"] = pacing
-  reporting.write_json(os.path.join(workdir, JOURNAL), journal)
+  run_log.write_json(os.path.join(workdir, JOURNAL), journal)
 
 
 def read_journal(workdir: str) -> dict | None:
@@ -167,3 +169,193 @@ def clear_journal(workdir: str):
   path = os.path.join(workdir, JOURNAL)
   if os.path.exists(path):
     os.remove(path)
+
+
+class Restorer:
+  """A run's side of its checkpoints before and during training: which one to resume from
+  (the newest that reads back whole; damaged newer ones set aside, never deleted), reading it
+  in this run's layout, the config and data checks of a resume, and the rollback journal.
+  Errors that stop the run are `errors.StopTraining`, naming the checkpoint and what to do."""
+
+  def __init__(self, c, workdir: str, checkpoints: checkpoint.Checkpoints, placed, devices,
+               data: dict, param_shaping: tuple[str, ...], allow_schedule_change: bool,
+               log, primary: bool):
+    self.c, self.workdir, self.checkpoints, self.log = c, workdir, checkpoints, log
+    self.placed, self.devices, self.data = placed, devices, data
+    self.param_shaping, self.allow_schedule_change = param_shaping, allow_schedule_change
+    self.primary = primary
+    self.config_changes = ([], [])  # (allowed, schedule) of the checkpoint checked last.
+    self.journal_target = None  # The step of a rollback whose journal is still needed.
+
+  def check(self, meta: dict, num_steps: int):
+    """Refuses a checkpoint this run cannot continue (check_checkpoint)."""
+    try:
+      self.config_changes = check_checkpoint(meta, self.c, self.workdir, num_steps, self.data,
+                                             self.param_shaping, self.allow_schedule_change)
+    except ResumeError as error:
+      raise errors.StopTraining(str(error)) from None
+
+  def newest_meta(self) -> dict | None:
+    """The newest checkpoint's record (cheap: no arrays); None when there is none or it is
+    unreadable (dealt with by `newest_usable`)."""
+    latest = self.checkpoints.newest_complete()
+    try:
+      return None if latest is None else self.checkpoints.read_meta(latest)
+    except Exception:  # pylint: disable=broad-except  # Unreadable: set aside later.
+      return None
+
+  def newest_usable(self, num_steps: int):
+    """(step, state, meta) of the newest checkpoint that reads back whole; None when none is
+    saved. Damaged newer ones (truncated files, missing items, garbage metadata:
+    `checkpoint.is_damage`) are set aside with a warning; when every one is damaged the run
+    stops. Other errors (out of memory, I/O) stop the run as they are."""
+    unreadable = []
+    for step in reversed(self.checkpoints.steps()):
+      meta, error = checkpoint.unless_damaged(lambda: self.checkpoints.read_meta(step))
+      if error is None:
+        self.check(meta, num_steps)  # A config mismatch is not damage: it stops the run.
+        restored, error = checkpoint.unless_damaged(lambda: self.restore(step))
+      if error is None:
+        for bad, bad_error in unreadable:
+          self._set_aside(bad, bad_error, step)
+        return (step, *restored)
+      if jax.process_count() > 1:
+        # The processes cannot agree on a fallback without orbax's own barriers going out of
+        # step (a process that failed skipped them): stop, naming it; the others time out.
+        raise errors.StopTraining(
+            f"checkpoint {step} in {self.checkpoints.directory} is damaged as process "
+            f"{jax.process_index()} reads it ({errors.one_line(error, 200)}): with several "
+            "processes the run does not fall back by itself; move it out of the directory, "
+            "then start again")
+      unreadable.append((step, error))
+    if unreadable:
+      listed = "; ".join(f"step {k}: {errors.one_line(e, 100)}" for k, e in unreadable)
+      raise errors.StopTraining(f"every checkpoint in {self.checkpoints.directory} is "
+                                f"unreadable: restore them from a backup, or start a new "
+                                f"--workdir ({listed})")
+    return None
+
+  def _set_aside(self, step: int, error: Exception, resumed: int):
+    moved = self.checkpoints.set_aside(step, os.path.join(self.workdir, "unreadable_checkpoints"))
+    self.log(f"warning: checkpoint {step} in {self.checkpoints.directory} is unreadable "
+             f"({errors.one_line(error, 200)}); moved to {moved}, resuming from step {resumed}")
+
+  def restore(self, step: int):
+    """(state, meta) of checkpoint `step`, laid out as this run's: a checkpoint saved with the
+    other model.scan_layers is read in its own layout and its blocks restacked (logged)."""
+    saved = config_diff.saved_defaults(self.checkpoints.read_meta(step)["config"])
+    scanned = saved["model"]["scan_layers"]
+    if scanned == self.c.model.scan_layers:
+      return self.checkpoints.restore(step, self.placed.state_spec)
+    config = config_lib.with_overrides(self.c, {"model.scan_layers": scanned})
+    saved_spec = train_step.on_mesh(config, self.devices).state_spec
+    state, meta = self.checkpoints.restore(step, saved_spec)
+    restack = jax.jit(lambda s: models.restack_blocks(s, self.placed.state_spec,
+                                                      self.c.model.n_layer),
+                      out_shardings=self.placed.layout.state)
+    self.log(f"checkpoint {step} has model.scan_layers={scanned}: blocks restacked for "
+             f"model.scan_layers={self.c.model.scan_layers}")
+    return restack(state), meta
+
+  def read_journal(self) -> dict | None:
+    try:
+      return read_journal(self.workdir)
+    except ResumeError as error:
+      raise errors.StopTraining(str(error)) from None
+
+  def clear_journal(self, journal: dict | None):
+    if journal is not None and self.primary:
+      clear_journal(self.workdir)
+
+  def resume_point(self, num_steps: int):
+    """(step, state, meta, events) to resume from, or None when nothing is saved. An
+    unfinished rollback (its journal names the newest usable checkpoint) continues from its
+    target past the bad batch: `meta` then holds the journal's loader, monitor and pacing
+    state, and `events` its events, to log again."""
+    journal = self.read_journal()
+    found = self.newest_usable(num_steps)
+    if found is None or journal is None or journal["target"] != found[0]:
+      # A later checkpoint already holds the rollback's data position (the process died
+      # before it removed the journal), or its target is gone: the journal is spent.
+      self.clear_journal(journal)
+      return None if found is None else (*found, [])
+    step, state, meta = found
+    meta = {**meta, "loader": journal["loader"], "monitor": journal["monitor"],
+            "pacing": journal.get("pacing", meta.get("pacing"))}
+    self.journal_target = step
+    self.log(f"continuing the rollback to step {step} recorded in {JOURNAL}")
+    return step, state, meta, journal.get("events", [])
+
+  def continue_from(self, step: int, meta: dict, loader, monitor):
+    """Puts the `loader` and the `monitor` where checkpoint `step` (its record `meta`) left
+    them, and logs the settings changed since; an accepted recipe change is also an event
+    (events.jsonl), so the run's record says where its schedule changed."""
+    note = loader.restore(meta["loader"])
+    if note:
+      self.log(note)
+    monitor.load_state(meta["monitor"])
+    allowed, schedule = self.config_changes
+    if allowed:
+      self.log(f"resuming with changed settings: {'; '.join(allowed)}")
+    if schedule:
+      self.log(f"resuming with a changed recipe (--allow_schedule_change): {'; '.join(schedule)}")
+      monitor.event(step, "schedule_change", changes="; ".join(schedule))
+
+  def log_resumed(self, step: int, meta: dict, tokens_before: int):
+    """Says where the run resumed; notes when this config's schedule reaches `step` after
+    other than the checkpoint's tokens (`tokens_before`)."""
+    if meta["tokens"] != tokens_before:
+      self.log(f"note: the checkpoint's step {step} came after {meta['tokens']:,} tokens but "
+               f"this config's schedule reaches it after {tokens_before:,}: the pacing or "
+               "batch schedule changed since it was saved (e.g. a seqlen_start now rounded "
+               "down); the run continues on this config's schedule")
+    self.log(f"resumed from step {step} ({meta['tokens']:,} tokens) in {self.workdir}")
+
+  def roll_back(self, bad_step: int, position_after_bad: int, loader, monitor, log, free_state):
+    """The checkpoint side of a rollback from `bad_step` (Trainer._rollback): the journal
+    written first, then the events logged, the old train state freed (`free_state`: peak
+    memory stays one state), the target's state restored, and the `loader` (past the bad batch)
+    and the `monitor` (its counters, plus one rollback) set to the target's. Returns (target,
+    its record with the restored "state")."""
+    limit = self.c.monitor.max_rollbacks
+    if monitor.rollbacks >= limit:
+      raise errors.StopTraining(f"step {bad_step} is unstable again after monitor.max_rollbacks="
+                                f"{limit} rollbacks: lower optim.lr or lengthen "
+                                "pacing.duration_steps, then resume from the checkpoints")
+    target, saved = self.rollback_target(bad_step, position_after_bad, monitor.rollbacks + 1)
+    monitor.event(bad_step, "rollback", to_step=target,  # `rollback`: its ordinal, so that
+                  skipped_batches=bad_step + 1 - target,  # two alike stay two.
+                  rollback=saved["monitor"]["rollbacks"])
+    events = monitor.pop_events()
+    self.write_journal(target, saved, events)
+    log.events(events)  # A resume logs them again from the journal: RunLog skips repeats.
+    free_state()
+    state, _ = self.restore(target)
+    loader.restore(saved["loader"])
+    monitor.load_state(saved["monitor"])
+    return target, {**saved, "state": state}
+
+  def rollback_target(self, bad_step: int, position_after_bad: int, rollbacks: int):
+    """(target, record) of a rollback from `bad_step`: the newest checkpoint at or before it,
+    and its record with the data position past the bad batch and the `rollbacks` count."""
+    self.checkpoints.wait()
+    target = max(k for k in self.checkpoints.steps() if k <= bad_step)
+    saved = self.checkpoints.read_meta(target)
+    return target, {**saved, "loader": {**saved["loader"], "position": position_after_bad},
+                    "monitor": {**saved["monitor"], "rollbacks": rollbacks}}
+
+  def write_journal(self, target: int, record: dict, events: list[dict]):
+    """A rollback to `target` (with `rollback_target`'s `record`) begins: its journal is needed
+    until a later checkpoint."""
+    if self.primary:
+      write_journal(self.workdir, target, record["loader"], record["monitor"], events,
+                    record.get("pacing"))
+    self.journal_target = target
+
+  def clear_spent_journal(self, step: int):
+    """The rollback's journal goes once a checkpoint after its target (at `step`) is on disk
+    (waits for it)."""
+    if self.journal_target is not None and step > self.journal_target:
+      self.checkpoints.wait()
+      self.clear_journal({})
+      self.journal_target = None

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from slw_jax import config_lib, models
+from slw_jax import config_lib, errors, pinned
 
 MESH_AXES = config_lib.MESH_AXES
 
@@ -36,12 +36,12 @@ def mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int, int]:
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if device_count % fixed:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"config.mesh: {_describe(sizes)} cannot fill {device_count} devices: the fixed axes' "
           f"product ({fixed}) must divide the device count")
     sizes[sizes.index(-1)] = device_count // fixed
   if math.prod(sizes) != device_count:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"config.mesh: {_describe(sizes)} has {math.prod(sizes)} devices but {device_count} are "
         "available: make data x fsdp x tensor equal the device count (or set one axis to -1)")
   return tuple(sizes)
@@ -96,6 +96,13 @@ class Layout:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
+  def describe(self) -> list[str]:
+    """The log lines of this layout: the mesh, this process's rows, what stays replicated."""
+    mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+    return [f"mesh {mesh} over {self.mesh.size} devices in {jax.process_count()} process(es); "
+            f"this one loads batch rows block {self.process_rows}",
+            *(f"replicated, not sharded: {note}" for note in self.replicated_dims)]
+
   def abstract(self, state_spec):
     """The state's ShapeDtypeStructs with their shardings (restore and compile targets)."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -105,7 +112,7 @@ class Layout:
     """`fn` with block-boundary activations pinned to the batch layout while it is traced."""
     @functools.wraps(fn)  # Keeps the step's name in compile logs (jit(step_fn)).
     def wrapped(*args):
-      with models.pinned_shardings(activation=self.activation, batch=self.batch,
+      with pinned.pinned_shardings(activation=self.activation, batch=self.batch,
                                    heads=self.heads, params=self.state["params"],
                                    embedding_lookup=self.embedding_lookup):
         return fn(*args)
@@ -120,9 +127,9 @@ class Layout:
     start, stop = rows[0][0], rows[-1][1]
     contiguous = all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
     if not contiguous or shards % (stop - start) or start % (stop - start):
-      raise ValueError(f"this process's devices hold batch rows {rows} of {shards}: not one "
-                       "block of an even split; order the mesh so each process holds whole "
-                       "data shards")
+      raise errors.InputError(f"this process's devices hold batch rows {rows} of {shards}: not one "
+                              "block of an even split; order the mesh so each process holds whole "
+                              "data shards")
     return start // (stop - start), shards // (stop - start)
 
   def global_batch(self, local: dict, batch_size: int) -> dict:
@@ -164,7 +171,7 @@ def make_layout(c, state_spec, abstract_params, optimizer, devices=None) -> Layo
   mesh = make_mesh(c.mesh, devices)
   params, notes = param_shardings(abstract_params, c.mesh.rules, mesh)
   if notes and not c.mesh.allow_replicated:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"config.mesh cannot shard parameter {notes[0]}: pad it (model.vocab_pad_multiple=128 "
         "for the vocabulary), choose mesh sizes that divide it, or set "
         "config.mesh.allow_replicated=true to keep it whole on every device")
@@ -195,7 +202,7 @@ def check_batch_sizes(layout: Layout, sizes: dict[str, int]):
   for name, size in sizes.items():
     if size % shards:
       axes = " x ".join(f"{a}={layout.mesh.shape[a]}" for a in _batch_axes(layout.batch))
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"{name} is {size}, not divisible by the data-parallel size {shards} ({axes}): use a "
           "batch size that is a multiple of it, or change config.mesh")
 

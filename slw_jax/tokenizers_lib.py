@@ -16,7 +16,12 @@ import os
 
 import numpy as np
 
-from slw_jax import config_lib
+from slw_jax import data_spec, errors
+
+
+class TokenizerError(errors.InputError):
+  """A `data.vocab` that names no usable tokenizer, or one that does not fit the model."""
+
 
 BYTE_OFFSET = 3  # seqio.ByteVocabulary: ids 0-2 are pad, eos, unk.
 BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
@@ -56,13 +61,13 @@ def _bytes_tokenizer() -> Tokenizer:
 
 def _spm_tokenizer(path: str) -> Tokenizer:
   if not os.path.isfile(path):
-    raise ValueError(f"vocabulary spm:{path} does not exist (a SentencePiece .model file)")
+    raise TokenizerError(f"vocabulary spm:{path} does not exist (a SentencePiece .model file)")
   import sentencepiece  # pylint: disable=g-import-not-at-top
   try:
     processor = sentencepiece.SentencePieceProcessor(model_file=path)
   except (RuntimeError, OSError) as error:
-    raise ValueError(f"vocabulary spm:{path} is not a SentencePiece model "
-                     f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    raise TokenizerError(f"vocabulary spm:{path} is not a SentencePiece model "
+                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
                      ) from None
   # One thread per batch: parallelism comes from prepare's worker processes.
   many = lambda texts: processor.encode(texts, num_threads=1)  # noqa: E731
@@ -77,12 +82,12 @@ def _gpt2_file(path: str) -> str | tuple[str, str]:
       return os.path.join(path, "tokenizer.json")
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     if not (os.path.isfile(vocab) and os.path.isfile(merges)):
-      raise ValueError(f"vocabulary gpt2:{path} has neither tokenizer.json nor vocab.json + "
-                       "merges.txt")
+      raise TokenizerError(f"vocabulary gpt2:{path} has neither tokenizer.json nor vocab.json + "
+                           "merges.txt")
     return vocab, merges
   if not os.path.isfile(path):
-    raise ValueError(f"vocabulary gpt2:{path} does not exist (a tokenizer.json, or a directory "
-                     "with vocab.json + merges.txt)")
+    raise TokenizerError(f"vocabulary gpt2:{path} does not exist (a tokenizer.json, or a directory "
+                         "with vocab.json + merges.txt)")
   return path
 
 
@@ -100,8 +105,8 @@ def _gpt2_tokenizer(path: str) -> Tokenizer:
   except BaseException as error:  # pylint: disable=broad-except
     # tokenizers raises Rust-side exception types (a PanicException is a BaseException).
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    raise ValueError(f"vocabulary gpt2:{path} is not a readable GPT-2 tokenizer ({shown}: "
-                     f"{reason})") from None
+    raise TokenizerError(f"vocabulary gpt2:{path} is not a readable GPT-2 tokenizer ({shown}: "
+                         f"{reason})") from None
   eos_id = bpe.token_to_id(GPT2_EOS)  # None: usable to evaluate, not to prepare data.
   encode = lambda text: bpe.encode(text, add_special_tokens=False).ids  # noqa: E731
   many = lambda texts: [e.ids for e in bpe.encode_batch(texts, add_special_tokens=False)]  # noqa
@@ -111,19 +116,19 @@ def _gpt2_tokenizer(path: str) -> Tokenizer:
 def make_tokenizer(spec: str) -> Tokenizer:
   """The tokenizer of a vocabulary spec: byte, spm:PATH or gpt2:PATH (ValueError naming the
   spec and the problem otherwise)."""
-  kind, arg = config_lib.split_spec(spec, "byte")
+  kind, arg = data_spec.split_spec(spec, "byte")
   if kind == "byte":
     return _bytes_tokenizer()
   if kind == "spm" and arg:
     return _spm_tokenizer(arg)
   if kind == "gpt2" and arg:
     return _gpt2_tokenizer(arg)
-  raise ValueError(f"vocabulary {spec!r} is invalid: use byte, spm:PATH or gpt2:PATH")
+  raise TokenizerError(f"vocabulary {spec!r} is invalid: use byte, spm:PATH or gpt2:PATH")
 
 
 def vocab_files(spec: str) -> list[str]:
   """The files a vocabulary spec reads (hashed into the prepared data's recipe)."""
-  kind, arg = config_lib.split_spec(spec, "byte")
+  kind, arg = data_spec.split_spec(spec, "byte")
   if kind == "spm":
     return [arg]
   if kind == "gpt2":
@@ -138,8 +143,8 @@ def checked(tokenizer: Tokenizer, vocab_size: int, spec: str) -> Tokenizer:
   def encode(text):
     ids = tokenizer.encode(text)
     if ids and max(ids) >= vocab_size:
-      raise ValueError(f"vocabulary {spec!r} produced token id {max(ids)} but the model has "
-                       f"model.vocab_size={vocab_size}: pass the run's vocabulary (--vocab)")
+      raise TokenizerError(f"vocabulary {spec!r} produced token id {max(ids)} but the model has "
+                           f"model.vocab_size={vocab_size}: pass the run's vocabulary (--vocab)")
     return ids
   return Tokenizer(encode, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id)
 

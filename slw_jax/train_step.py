@@ -3,7 +3,7 @@
 The model is split once (`nnx.split`) into a static graph and a `Param` state; the step merges
 them inside `jax.jit`, so no NNX graph traversal happens per call. The train state is a plain
 dict pytree: params, optax state, step, the minimum loss so far (for the loss ratio) and the
-number of skipped updates. The per-bucket executables live in `compile_cache`.
+number of skipped updates. The per-bucket executables live in `compiled_steps`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from slw_jax import compile_cache, head_loss, models, schedules, sharding
+from slw_jax import (attention, compiled_steps, head_loss, input_pipeline, models, monitor, optim,
+                     pinned, sharding)
 
 
 PAD_TARGET = -1  # Target of a padded position (compile.pad_multiple): no loss, not counted.
@@ -78,9 +80,10 @@ def loss_sums(model, inputs_bl, targets_bl, z_loss: float, *, deterministic: boo
       chunk_tokens=cfg.loss_chunk_tokens, z_loss=z_loss)
 
 
-def build_model(c):
-  """(graphdef, abstract Param state) of the config's model: nothing is allocated."""
-  cfg = models.GPTConfig.from_config(c.model)
+def build_model(c, cfg: models.GPTConfig | None = None):
+  """(graphdef, abstract Param state) of the config's model (`cfg`: its GPTConfig, when the
+  caller has it): nothing is allocated."""
+  cfg = cfg or models.GPTConfig.from_config(c.model)
   abstract = nnx.eval_shape(lambda: models.GPT(cfg, nnx.Rngs(c.seed)))
   graphdef, params = nnx.split(abstract, nnx.Param)
   return graphdef, params
@@ -93,9 +96,10 @@ def state_from_params(params, optimizer) -> dict:
           "skipped": jnp.zeros((), jnp.int32)}
 
 
-def make_init_fn(c, optimizer):
-  """A function of no arguments that builds the whole train state (jit it with shardings)."""
-  cfg = models.GPTConfig.from_config(c.model)
+def make_init_fn(c, optimizer, cfg: models.GPTConfig | None = None):
+  """A function of no arguments that builds the whole train state (jit it with shardings);
+  `cfg`: the model's GPTConfig, when the caller has it."""
+  cfg = cfg or models.GPTConfig.from_config(c.model)
 
   def init():
     return state_from_params(nnx.state(models.GPT(cfg, nnx.Rngs(c.seed)), nnx.Param), optimizer)
@@ -143,14 +147,14 @@ def make_loss_and_grads(c, graphdef, microbatches: int):
     def accumulate(carry, xs):
       totals, grad_sum = carry
       inputs_mb, targets_mb, index = xs
-      inputs_mb, targets_mb = (models.constrain(x, "batch") for x in (inputs_mb, targets_mb))
+      inputs_mb, targets_mb = (pinned.constrain(x, "batch") for x in (inputs_mb, targets_mb))
       (_, losses), grads = grad_fn(params, inputs_mb, targets_mb,
                                    jax.random.fold_in(step_key, index), count)
-      grad_sum = models.constrain(jax.tree.map(jnp.add, grad_sum, grads), "params")
+      grad_sum = pinned.constrain(jax.tree.map(jnp.add, grad_sum, grads), "params")
       return (jax.tree.map(jnp.add, totals, losses), grad_sum), None
 
     # The accumulators are laid out like the parameters (FSDP: each device holds its shard).
-    zeros = models.constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+    zeros = pinned.constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
                              "params")
     no_losses = {name: jnp.float32(0) for name in ("loss", "z_loss")[:2 if z_loss else 1]}
     xs = (split_microbatches(inputs, microbatches), split_microbatches(targets, microbatches),
@@ -161,17 +165,9 @@ def make_loss_and_grads(c, graphdef, microbatches: int):
   return loss_and_grads
 
 
-def is_bad_step(loss, grad_norm, ratio, skip_ratio):
-  """A bad step: its loss or its gradients' norm is not finite (a finite loss can still have
-  inf/NaN gradients, which would turn every parameter into NaN), or its loss ratio exceeds
-  `skip_ratio`. The monitor applies the same rule on the host (`monitor.is_bad`)."""
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  return jnp.logical_not(finite) | (ratio > skip_ratio)
-
-
 def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 1):
   """The pure step, over `microbatches` microbatches. With `skip_bad`, a bad update
-  (`is_bad_step`) is not applied: parameters and optimizer state stay as they were.
+  (`monitor.is_bad`) is not applied: parameters and optimizer state stay as they were.
   """
   skip_ratio = c.monitor.skip_ratio
   loss_and_grads = make_loss_and_grads(c, graphdef, microbatches)
@@ -181,12 +177,13 @@ def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 
     losses, grads = loss_and_grads(params, batch, state["step"])
     loss = losses["loss"]  # The cross-entropy alone: the loss ratio's and the monitor's.
     grad_norm = optax.tree.norm(grads)
-    opt_state = schedules.set_learning_rate(state["opt_state"], lr)
+    opt_state = optim.set_learning_rate(state["opt_state"], lr)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss)
     ratio = loss / state["min_loss"]  # min_loss starts at inf: the first ratio is 0.
-    bad = is_bad_step(loss, grad_norm, ratio, skip_ratio) if skip_bad else jnp.array(False)
+    bad = (monitor.is_bad(loss, grad_norm, ratio, skip_ratio, xp=jnp) if skip_bad
+           else jnp.array(False))
     keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(bad, o, n), old, new)  # noqa
     if skip_bad:
       new_params, new_opt_state = keep(params, new_params), keep(opt_state, new_opt_state)
@@ -194,7 +191,7 @@ def make_train_step(c, graphdef, optimizer, skip_bad: bool, microbatches: int = 
     new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1,
                  "min_loss": min_loss, "skipped": state["skipped"] + bad.astype(jnp.int32)}
     metrics = {"loss": loss, "loss_ratio": ratio, "grad_norm": grad_norm,
-               "skipped": bad, **schedules.adam_nu_stats(new_opt_state)}
+               "skipped": bad, **optim.adam_nu_stats(new_opt_state)}
     if "z_loss" in losses:  # optim.z_loss > 0: the z-loss term, apart from the loss.
       metrics["z_loss"] = losses["z_loss"]
     return new_state, metrics
@@ -220,7 +217,9 @@ def make_eval_step(graphdef):
 
 @dataclasses.dataclass(frozen=True)
 class OnMesh:
-  """The model, its optimizer and where the train state lives on the mesh."""
+  """The model, its optimizer and where the train state lives on the mesh: built once per run
+  (`on_mesh`) and handed to everything after (the compiled steps, the trainer, plan)."""
+  model_cfg: models.GPTConfig
   graphdef: object
   optimizer: object
   layout: "sharding.Layout"
@@ -234,20 +233,20 @@ class OnMesh:
 def on_mesh(c, devices=None) -> OnMesh:
   """Builds the model and optimizer abstractly (nothing allocated) and lays the train state out
   on the config's mesh over `devices` (default: all). Raises ConfigError for a bad mesh."""
-  models.resolve_attention(c.model.attention, c.model.dtype,  # AttentionError before compiling.
-                           attention_dropout=c.model.attention_dropout)
-  optimizer = schedules.make_optimizer(c.optim)
-  graphdef, abstract_params = build_model(c)
-  shapes = jax.eval_shape(make_init_fn(c, optimizer))
+  attention.resolve_attention(c.model.attention, c.model.dtype,  # AttentionError before compiling.
+                              attention_dropout=c.model.attention_dropout)
+  cfg, optimizer = models.GPTConfig.from_config(c.model), optim.make_optimizer(c.optim)
+  graphdef, abstract_params = build_model(c, cfg)
+  shapes = jax.eval_shape(make_init_fn(c, optimizer, cfg))
   layout = sharding.make_layout(c, shapes, abstract_params, optimizer, devices)
-  return OnMesh(graphdef, optimizer, layout, layout.abstract(shapes))
+  return OnMesh(cfg, graphdef, optimizer, layout, layout.abstract(shapes))
 
 
 @dataclasses.dataclass
 class ShardedSteps:
   """Everything that runs on the devices, laid out on one mesh (`sharding.Layout`)."""
   init: object  # () -> train state, created directly in its sharded layout.
-  steps: "compile_cache.BucketedStep"
+  executables: "compiled_steps.BucketedStep"  # One compiled train step per bucket.
   eval: object  # (params, batch) -> (loss sum, token count), replicated.
 
 
@@ -256,17 +255,63 @@ def sharded_steps(c, placed: OnMesh, *, skip_bad: bool, background: bool = True,
                   threads: int = 1) -> ShardedSteps:
   """Init, per-bucket train steps and the eval step, all with the layout's shardings: the
   state is never materialized on one device, and every bucket uses the same shardings.
-  `compiler_options` go to every bucket's compile (e.g. compile_cache's memory estimate),
-  with `compile_cache.step_compiler_options` (XLA's remat pass off on a GPU)."""
+  `compiler_options` go to every bucket's compile (e.g. compiled_steps's memory estimate),
+  with `compiled_steps.step_compiler_options` (XLA's remat pass off on a GPU)."""
   layout, graphdef, optimizer = placed.layout, placed.graphdef, placed.optimizer
-  compiler_options = compile_cache.merge_options(
-      compiler_options, compile_cache.step_compiler_options(c.compile.xla_remat))
-  init = jax.jit(make_init_fn(c, optimizer), out_shardings=layout.state)
+  compiler_options = compiled_steps.merge_options(
+      compiler_options, compiled_steps.step_compiler_options(c.compile.xla_remat))
+  init = jax.jit(make_init_fn(c, optimizer, placed.model_cfg), out_shardings=layout.state)
   step_for = lambda k: layout.traced(make_train_step(c, graphdef, optimizer, skip_bad, k))  # noqa
-  steps = compile_cache.BucketedStep(
+  steps = compiled_steps.BucketedStep(
       step_for, placed.state_spec, background=background, batch_sharding=layout.batch,
       scalar_sharding=layout.replicated, on_compiled=on_compiled,
       compiler_options=compiler_options, threads=threads,
       jit_kwargs={"out_shardings": (layout.state, layout.replicated)})
   eval_fn = jax.jit(layout.traced(make_eval_step(graphdef)), out_shardings=layout.replicated)
   return ShardedSteps(init, steps, eval_fn)
+
+
+def padded_batch(batch, seqlen: int) -> dict:
+  """A loader batch as the step's inputs/targets, right-padded to the bucket's `seqlen`: the
+  padded targets are PAD_TARGET (no loss, not counted), the padded inputs token 0 (causal
+  attention never lets a real position see them)."""
+  pad = ((0, 0), (0, seqlen - batch.inputs.shape[1]))
+  if not pad[1][1]:
+    return {"inputs": batch.inputs, "targets": batch.targets}
+  return {"inputs": np.pad(batch.inputs, pad),
+          "targets": np.pad(batch.targets, pad, constant_values=PAD_TARGET)}
+
+
+class Validation:
+  """The eval step (compiled in the background through `executables`, by when it is first
+  needed) and the validation loss: mean loss per real token over `e.batches` batches of
+  `val_index` at full length (`seqlen`), eval config `e`."""
+
+  def __init__(self, e, val_index, layout, executables, eval_fn, params_spec, seqlen: int):
+    self.e, self.val_index, self.layout, self.executables = e, val_index, layout, executables
+    self.eval_fn, self.params_spec, self.seqlen = eval_fn, params_spec, seqlen
+    self.compiled = None  # A future of the compiled eval step.
+
+  def compile(self, start: int, num_steps: int):
+    """Queues the compile at the priority of the first evaluation after step `start`."""
+    first_eval = (start // self.e.every_steps + 1) * self.e.every_steps
+    self.compiled = self.executables.compile_other(
+        "eval", self.eval_fn, self.params_spec,
+        compiled_steps.batch_spec(self.e.batch_size, self.seqlen, self.layout.batch),
+        priority=min(first_eval, num_steps))
+
+  def loss(self, params, step: int, num_steps: int) -> float:
+    """The loss at `step`; waiting for the compile counts as a stall. Every batch is
+    dispatched before one transfer reads them all."""
+    if self.compiled is None:  # A state set without the trainer's setup.
+      self.compile(step, num_steps)
+    eval_step = self.executables.wait_for(self.compiled)
+    sums = []
+    for number in range(self.e.batches):
+      batch = input_pipeline.validation_batch(self.val_index, number, self.e.batch_size,
+                                              *self.layout.process_rows)
+      batch = self.layout.global_batch({"inputs": batch.inputs, "targets": batch.targets},
+                                       self.e.batch_size)
+      sums.append(eval_step(params, batch))
+    fetched = sharding.fetch(sums)
+    return sum(float(s) for s, _ in fetched) / sum(float(n) for _, n in fetched)

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from slw_jax import cli, config_lib, pacing, report, reporting
+from slw_jax import cli, config_diff, config_lib, errors, pacing, report, run_log
 
 STATE_FILE = "tune_state.json"
 # Fields a tuner directory may differ in from the config that started it: what it tunes, and
@@ -38,7 +38,7 @@ FREE_FIELDS = ("tune.max_cost_fraction", "log.print_every_steps", "compile.threa
                "compile.cache_dir")
 
 
-class TuneError(config_lib.ConfigError):
+class TuneError(errors.ConfigError):
   """A tuning request that cannot run as asked (one line: what and what is allowed)."""
 
 
@@ -165,7 +165,7 @@ class Tuner:
   # ----- state -------------------------------------------------------------------------------
 
   def _fingerprint(self) -> dict:
-    return {k: v for k, v in config_lib.flatten(self.c.to_dict()).items() if k not in FREE_FIELDS}
+    return {k: v for k, v in config_diff.flatten(self.c.to_dict()).items() if k not in FREE_FIELDS}
 
   def _load_state(self) -> dict:
     path = os.path.join(self.workdir, STATE_FILE)
@@ -173,7 +173,7 @@ class Tuner:
       return {}
     with open(path) as f:
       state = json.load(f)
-    changed = config_lib.first_difference(state["config"], self._fingerprint())
+    changed = config_diff.first_difference(state["config"], self._fingerprint())
     if changed:
       raise TuneError(f"--workdir={self.workdir} holds a tuner run of another config "
                       f"({changed}): use a new --workdir or the same config")
@@ -181,7 +181,7 @@ class Tuner:
 
   def _save_state(self):
     state = {"config": self._fingerprint(), "trials": list(self.done.values())}
-    reporting.write_json(os.path.join(self.workdir, STATE_FILE), state)
+    run_log.write_json(os.path.join(self.workdir, STATE_FILE), state)
 
   # ----- trials ------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class Tuner:
               "trials": rows, "tokens": tokens, "seconds": sum(r["seconds"] for r in rows),
               "run_tokens": self.run_tokens, "cost_fraction": tokens / self.run_tokens,
               "cost_bound_tokens": self.bound}
-    reporting.write_json(os.path.join(self.workdir, "tune_result.json"), result)
+    run_log.write_json(os.path.join(self.workdir, "tune_result.json"), result)
     with open(os.path.join(self.workdir, "tune.md"), "w") as f:
       f.write(render(result))
     return result
@@ -307,10 +307,11 @@ def main(argv=None):
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:
-      raise cli.UsageError("--workdir is required: the tuner's directory, e.g. "
-                           "--workdir=runs/tune_tiny")
-    from slw_jax import hardware, trainer  # pylint: disable=g-import-not-at-top
+      raise errors.UsageError("--workdir is required: the tuner's directory, e.g. "
+                              "--workdir=runs/tune_tiny")
+    from slw_jax import hardware  # pylint: disable=g-import-not-at-top
     hardware.use_gpu_memory_fraction()
+    cli.writable_directory(cli.WORKDIR.value)
     os.makedirs(cli.WORKDIR.value, exist_ok=True)
     tuner = Tuner(config, cli.WORKDIR.value)
   print(f"tune: trials cost at most {tuner.bound:,} tokens "
@@ -318,7 +319,7 @@ def main(argv=None):
   try:
     with cli.exit_on_bad_input():  # A trial's own setup errors (memory check, data): one line.
       result = tuner.run()
-  except trainer.StopTraining as error:
+  except errors.StopTraining as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:

@@ -16,6 +16,22 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
 
+# Test tiers (markers registered in pyproject.toml; `make test` runs every tier, `make
+# test-fast` only the unmarked unit tier). `slow` is set on the tests themselves (over about
+# 3 s each on a 2-core machine); the other two follow from where a test lives.
+MULTIPROCESS_FILES = ("test_multihost.py", "test_multiprocess_faults.py")
+
+
+def pytest_collection_modifyitems(items):
+  """Every test under tests/faults/ is a `fault` test (injected crashes, full disks, bad
+  input end to end); every test that starts several JAX processes is `multiprocess`."""
+  for item in items:
+    path = pathlib.Path(str(item.fspath))
+    if path.parent.name == "faults":
+      item.add_marker(pytest.mark.fault)
+    if path.name in MULTIPROCESS_FILES:
+      item.add_marker(pytest.mark.multiprocess)
+
 
 @pytest.fixture
 def load_config():

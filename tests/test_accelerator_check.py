@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "accelerator_check.py"
@@ -21,6 +23,7 @@ def smoke_env() -> dict:
   return env
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_every_item(tmp_path):
   result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", f"--out={tmp_path}"],
                           cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)

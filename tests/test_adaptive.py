@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import metric_rows as _rows, poison_position
-from slw_jax import adaptive, config_lib, pacing, schedules, trainer, tune
+from slw_jax import adaptive, errors, optim, pacing, trainer, tune
 
 ADAPTIVE = {"pacing.kind": "adaptive", "pacing.adaptive.every_steps": 2,
             "pacing.adaptive.deadline_fraction": 0.75, "train_steps": 16}
@@ -32,9 +32,9 @@ def _feed(controller, rows, first_step=0):
 # ----- the rule ----------------------------------------------------------------------------
 
 def test_ladder_climbs_by_the_multiple_or_by_whole_buckets(make_config):
-  assert adaptive.ladder(_config(make_config)) == [8, 16, 24, 32]
+  assert pacing.ladder(_config(make_config)) == [8, 16, 24, 32]
   padded = _config(make_config, **{"compile.pad_multiple": 16, "pacing.seqlen_start": 12})
-  assert adaptive.ladder(padded) == [8, 16, 32]  # Start rounded down, then whole buckets.
+  assert pacing.ladder(padded) == [8, 16, 32]  # Start rounded down, then whole buckets.
 
 
 def test_quiet_windows_grow_one_rung_from_two_steps_on(make_config):
@@ -100,7 +100,7 @@ def test_slowest_schedule_is_the_deadline_ramp_by_tokens(make_config):
                               "pacing.adaptive.deadline_fraction": 0.5})
   s = pacing.run_schedule(c)
   assert s.total_tokens >= 4000 > s.tokens_before[-2]
-  deadline = adaptive.Deadline(c)
+  deadline = pacing.Deadline(c)
   for t in range(s.num_steps):
     assert s.seqlen[t] == deadline.floor(t, s.tokens_before[t])
   assert s.seqlen[-1] == 32 and np.all(np.diff(s.seqlen) >= 0)
@@ -110,7 +110,7 @@ def test_slowest_schedule_is_the_deadline_ramp_by_tokens(make_config):
 
 def test_fastest_schedule_grows_at_every_decision_and_ends_sooner(make_config):
   c = _config(make_config, **{"train_steps": None, "train_tokens": 4000})
-  fastest = pacing.run_schedule(c, adaptive.fastest_changes(c))
+  fastest = pacing.run_schedule(c, pacing.fastest_changes(c))
   assert list(fastest.seqlen[:9]) == [8, 8, 8, 16, 16, 24, 24, 32, 32]
   assert fastest.num_steps < pacing.run_schedule(c).num_steps
   assert fastest.total_tokens >= 4000 > fastest.tokens_before[-2]
@@ -118,8 +118,8 @@ def test_fastest_schedule_grows_at_every_decision_and_ends_sooner(make_config):
 
 def test_lr_decays_by_the_tokens_of_the_schedule_walked(make_config):
   c = _config(make_config, **{"train_steps": None, "train_tokens": 4000})
-  fastest = pacing.run_schedule(c, adaptive.fastest_changes(c))
-  lrs = schedules.learning_rates(c, fastest)
+  fastest = pacing.run_schedule(c, pacing.fastest_changes(c))
+  lrs = optim.learning_rates(c, fastest)
   assert lrs[-1] == pytest.approx(c.optim.min_lr, rel=0.05)  # The decay ends on the budget.
   assert lrs[0] == pytest.approx(c.optim.lr / c.optim.warmup_steps)
 
@@ -136,7 +136,7 @@ def test_the_walk_is_the_step_by_step_rule(make_config, overrides):
   c = _config(make_config, **overrides)
   for changes in ([[0, 8]], [[0, 8], [5, 16], [40, 24], [41, 16], [90, 32]]):
     s = pacing.run_schedule(c, changes)
-    deadline = adaptive.Deadline(c)
+    deadline = pacing.Deadline(c)
     for t in range(s.num_steps):
       in_effect = [seqlen for first, seqlen in changes if first <= t][-1]
       assert s.seqlen[t] == max(in_effect, deadline.floor(t, s.tokens_before[t])), t
@@ -171,12 +171,12 @@ def test_lengths_are_not_a_function_of_the_step_alone(make_config):
      r"batch_warmup.allow_with_slw=True"),
 ])
 def test_bad_adaptive_settings_are_one_line_errors(make_config, overrides, message):
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     _config(make_config, **overrides)
 
 
 def test_unknown_adaptive_keys_are_refused(make_config):
-  with pytest.raises((AttributeError, KeyError, config_lib.ConfigError), match="every_step\\b"):
+  with pytest.raises((AttributeError, KeyError, errors.ConfigError), match="every_step\\b"):
     _config(make_config, **{"pacing.adaptive.every_step": 3})
 
 
@@ -192,6 +192,7 @@ def _events(workdir, kind="pacing"):
     return [e for e in map(json.loads, f) if e["event"] == kind]
 
 
+@pytest.mark.slow
 def test_a_run_lengthens_by_its_decisions_and_records_them(make_config, tmp_path):
   c = _config(make_config)
   run = trainer.Trainer(c, str(tmp_path))
@@ -210,6 +211,7 @@ def test_a_run_lengthens_by_its_decisions_and_records_them(make_config, tmp_path
     assert json.load(f)["pacing"]["kind"] == "adaptive"
 
 
+@pytest.mark.slow
 def test_a_rollback_restores_the_pacing_state_of_its_target(make_config, tmp_path, monkeypatch):
   poison_position(monkeypatch, 7 * 4)  # Step 7's batch: back to checkpoint 4.
   c = _config(make_config, **{"monitor.action": "rollback", "checkpoint.every_steps": 4})
@@ -226,12 +228,13 @@ def test_a_rollback_restores_the_pacing_state_of_its_target(make_config, tmp_pat
       pacing.run_schedule(c, replayed.changes).seqlen)
 
 
+@pytest.mark.slow
 def test_switching_between_fixed_and_adaptive_pacing_is_a_recipe_change(make_config, tmp_path):
   same_keys = {"pacing__adaptive__every_steps": 2, "pacing__adaptive__deadline_fraction": 0.75}
   trainer.Trainer(make_config(train_steps=8, **same_keys), str(tmp_path)).run()  # Linear.
   c = _config(make_config)
-  with pytest.raises(trainer.StopTraining, match=r"another recipe.*pacing.kind='linear' there, "
-                                                 r"'adaptive' here"):
+  with pytest.raises(errors.StopTraining, match=r"another recipe.*pacing.kind='linear' there, "
+                     r"'adaptive' here"):
     trainer.Trainer(c, str(tmp_path)).setup()
   summary = trainer.Trainer(c, str(tmp_path), allow_schedule_change=True).run()
   assert summary["completed"] and summary["pacing"]["changes"] == [[0, 8], [8, 32]]
@@ -239,10 +242,11 @@ def test_switching_between_fixed_and_adaptive_pacing_is_a_recipe_change(make_con
   assert any(e["event"] == "schedule_change" for e in map(json.loads, open(
       tmp_path / "events.jsonl")))
   back = make_config(train_steps=16, **same_keys)  # And adaptive's checkpoint as linear.
-  with pytest.raises(trainer.StopTraining, match=r"pacing.kind='adaptive' there, 'linear' here"):
+  with pytest.raises(errors.StopTraining, match=r"pacing.kind='adaptive' there, 'linear' here"):
     trainer.Trainer(back, str(tmp_path)).setup()
 
 
+@pytest.mark.slow
 def test_the_report_plots_length_and_signals_of_an_adaptive_run(make_config, tmp_path):
   from slw_jax import report  # pylint: disable=g-import-not-at-top
   trainer.Trainer(_config(make_config), str(tmp_path / "run")).run()
@@ -269,10 +273,11 @@ class _StopAt(trainer.Trainer):
 
   def _finish_step(self, t, metrics):
     if t == 6:
-      self.stop_signal = "SIGTERM"
+      self.stop.signal = "SIGTERM"
     return super()._finish_step(t, metrics)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_decides_and_trains_bitwise_as_one_never_stopped(make_config, tmp_path):
   c = _config(make_config, **{"checkpoint.every_steps": 100})  # Only the stop's save.
   reference = trainer.Trainer(c, str(tmp_path / "a")).run()

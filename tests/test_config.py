@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import CONFIG_FILES, REPO
-from slw_jax import config_lib, models
+from slw_jax import config_diff, config_lib, models
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
@@ -127,6 +127,7 @@ def _cli(*args):
     (["--config=configs/missing.py"], "no such file"),
     ([], "--config is required"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
   result = _cli(*args)
   assert result.returncode == 2
@@ -153,18 +154,19 @@ def test_old_checkpoint_configs_gain_new_defaults_on_one_device(load_config):
   saved = config_lib.validate(load_config("tiny")).to_dict()
   del saved["model"]["remat"], saved["optim"]["microbatches"], saved["mesh"]["allow_replicated"]
   saved["model"]["attention"] = "cudnn"
-  c = config_lib.on_one_device(saved)
+  c = config_diff.on_one_device(saved)
   assert c.model.remat == "none" and c.optim.microbatches == 1 and c.model.attention == "auto"
   assert models.GPTConfig.from_config(saved["model"]).remat == "none"
 
 
+@pytest.mark.slow
 def test_a_saved_config_without_qk_norm_builds_the_model_it_always_built(load_config):
   """model.qk_norm is param-shaping, yet a checkpoint's config from before it existed still
   builds (with or without saved_defaults) the same model: no q/k norm, the same parameters."""
   current = config_lib.validate(load_config("tiny"))
   saved = current.to_dict()
   del saved["model"]["qk_norm"]
-  assert config_lib.on_one_device(saved).model.qk_norm is False
+  assert config_diff.on_one_device(saved).model.qk_norm is False
   old = models.GPTConfig.from_config(saved["model"])  # No KeyError: it takes the default.
   assert old == models.GPTConfig.from_config(current.model) and not old.qk_norm
   build = lambda cfg: nnx.to_pure_dict(nnx.state(  # noqa: E731
@@ -184,7 +186,7 @@ def test_scan_layers_defaults_on_from_12_blocks_and_off_for_old_checkpoints(load
   assert not config_lib.validate(load_config("gpt2_117m", model__scan_layers=False)).model.scan_layers
   saved = config_lib.validate(load_config("gpt2_117m")).to_dict()
   del saved["model"]["scan_layers"]  # Saved by a release that always unrolled its blocks.
-  assert not config_lib.on_one_device(saved).model.scan_layers
+  assert not config_diff.on_one_device(saved).model.scan_layers
   assert not models.GPTConfig.from_config(saved["model"]).scan_layers
 
 
@@ -234,7 +236,7 @@ def test_a_saved_config_from_before_rounding_down_still_loads():
   saved["model"].update(max_seqlen=256, vocab_size=259)
   saved["data"].update(source="pystdlib", vocab="byte")
   saved["train_tokens"] = 1_000_000
-  c = config_lib.on_one_device(saved)
+  c = config_diff.on_one_device(saved)
   assert c.pacing.seqlen_start == 32
 
 
@@ -246,7 +248,7 @@ def test_an_old_checkpoints_config_shows_the_changed_defaults_as_logged_changes(
   saved = {**current, "model": dict(current["model"]), "compile": dict(current["compile"])}
   del saved["model"]["dropout_rng"], saved["compile"]["xla_remat"]
   allowed, schedule = resume.check_config(
-      config_lib.saved_defaults(saved), current, models.GPTConfig.param_shaping_fields(),
+      config_diff.saved_defaults(saved), current, models.GPTConfig.param_shaping_fields(),
       "--workdir=old", allow_schedule_change=False)
   assert "model.dropout_rng='threefry' there, 'hash' here" in allowed
   assert "compile.xla_remat=True there, False here" in allowed and schedule == []

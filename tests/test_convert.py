@@ -18,7 +18,7 @@ import torch  # noqa: E402  (test-only dependencies, pinned in requirements.txt)
 import transformers  # noqa: E402
 
 from conftest import REPO, metric_rows  # noqa: E402
-from slw_jax import checkpoint, config_lib, convert, evaluate, trainer  # noqa: E402
+from slw_jax import checkpoint, config_lib, convert, errors, evaluate, trainer  # noqa: E402
 
 SHAPE = {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4}
 
@@ -99,6 +99,7 @@ def save_sharded_half(model, directory):
     ("old_pytorch_bin", {"model__attention": "dot_product"}, "pytorch_model.bin"),
     ("sharded_float16", {"model__scan_layers": True}, "model.safetensors.index.json"),
 ])
+@pytest.mark.slow
 def test_imported_logits_equal_transformers(tmp_path, load_config, layout, overrides, source):
   model = hf_gpt2()
   hf_dir = tmp_path / "hf"
@@ -111,6 +112,7 @@ def test_imported_logits_equal_transformers(tmp_path, load_config, layout, overr
     assert relative_error(our_logits(tmp_path / "run", tokens), hf_logits(model, tokens)) < 1e-4
 
 
+@pytest.mark.slow
 def test_export_loads_back_into_transformers(tmp_path, load_config):
   import tokenizers  # pylint: disable=g-import-not-at-top
   model = hf_gpt2(seed=1, eos=7)
@@ -151,6 +153,7 @@ def test_export_loads_back_into_transformers(tmp_path, load_config):
     evaluate.run(str(moved), "val", None, None, None, 2, 8)
 
 
+@pytest.mark.slow
 def test_gpt2_tokenizer_model_is_not_trained_on_other_ids(tmp_path, make_config):
   c = make_config()
   hf_dir = tmp_path / "hf"
@@ -159,11 +162,12 @@ def test_gpt2_tokenizer_model_is_not_trained_on_other_ids(tmp_path, make_config)
   (hf_dir / "tokenizer.json").write_text("{}")  # Any GPT-2 tokenizer: training is refused.
   convert.import_hf(str(hf_dir), str(tmp_path / "run"), c, log=lambda _: None)
   run = trainer.Trainer(c, str(tmp_path / "run"))
-  with pytest.raises(trainer.StopTraining, match="imported with the tokenizer gpt2:.* but "
+  with pytest.raises(errors.StopTraining, match="imported with the tokenizer gpt2:.* but "
                      "config.data.vocab='byte': training would feed it other token ids"):
     run.restore_or_init()
 
 
+@pytest.mark.slow
 def test_training_continues_from_imported_weights(tmp_path, make_config):
   c = make_config(train_steps=3, optim__warmup_steps=1)
   m = c.model
@@ -275,6 +279,7 @@ def _convert(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
   hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
   hf_gpt2().save_pretrained(hf_dir)
@@ -309,6 +314,7 @@ def test_command_line(tmp_path):
     assert (result.returncode, result.stderr.strip()) == (2, error)
 
 
+@pytest.mark.slow
 def test_an_imported_gpt2_trains_on_data_in_its_own_tokenizer(tmp_path, make_config,
                                                                corpus_dir):
   """Import a GPT-2 with its tokenizer files, prepare data with them (the data.vocab convert

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from slw_jax import models
+from slw_jax import attention
 
 spec = importlib.util.spec_from_file_location(
     "cudnn_dropout_probe", REPO / "benchmarks" / "cudnn_dropout_probe.py")
@@ -19,10 +19,10 @@ spec.loader.exec_module(probe_module)
 def _hashed_attention(key):
   """Attention with hashed dropout from `key`: the same mask at every call, forward and
   backward consistent (autodiff)."""
-  def attention(q, k, v, rate, seed=0):
-    drop = models.AttentionDropout.from_key(jax.random.fold_in(key, seed), rate, q.shape[1])
-    return models.blockwise_causal_attention(q, k, v, q.shape[1], drop)
-  return attention
+  def kernel(q, k, v, rate, seed=0):
+    drop = attention.AttentionDropout.from_key(jax.random.fold_in(key, seed), rate, q.shape[1])
+    return attention.blockwise_causal_attention(q, k, v, q.shape[1], drop)
+  return kernel
 
 
 KEYS = (jax.random.key(1), jax.random.key(2))  # Made outside any trace: closed over in VJPs.
@@ -34,17 +34,17 @@ def _inconsistent_attention(q, k, v, rate, seed=0):
                        for key in KEYS)
 
   @jax.custom_vjp
-  def attention(q, k, v):
+  def kernel(q, k, v):
     return forward(q, k, v, rate)
 
   def fwd(q, k, v):
-    return attention(q, k, v), (q, k, v)
+    return kernel(q, k, v), (q, k, v)
 
   def bwd(saved, g):
     return jax.vjp(lambda q, k, v: backward(q, k, v, rate), *saved)[1](g)
 
-  attention.defvjp(fwd, bwd)
-  return attention(q, k, v)
+  kernel.defvjp(fwd, bwd)
+  return kernel(q, k, v)
 
 
 def test_off_a_gpu_the_probe_says_it_is_not_available():
@@ -54,12 +54,13 @@ def test_off_a_gpu_the_probe_says_it_is_not_available():
 
 
 @pytest.mark.parametrize("kernel,consistent", [("hashed", True), ("inconsistent", False)])
+@pytest.mark.slow
 def test_probe_reads_the_mask_and_catches_a_backward_with_another_mask(monkeypatch, kernel,
                                                                       consistent):
-  monkeypatch.setattr(models, "resolve_attention", lambda *a, **k: ("cudnn", "test"))
-  attention = (_hashed_attention(jax.random.key(1)) if kernel == "hashed"
-               else _inconsistent_attention)
-  monkeypatch.setattr(models, "cudnn_attention_with_dropout", attention)
+  monkeypatch.setattr(attention, "resolve_attention", lambda *a, **k: ("cudnn", "test"))
+  stand_in = (_hashed_attention(jax.random.key(1)) if kernel == "hashed"
+              else _inconsistent_attention)
+  monkeypatch.setattr(attention, "cudnn_attention_with_dropout", stand_in)
   result = probe_module.probe(0.1)
   assert result["available"] and abs(result["kept_fraction"] - 0.9) < 0.02
   # A fixed key: the next call draws the same mask, which is what the probe must flag on a GPU.

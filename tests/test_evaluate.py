@@ -88,6 +88,7 @@ def test_lambada_example_layout():
   assert bytes(int(t) - 3 for t in targets[mask]) == b" end" and mask[-4:].all()
 
 
+@pytest.mark.slow
 def test_evaluate_a_trained_run(make_config, tmp_path):
   workdir = str(tmp_path / "run")
   trainer.Trainer(make_config(train_steps=4, checkpoint__every_steps=2), workdir).run()
@@ -128,6 +129,7 @@ def test_gpt2_bpe_from_local_files(tmp_path):
     tokenizers_lib.make_tokenizer("spm:/nonexistent.model")
 
 
+@pytest.mark.slow
 def test_validation_streams_a_split_larger_than_its_batch(make_config, tmp_path, monkeypatch):
   """--task=val reads batch_size windows at a time (never the whole split) and gives the loss
   of scoring every window at once; the last, partial batch counts only its real windows."""

@@ -38,6 +38,7 @@ def smoke(tmp_path_factory):
     return out, json.load(f)
 
 
+@pytest.mark.slow
 def test_smoke_records_every_variant_in_both_passes(smoke):
   _, report = smoke
   assert set(report["passes"]) == {"h100", "native"}
@@ -55,6 +56,7 @@ def test_smoke_records_every_variant_in_both_passes(smoke):
   assert report["parent_started_jax"] is False  # It would hold GPU memory during the passes.
 
 
+@pytest.mark.slow
 def test_smoke_variants_compile_what_they_say(smoke):
   _, report = smoke
   h100 = report["passes"]["h100"]["variants"]
@@ -70,6 +72,7 @@ def test_smoke_variants_compile_what_they_say(smoke):
   assert h100["V0"]["gemms"] != h100["V4"]["gemms"]
 
 
+@pytest.mark.slow
 def test_smoke_profile_says_there_were_no_gpu_events(smoke):
   _, report = smoke
   for name in ("V0", "V7"):
@@ -78,6 +81,7 @@ def test_smoke_profile_says_there_were_no_gpu_events(smoke):
     assert profile["note"].startswith("no GPU device events in the trace")
 
 
+@pytest.mark.slow
 def test_smoke_runs_the_torch_peer_and_writes_the_tables(smoke):
   out, report = smoke
   for name in ("T", "T_R"):
@@ -110,6 +114,7 @@ def test_bad_input_is_one_line_and_exit_2_before_compiling(tmp_path, capsys, fla
   assert not (tmp_path / "gpu_ab.json").exists()  # It stopped before any pass started.
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_from_the_command_line(tmp_path):
   done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--variants=V0,nope",
                          f"--out={tmp_path}"], cwd=REPO, env=smoke_env(), capture_output=True,

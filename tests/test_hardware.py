@@ -29,6 +29,26 @@ def test_make_train_never_forces_the_cpu_and_make_test_does():
   assert test.returncode == 0 and test.stdout.strip() == "JAX_PLATFORMS=cpu", test.stderr
 
 
+UNIT_TIER = "not slow and not fault and not multiprocess"
+
+
+@pytest.mark.slow
+def test_make_test_fast_runs_the_unit_tier_on_the_cpu():
+  """`make test-fast` is pytest over the unit tier (no slow, fault or multiprocess test) on the
+  CPU backend, and that tier leaves every fault and multi-process test out."""
+  fast = _make("-n", "-o", ".venv/.installed-test", "-o", ".venv/.installed-cpu", "test-fast")
+  assert fast.returncode == 0 and f'-m "{UNIT_TIER}" tests' in fast.stdout, fast.stderr
+  cpu = _make("-o", ".venv/.installed-test", "-o", ".venv/.installed-cpu", "test-fast",
+              PRINT_PLATFORMS)
+  assert cpu.returncode == 0 and cpu.stdout.strip() == "JAX_PLATFORMS=cpu", cpu.stderr
+  collected = subprocess.run(
+      [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", UNIT_TIER, "tests"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  ids = [line for line in collected.stdout.splitlines() if "::" in line]
+  assert collected.returncode == 0 and len(ids) > 300, collected.stdout[-2000:]
+  assert not [i for i in ids if i.startswith("tests/faults/") or "test_multihost" in i]
+
+
 def test_unknown_accel_is_a_one_line_error():
   result = _make("-n", "setup", "ACCEL=rocm")
   assert result.returncode != 0
@@ -73,6 +93,7 @@ def test_no_accelerator_found_stops_unless_allowed(monkeypatch):
   hardware.check_accelerator(allow_cpu=False)  # A CPU machine with CPU wheels trains.
 
 
+@pytest.mark.slow
 def test_main_reports_a_missing_accelerator_in_one_line(tmp_path):
   """Through the real entry point: a fake CUDA plugin module on the path, no GPU."""
   (tmp_path / "jax_cuda12_plugin").mkdir()

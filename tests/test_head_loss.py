@@ -53,6 +53,7 @@ def test_head_backward_dots_take_bf16_operands_when_lowered_for_cuda(load_config
     assert all(d == ("bf16", "bf16") for d in dots), dots
 
 
+@pytest.mark.slow
 def test_fused_head_never_holds_a_whole_float32_logits_tensor(load_config):
   """CPU memory analysis of the loss and gradients: the full head's temporaries exceed one
   float32 [tokens, vocab] tensor, the fused head's stay below half of it (its chunks hold

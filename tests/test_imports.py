@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
-TRAINING_MODULES = ["slw_jax.models", "slw_jax.pacing", "slw_jax.schedules", "slw_jax.plan",
+TRAINING_MODULES = ["slw_jax.models", "slw_jax.pacing", "slw_jax.optim", "slw_jax.plan",
                     "slw_jax.config_lib", "slw_jax.cli", "slw_jax.input_pipeline",
                     "slw_jax.trainer", "slw_jax.main", "slw_jax.monitor", "slw_jax.checkpoint",
                     "slw_jax.sharding", "slw_jax.distributed", "slw_jax.evaluate",
@@ -14,6 +16,7 @@ TRAINING_MODULES = ["slw_jax.models", "slw_jax.pacing", "slw_jax.schedules", "sl
 DATA_PACKAGES = "('tensorflow', 'seqio', 'tensorflow_datasets')"
 
 
+@pytest.mark.slow
 def test_training_modules_do_not_import_tensorflow():
   code = ("import sys\n" + "".join(f"import {m}\n" for m in TRAINING_MODULES) +
           f"print(sorted(m for m in sys.modules if m.split('.')[0] in {DATA_PACKAGES}))")
@@ -22,6 +25,7 @@ def test_training_modules_do_not_import_tensorflow():
   assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_run_that_prepares_its_data_never_imports_tensorflow(tmp_path, corpus_dir):
   """The trainer prepares missing data in a child process: after a whole run that did, neither
   TensorFlow nor the preparation module was ever imported by the training process."""

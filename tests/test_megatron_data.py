@@ -41,6 +41,7 @@ def test_reads_megatron_cores_files_in_both_dtypes(tmp_path, vocab_size, dtype):
   np.testing.assert_array_equal(splits["train"][:len(documents[0])], reference[0])
 
 
+@pytest.mark.slow
 def test_trains_on_a_megatron_pair_without_preparing(tmp_path, make_config):
   """data.source=megatron:PREFIX: the loader's windows are the .bin's own token stream, and a
   run trains on it with no data.dir prepared."""

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jex_core
 
-from slw_jax import config_lib, models
+from slw_jax import attention, config_lib, errors, models, pinned
 
 def build(cfg, seed=0):
   """A concrete model, initialized under jit (eager NNX init dispatches op by op: slow)."""
@@ -32,6 +32,7 @@ def _model_cfg(load_config, name="tiny", **overrides):
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.slow
 def test_published_parameter_counts(load_config, name):
   # Published counts are for the unpadded vocabulary (the configs pad it to 50304 rows).
   cfg = _model_cfg(load_config, name, model__vocab_pad_multiple=1)
@@ -41,6 +42,7 @@ def test_published_parameter_counts(load_config, name):
   assert models.num_params(padded) == PUBLISHED[name] + 47 * padded.d_model
 
 
+@pytest.mark.slow
 def test_vocab_padding_adds_rows_but_not_logits(load_config):
   cfg = _model_cfg(load_config, "gpt2_117m", model__vocab_pad_multiple=128)
   assert cfg.padded_vocab == 50304
@@ -57,6 +59,7 @@ def tiny_model():
   return build(cfg)
 
 
+@pytest.mark.slow
 def test_causality(tiny_model):
   tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 259)
   base = forward(tiny_model, tokens)
@@ -87,20 +90,22 @@ def test_too_long_sequence_is_a_clear_error(tiny_model):
 
 
 @pytest.mark.parametrize("seqlen,block", [(64, 16), (64, 24), (40, 128), (8, 8), (1, 4)])
+@pytest.mark.slow
 def test_blockwise_attention_equals_dot_product_attention(seqlen, block):
   q, k, v = (jax.random.normal(jax.random.key(i), (2, seqlen, 3, 16)) for i in range(3))
   reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa
-  blockwise = lambda q, k, v: models.blockwise_causal_attention(q, k, v, block)  # noqa
+  blockwise = lambda q, k, v: attention.blockwise_causal_attention(q, k, v, block)  # noqa
   np.testing.assert_allclose(blockwise(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-5)
   grads = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)  # noqa
   for ours, theirs in zip(grads(blockwise), grads(reference)):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_attention_kinds_agree():
   cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=64,
                          attention="dot_product")
-  assert models.resolve_attention("auto", "float32")[0] == "blockwise"  # The CPU backend.
+  assert attention.resolve_attention("auto", "float32")[0] == "blockwise"  # The CPU backend.
   tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 259)
   reference = forward(build(cfg), tokens)
   for block in (16, 128):
@@ -109,6 +114,7 @@ def test_model_attention_kinds_agree():
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   cfg = models.GPTConfig(vocab_size=259, n_layer=2, d_model=64, n_head=4, max_seqlen=32,
                          dtype="bfloat16")
@@ -129,6 +135,7 @@ def test_every_parameter_has_logical_axis_names(tiny_model):
     assert any(axis is not None for axis in spec)
 
 
+@pytest.mark.slow
 def test_gpt2_initialization_scales():
   cfg = models.GPTConfig(vocab_size=512, n_layer=8, d_model=256, n_head=4, max_seqlen=64)
   model = build(cfg, seed=3)
@@ -142,6 +149,7 @@ def test_gpt2_initialization_scales():
   assert float(jnp.abs(block.ln_1.scale_d[...] - 1).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_dropout_is_off_when_deterministic():
   cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=32, n_head=2, max_seqlen=16,
                          dropout=0.5)
@@ -173,6 +181,7 @@ def test_residual_dropout_drops_its_rate_uncorrelated_and_rescales(rng):
 
 
 @pytest.mark.parametrize("rng", ["hash", "threefry"])
+@pytest.mark.slow
 def test_residual_dropout_masks_do_not_depend_on_the_length(rng):
   """A position's mask is the same at any length (padded buckets drop what the real length
   drops), for both mask kinds; the two kinds draw different masks."""
@@ -184,14 +193,14 @@ def test_residual_dropout_masks_do_not_depend_on_the_length(rng):
 
 
 def test_attention_dropout_drops_its_rate_of_probabilities_and_rescales_the_rest():
-  drop = models.AttentionDropout.from_key(jax.random.key(0), 0.1, 128)
+  drop = attention.AttentionDropout.from_key(jax.random.key(0), 0.1, 128)
   keep = np.asarray(drop.keep(8, 4, (0, 128), 128))
   assert abs(keep.mean() - 0.9) < 0.005  # 524,288 draws: 5 sigma is 0.002.
   # Neighbouring positions, heads and rows are not correlated.
   for axis in (1, 2, 3):
     a, b = np.moveaxis(keep, axis, 0)[:-1].ravel(), np.moveaxis(keep, axis, 0)[1:].ravel()
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
-  other = np.asarray(models.AttentionDropout.from_key(jax.random.key(1), 0.1, 128).keep(
+  other = np.asarray(attention.AttentionDropout.from_key(jax.random.key(1), 0.1, 128).keep(
       8, 4, (0, 128), 128))
   assert abs(np.corrcoef(keep.ravel(), other.ravel())[0, 1]) < 0.01  # Another key, other masks.
   p = jnp.full((8, 4, 128, 128), 0.5)
@@ -199,35 +208,38 @@ def test_attention_dropout_drops_its_rate_of_probabilities_and_rescales_the_rest
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_attention_dropout_masks_do_not_depend_on_length_or_query_block():
   """A position's mask is the same in a padded bucket and in any query block: padded training
   stays exact with attention dropout on."""
-  drop = models.AttentionDropout.from_key(jax.random.key(2), 0.3, 64)
+  drop = attention.AttentionDropout.from_key(jax.random.key(2), 0.3, 64)
   q = jax.random.normal(jax.random.key(1), (2, 48, 3, 16))
-  long = models.blockwise_causal_attention(q, q, q, 16, drop)
-  short = models.blockwise_causal_attention(q[:, :32], q[:, :32], q[:, :32], 8, drop)
+  long = attention.blockwise_causal_attention(q, q, q, 16, drop)
+  short = attention.blockwise_causal_attention(q[:, :32], q[:, :32], q[:, :32], 8, drop)
   np.testing.assert_allclose(np.asarray(long[:, :32]), np.asarray(short), rtol=1e-5, atol=1e-6)
-  plain = models.blockwise_causal_attention(q, q, q, 16)
+  plain = attention.blockwise_causal_attention(q, q, q, 16)
   assert not np.allclose(np.asarray(long), np.asarray(plain))
-  one_call = models.attend(q, q, q, "dot_product", 16, drop)  # One block: the accelerators' path.
+  # One block: the accelerators' path.
+  one_call = attention.attend(q, q, q, "dot_product", 16, drop)
   np.testing.assert_allclose(np.asarray(one_call), np.asarray(long), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_attention_dropout_leaves_the_fused_kernels_unless_cudnn_is_explicit():
   for backend in ("gpu", "tpu"):
-    kernel, why = models.resolve_attention("auto", "bfloat16", backend, attention_dropout=0.1)
+    kernel, why = attention.resolve_attention("auto", "bfloat16", backend, attention_dropout=0.1)
     assert kernel == "dot_product" and "model.attention_dropout=0.1" in why
-  assert models.resolve_attention("auto", "bfloat16", "cpu", attention_dropout=0.1)[0] == \
+  assert attention.resolve_attention("auto", "bfloat16", "cpu", attention_dropout=0.1)[0] == \
       "blockwise"
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.attention='splash' is "
+  with pytest.raises(errors.ConfigError, match=r"config.model.attention='splash' is "
                      r"invalid with model.attention_dropout=0.1: the splash kernel applies no"):
-    models.resolve_attention("splash", "bfloat16", "tpu", attention_dropout=0.1)
-  kernel, why = models.resolve_attention("cudnn", "bfloat16", "gpu", attention_dropout=0.1)
+    attention.resolve_attention("splash", "bfloat16", "tpu", attention_dropout=0.1)
+  kernel, why = attention.resolve_attention("cudnn", "bfloat16", "gpu", attention_dropout=0.1)
   assert kernel == "cudnn" and "cuDNN's own attention dropout" in why
   for backend, dtype in (("cpu", "bfloat16"), ("gpu", "float32")):  # A cuDNN-dropout request
-    with pytest.raises(config_lib.ConfigError, match=r"config.model.attention='cudnn' is "
+    with pytest.raises(errors.ConfigError, match=r"config.model.attention='cudnn' is "
                        r"invalid here"):  # on a device or dtype without it.
-      models.resolve_attention("cudnn", dtype, backend, attention_dropout=0.1)
+      attention.resolve_attention("cudnn", dtype, backend, attention_dropout=0.1)
   cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=32, n_head=2, max_seqlen=16,
                          attention_dropout=0.5)
   model, tokens = build(cfg), jnp.ones((2, 16), jnp.int32)
@@ -249,46 +261,47 @@ def test_train_flops_per_token(load_config):
     ("tpu", "float32", "splash"), ("cpu", "bfloat16", "blockwise"), ("cpu", "float32", "blockwise"),
     ("rocm", "bfloat16", "dot_product")])
 def test_auto_attention_resolves_per_backend_and_dtype(backend, dtype, expected):
-  kernel, why = models.resolve_attention("auto", dtype, backend)
+  kernel, why = attention.resolve_attention("auto", dtype, backend)
   assert kernel == expected and why.startswith("auto")
   if (backend, dtype) == ("gpu", "float32"):
     assert "falls back" in why and "model.dtype=bfloat16" in why  # Said, not silent.
 
 
-@pytest.mark.parametrize("attention,dtype,backend,message", [
+@pytest.mark.parametrize("kind,dtype,backend,message", [
     ("cudnn", "bfloat16", "cpu", "cuDNN fused attention needs a GPU"),
     ("cudnn", "float32", "gpu", "model.dtype=bfloat16"),
     ("splash", "bfloat16", "gpu", "needs a TPU"),
 ])
-def test_kernels_a_backend_cannot_run_are_config_errors(attention, dtype, backend, message):
-  with pytest.raises(config_lib.ConfigError, match=message) as info:
-    models.resolve_attention(attention, dtype, backend)
-  assert f"config.model.attention='{attention}'" in str(info.value)
+def test_kernels_a_backend_cannot_run_are_config_errors(kind, dtype, backend, message):
+  with pytest.raises(errors.ConfigError, match=message) as info:
+    attention.resolve_attention(kind, dtype, backend)
+  assert f"config.model.attention='{kind}'" in str(info.value)
 
 
 def test_cudnn_on_cpu_stops_before_anything_compiles(load_config):
   from slw_jax import train_step  # pylint: disable=g-import-not-at-top
   c = config_lib.validate(load_config("tiny", model__attention="cudnn", model__dtype="bfloat16"))
-  with pytest.raises(config_lib.ConfigError, match="needs a GPU"):
+  with pytest.raises(errors.ConfigError, match="needs a GPU"):
     train_step.on_mesh(c, jax.devices()[:1])
 
 
 def test_buckets_a_kernel_cannot_take_fall_back_and_are_logged():
-  assert models.bucket_attention("auto", "bfloat16", 120, 64, "tpu")[0] == "dot_product"
-  assert models.bucket_attention("auto", "bfloat16", 256, 64, "tpu")[0] == "splash"
-  assert models.bucket_attention("auto", "bfloat16", 64, 160, "gpu")[0] == "dot_product"
+  assert attention.bucket_attention("auto", "bfloat16", 120, 64, "tpu")[0] == "dot_product"
+  assert attention.bucket_attention("auto", "bfloat16", 256, 64, "tpu")[0] == "splash"
+  assert attention.bucket_attention("auto", "bfloat16", 64, 160, "gpu")[0] == "dot_product"
   cfg = models.GPTConfig(vocab_size=259, n_layer=1, d_model=128, n_head=2, max_seqlen=512,
                          dtype="bfloat16")
-  lines = models.attention_lines(cfg, [8, 64, 128, 256])
+  lines = attention.attention_lines(cfg, [8, 64, 128, 256])
   assert lines == ["attention: blockwise (auto: CPU (2-4x faster than XLA attention there))"]
 
 
+@pytest.mark.slow
 def test_splash_kernel_equals_dot_product_attention_alone_and_sharded():
   """The TPU kernel, run in Pallas interpret mode on the CPU: values and gradients, one device
   and inside shard_map over a (data=4, tensor=2) mesh (the layout the trainer pins)."""
   q, k, v = (jax.random.normal(jax.random.key(i), (4, 128, 2, 16)) for i in range(3))
   reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa
-  splash = lambda q, k, v: models.splash_causal_attention(q, k, v, interpret=True)  # noqa
+  splash = lambda q, k, v: attention.splash_causal_attention(q, k, v, interpret=True)  # noqa
   np.testing.assert_allclose(jax.jit(splash)(q, k, v), reference(q, k, v), atol=2e-5)
   grads = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)  # noqa
   for ours, theirs in zip(grads(jax.jit(splash)), grads(reference)):
@@ -298,7 +311,7 @@ def test_splash_kernel_equals_dot_product_attention_alone_and_sharded():
 
   @jax.jit
   def sharded(q, k, v):
-    with models.pinned_shardings(heads=heads):
+    with pinned.pinned_shardings(heads=heads):
       return splash(q, k, v)
   placed = [jax.device_put(x, heads) for x in (q, k, v)]
   np.testing.assert_allclose(sharded(*placed), reference(q, k, v), atol=2e-5)
@@ -314,7 +327,7 @@ def _lower_train_step_for_cuda(monkeypatch, load_config, remat, mesh, attention=
   check sees a cuDNN. Nothing compiles or runs."""
   import types  # pylint: disable=g-import-not-at-top
   from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=all
-  from slw_jax import compile_cache, train_step  # pylint: disable=g-import-not-at-top
+  from slw_jax import compiled_steps, train_step  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(fused, "cuda_versions",
                       types.SimpleNamespace(cudnn_get_version=lambda: 91000))
   monkeypatch.setattr(models.jax, "default_backend", lambda: "gpu")
@@ -332,7 +345,7 @@ def _lower_train_step_for_cuda(monkeypatch, load_config, remat, mesh, attention=
       c, placed.graphdef, placed.optimizer, skip_bad=False, microbatches=2)),
                  donate_argnums=0, out_shardings=(layout.state, layout.replicated))
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=layout.replicated)
-  batch = compile_cache.batch_spec(c.batch_size, 64, layout.batch)
+  batch = compiled_steps.batch_spec(c.batch_size, 64, layout.batch)
   lowered = step.trace(placed.state_spec, batch, lr).lower(lowering_platforms=("cuda",))
   return c, lowered
 
@@ -368,7 +381,7 @@ def test_explicit_cudnn_with_attention_dropout_lowers_to_cudnn_dropout(monkeypat
 
 
 def test_cudnn_attention_dropout_refuses_scanned_layers(load_config):
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.attention='cudnn' is invalid: "
+  with pytest.raises(errors.ConfigError, match=r"config.model.attention='cudnn' is invalid: "
                      r"cuDNN's attention dropout .* needs model.scan_layers=false"):
     config_lib.validate(load_config("tiny", model__attention="cudnn", model__dtype="bfloat16",
                                     model__attention_dropout=0.1, model__scan_layers=True))
@@ -434,6 +447,7 @@ def test_bfloat16_accumulates_scores_and_head_in_float32_and_stays_close():
 @pytest.mark.parametrize("remat,dropout,qk_norm", [
     ("block", 0.0, False), ("dots", 0.0, False), ("block", 0.1, False), ("dots", 0.1, False),
     ("block", 0.1, True), ("dots", 0.0, True)])
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients(remat, dropout, qk_norm):
   """Recomputation changes no value: with dropout on (residual and attention), the recomputed
   forward draws the same masks as the first one and as remat=none; with model.qk_norm too."""
@@ -472,6 +486,7 @@ def loss_and_grads(cfg, tokens):
 
 @pytest.mark.parametrize("remat,dropout,qk_norm", [
     ("none", 0.0, False), ("block", 0.1, False), ("dots", 0.0, False), ("none", 0.0, True)])
+@pytest.mark.slow
 def test_scanned_layers_equal_the_unrolled_model(remat, dropout, qk_norm):
   """model.scan_layers: the same initial parameters (stacked), logits and gradients within
   relative 1e-5 of the unrolled model, dropout masks included, and one scanned block; with

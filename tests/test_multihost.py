@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 from conftest import REPO, TEST_RUN, metric_rows
-from slw_jax import distributed, trainer
+from slw_jax import trainer
 
 # Fixed LR decay: the schedule must not depend on where each run stops.
 RUN = {"train_steps": 9, "optim.decay_tokens": 4000, "checkpoint.every_steps": 3,

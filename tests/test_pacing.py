@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from slw_jax import config_lib, pacing
+from slw_jax import config_lib, errors, pacing
 
 
 class DeepSpeedCurriculum:
@@ -93,7 +93,7 @@ def test_a_start_off_the_multiple_rounds_down_like_deepspeed(load_config, start,
 
 @pytest.mark.parametrize("start,multiple", [(4, 8), (7, 8), (16, 32)])
 def test_a_start_below_the_multiple_is_a_config_error(load_config, start, multiple):
-  with pytest.raises(config_lib.ConfigError, match=rf"config.pacing.seqlen_start={start} is "
+  with pytest.raises(errors.ConfigError, match=rf"config.pacing.seqlen_start={start} is "
                      rf"invalid: must be an integer in \[pacing.multiple={multiple}, "):
     _pacing(load_config, pacing__seqlen_start=start, pacing__multiple=multiple)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from slw_jax import config_lib, pacing, plan, schedules
+from slw_jax import config_lib, optim, pacing, plan
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tiny_plan():
 def test_rows_match_schedule_and_lr(tiny_plan):
   c, p = tiny_plan
   s = pacing.run_schedule(c)
-  lr = schedules.learning_rates(c, s)
+  lr = optim.learning_rates(c, s)
   assert p["total_steps"] == s.num_steps == len(p["rows"])
   assert p["total_tokens"] == s.total_tokens >= c.train_tokens
   for row in p["rows"]:
@@ -69,6 +69,7 @@ def test_text_and_csv_render(tiny_plan):
   assert "buckets:" in summary
 
 
+@pytest.mark.slow
 def test_cli_json_for_a_400k_step_plan():
   result = subprocess.run(
       [sys.executable, "-m", "slw_jax.plan", "--config=configs/gpt2_1p5b.py", "--format=json",
@@ -87,6 +88,7 @@ MEMORY_KEYS = {"devices", "mesh", "bucket", "bytes_per_device", "gib_per_device"
                "microbatches", "remat", "fits", "caveat", "device_memory_gib", "attention"}
 
 
+@pytest.mark.slow
 def test_memory_cli_compiles_the_largest_bucket_on_simulated_devices():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # Only --devices decides.
   result = subprocess.run(
@@ -103,6 +105,7 @@ def test_memory_cli_compiles_the_largest_bucket_on_simulated_devices():
   assert "XLA:CPU" in report["caveat"]
 
 
+@pytest.mark.slow
 def test_memory_without_devices_is_a_one_line_error():
   result = subprocess.run(
       [sys.executable, "-m", "slw_jax.plan", "--config=configs/tiny.py", "--memory"],
@@ -112,6 +115,7 @@ def test_memory_without_devices_is_a_one_line_error():
                                    "--devices=N, N >= 1 (the target's device count)")
 
 
+@pytest.mark.slow
 def test_memory_report_remat_and_microbatches_cut_memory():
   import jax  # pylint: disable=g-import-not-at-top
   c = lambda **o: config_lib.validate(config_lib.load_config_file(  # noqa: E731
@@ -131,6 +135,7 @@ def test_memory_report_remat_and_microbatches_cut_memory():
     (["--compile_estimate"], "--devices=None is invalid: --compile_estimate needs --devices=N"),
     (["--compile_estimate", "--devices=8", "--compile_s=-1"], "--compile_s=-1.0 is invalid"),
 ])
+@pytest.mark.slow
 def test_memory_flags_misused_are_one_line_errors(flags, message):
   result = subprocess.run([sys.executable, "-m", "slw_jax.plan", "--config=configs/tiny.py",
                            *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -206,6 +211,7 @@ def test_compile_stall_follows_the_trainers_background_compiles(threads, ahead, 
                                      ahead) == stall
 
 
+@pytest.mark.slow
 def test_measured_compile_seconds_compile_the_shortest_and_longest_bucket(monkeypatch):
   """With one-call attention (an accelerator's fused kernel), not the CPU's blockwise loop."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -221,3 +227,16 @@ def test_measured_compile_seconds_compile_the_shortest_and_longest_bucket(monkey
   assert sorted(measured) == [16, 64] and all(s > 0 for s in measured.values())
   assert min(measured.values()) <= seconds_of(40) <= max(measured.values())
   assert seen == ["dot_product"]
+
+
+def test_plan_shows_the_published_parameter_count_beside_the_padded_one(load_config):
+  """GPT-2 117M pads its vocabulary to 50,304 rows: 124,439,808 parameters as published (the
+  config's docstring) plus 36,096 in the 47 padded rows; both are shown."""
+  p = plan.build_plan(config_lib.validate(load_config("gpt2_117m")), every=100_000)
+  assert (p["num_params"], p["published_params"], p["padded_vocab_rows"]) == (
+      124_475_904, 124_439_808, 47)
+  assert plan._summary_lines(p)[0] == ("num_params: 124,475,904 (124,439,808 as published, "
+                                       "plus 36,096 in the 47 padded vocabulary rows)")
+  tiny = plan.build_plan(config_lib.validate(load_config("tiny")))
+  assert tiny["published_params"] == tiny["num_params"]
+  assert plan._summary_lines(tiny)[0] == f"num_params: {tiny['num_params']:,}"

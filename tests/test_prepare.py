@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from slw_jax import config_lib
+from slw_jax import config_lib, errors
 from slw_jax import input_pipeline as ip
 from slw_jax import parallel_encode, prepare
 
@@ -42,6 +42,7 @@ def _decode_bytes(ids):
   return [bytes((ids[s:e] - 3).tolist()).decode("utf-8") for s, e in zip(starts, ends)]
 
 
+@pytest.mark.slow
 def test_files_source_splits_and_contents(load_config, tmp_path, corpus):
   c = _config(load_config, tmp_path, data__source=f"files:{corpus}/*", data__val_fraction=0.2)
   meta = prepare.prepare(c, log=lambda *_: None)
@@ -101,6 +102,7 @@ def test_ensure_prepared_prepares_a_missing_directory(load_config, tmp_path, cor
   assert loader.next_batch(4, 8).inputs.shape == (4, 8)
 
 
+@pytest.mark.slow
 def test_sentencepiece_training_and_round_trip(load_config, tmp_path, corpus):
   import seqio
   c = _config(load_config, tmp_path, data__source=f"files:{corpus}/*", data__val_fraction=0.2)
@@ -174,6 +176,7 @@ def test_split_does_not_depend_on_where_the_corpus_lives(load_config, tmp_path, 
   assert names[:3] == ["a.txt", "b.txt", "c.txt"] and "d.jsonl:1" in names
 
 
+@pytest.mark.slow
 def test_tfds_source_through_seqio(load_config, tmp_path):
   import tensorflow_datasets as tfds
   c = _config(load_config, tmp_path, data__source="tfds:lm1b:1.1.0", data__tfds_val_split="test")
@@ -317,10 +320,9 @@ def test_bad_vocabularies_and_flags_are_one_line_errors(load_config, tmp_path, c
     with pytest.raises(ip.CorpusError, match=r"^config.data.vocab='gpt2:[^']*' is invalid: " + message):
       prepare.prepare(c, log=quiet)
   c = _config(load_config, tmp_path, data__source=f"files:{corpus}/*.txt")
-  from slw_jax import cli  # pylint: disable=g-import-not-at-top
-  with pytest.raises(cli.UsageError, match="--workers=0 is invalid: must be an integer >= 1"):
+  with pytest.raises(errors.UsageError, match="--workers=0 is invalid: must be an integer >= 1"):
     prepare.prepare(c, log=quiet, workers=0)
-  with pytest.raises(cli.UsageError, match="--memory_mb=1 is invalid"):
+  with pytest.raises(errors.UsageError, match="--memory_mb=1 is invalid"):
     prepare.prepare(c, log=quiet, memory_mb=1)
   assert not (tmp_path / "prepared").exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".prepare-")]  # No staging left.

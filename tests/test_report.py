@@ -39,6 +39,7 @@ NU_A = [1.0, 2.0, 2.5, 4.0, 2.0, 2.1, 3.5, 2.0, 1.9, 1.8]
 LOSSES_B = [5.0, 4.5, 4.0, 3.6, 3.3, 3.1, 2.9, 2.8, 2.7, 2.6]
 
 
+@pytest.mark.slow
 def test_report_from_crafted_runs(tmp_path):
   rows_a = _write_run(tmp_path / "slw", LOSSES_A, NU_A, [3.2, 2.35])
   _write_run(tmp_path / "baseline", LOSSES_B, [1.0] * 10, [3.4, 2.8], truncate=True)
@@ -101,6 +102,7 @@ def test_corrupt_middle_line_and_missing_metrics_are_clear_errors(tmp_path):
                                    "--workdir=DIR")
 
 
+@pytest.mark.slow
 def test_report_command_line(tmp_path):
   _write_run(tmp_path / "run", LOSSES_A, NU_A, [3.2, 2.35])
   (tmp_path / "run" / "eval").mkdir()

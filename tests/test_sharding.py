@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from slw_jax import compile_cache, config_lib, distributed, sharding, train_step
+from slw_jax import compiled_steps, config_lib, distributed, errors, sharding, train_step
 
 # Two layers, 8 heads of 8, vocabulary padded to 264: every rule has something to split.
 MODEL = {"model.n_layer": 2, "model.d_model": 64, "model.n_head": 8, "model.max_seqlen": 32,
@@ -32,10 +32,10 @@ def _three_steps(mesh, devices=None):
   for number, (batch_size, seqlen) in enumerate(SHAPES):
     tokens = np.random.default_rng(number).integers(0, 259, (batch_size, seqlen + 1))
     local = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
-    state, metrics = device.steps.get((batch_size, seqlen))(
+    state, metrics = device.executables.get((batch_size, seqlen))(
         state, layout.global_batch(local, batch_size), np.float32(1e-3))
     losses.append(float(sharding.fetch(metrics)["loss"]))
-  return losses, state, layout, device.steps.num_compiled
+  return losses, state, layout, device.executables.num_compiled
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("mesh", list(EXPECTED), ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.slow
 def test_mesh_matches_single_device_and_shards_as_ruled(mesh, single_device_losses):
   losses, state, layout, compiled = _three_steps(mesh)
   np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
@@ -75,17 +76,18 @@ def test_activations_are_pinned_at_block_boundaries():
   placed = train_step.on_mesh(c)
   forward = placed.layout.traced(train_step.make_eval_step(placed.graphdef))
   text = jax.jit(forward).lower(placed.state_spec["params"],
-                                compile_cache.batch_spec(8, 16, placed.layout.batch)).as_text()
+                                compiled_steps.batch_spec(8, 16, placed.layout.batch)).as_text()
   pinned = [line for line in text.splitlines() if "sharding_constraint" in line]
   by_batch = [line for line in pinned if '[{"data", "fsdp"}, {}, {}]' in line]
   assert len(by_batch) == MODEL["model.n_layer"] + 1  # After the embedding and every block.
   assert any('tensor<264x64xf32>' in line and '[{"tensor"}, {}]' in line for line in pinned)
   # Without a layout (one device, plain jit) nothing is pinned.
   plain = jax.jit(train_step.make_eval_step(placed.graphdef)).lower(
-      placed.state_spec["params"], compile_cache.batch_spec(8, 16)).as_text()
+      placed.state_spec["params"], compiled_steps.batch_spec(8, 16)).as_text()
   assert "sharding_constraint" not in plain
 
 
+@pytest.mark.slow
 def test_sharded_init_never_builds_the_state_on_one_device():
   c = _config((2, 2, 2))
   placed = train_step.on_mesh(c)
@@ -95,7 +97,7 @@ def test_sharded_init_never_builds_the_state_on_one_device():
   whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(placed.state_spec))
   memory = compiled.memory_analysis()
   assert memory.output_size_in_bytes + memory.temp_size_in_bytes < 0.6 * whole
-  device.steps.close()
+  device.executables.close()
 
 
 @pytest.mark.parametrize("mesh,message", [
@@ -104,7 +106,7 @@ def test_sharded_init_never_builds_the_state_on_one_device():
     ((2, 2, 1), "has 4 devices but 8"),
 ])
 def test_bad_mesh_is_a_clear_error(mesh, message):
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     train_step.on_mesh(_config(mesh))
 
 
@@ -117,19 +119,20 @@ def test_bad_mesh_is_a_clear_error(mesh, message):
     ({"mesh.rules": (("batch", ("data", "data")),)}, "a mesh axis may appear once per rule"),
 ])
 def test_bad_mesh_config_fails_validation(overrides, message):
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     _config((8, 1, 1), **overrides)
 
 
 def test_indivisible_batch_is_a_clear_error():
   layout = train_step.on_mesh(_config((8, 1, 1))).layout
-  with pytest.raises(config_lib.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r"config.batch_size is 12, not divisible by the data-parallel size 8 "
-                           r"\(data=8\)"):
+                     r"\(data=8\)"):
     sharding.check_batch_sizes(layout, {"config.batch_size": 12})
   sharding.check_batch_sizes(layout, {"config.batch_size": 16})
 
 
+@pytest.mark.slow
 def test_main_reports_a_bad_mesh_in_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py",
@@ -141,7 +144,7 @@ def test_main_reports_a_bad_mesh_in_one_line(tmp_path):
 
 def test_indivisible_dims_are_an_error_naming_parameter_and_axis():
   c = _config((1, 1, 8), **{"model.vocab_pad_multiple": 1})
-  with pytest.raises(config_lib.ConfigError, match=r"cannot shard parameter wte_vd: dim 0 \(259\) "
+  with pytest.raises(errors.ConfigError, match=r"cannot shard parameter wte_vd: dim 0 \(259\) "
                      r"not divisible by mesh axis tensor=8: pad it .*allow_replicated=true"):
     train_step.on_mesh(c)
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import metric_rows
-from slw_jax import config_lib, convert, models, resume, schedules, train_step, trainer
+from slw_jax import config_diff, config_lib, convert, models, optim, resume, train_step, trainer
 
 
 def _cfg(**overrides):
@@ -30,6 +30,7 @@ def _flat(state) -> dict:
 # ----- model.qk_norm ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.slow
 def test_qk_norm_parameters_exist_only_when_on(scan_layers):
   """With model.qk_norm each block's attention gains q_norm and k_norm: a float32 scale (ones)
   and bias (zeros) of [heads, head_dim] named ("heads", "kv"), stacked on a leading "layers"
@@ -48,11 +49,12 @@ def test_qk_norm_parameters_exist_only_when_on(scan_layers):
     axes = variable.get_metadata()["out_sharding"]
     assert tuple(axes) == ((models.LAYERS_AXIS,) if scan_layers else ()) + ("heads", "kv")
     np.testing.assert_array_equal(variable[...], 1.0 if name == "scale_hk" else 0.0)
-    assert not schedules.decays(name)
+    assert not optim.decays(name)
   for path in off:
     np.testing.assert_array_equal(on[path][...], off[path][...])
 
 
+@pytest.mark.slow
 def test_head_layer_norm_normalizes_each_head_over_its_head_dim():
   """Per (position, head) over the head dim, statistics in float32, output in the compute
   dtype; the scale and bias apply per (head, head dim)."""
@@ -72,6 +74,7 @@ def test_head_layer_norm_normalizes_each_head_over_its_head_dim():
                              y32 * np.array([2.0, 0.5])[:, None] + 1.0, atol=0.05)
 
 
+@pytest.mark.slow
 def test_qk_norm_changes_the_output_but_stays_finite():
   """The same parameters with and without the norms (they start as the identity affine map
   of a normalized vector, not the identity): other logits, all finite, in float32 and bf16;
@@ -100,15 +103,15 @@ def test_qk_norm_never_changes_on_resume_and_z_loss_is_recipe(load_config):
   saved = config_lib.validate(load_config("tiny")).to_dict()
   del saved["model"]["qk_norm"], saved["optim"]["z_loss"]  # From an older release.
   same = config_lib.validate(load_config("tiny")).to_dict()
-  assert resume.check_config(config_lib.saved_defaults(saved), same, shaping, "w", False) == (
+  assert resume.check_config(config_diff.saved_defaults(saved), same, shaping, "w", False) == (
       [], [])
   with pytest.raises(resume.ResumeError, match=r"another model \(model.qk_norm=False there, "
                      r"True here\)"):
-    resume.check_config(config_lib.saved_defaults(saved),
+    resume.check_config(config_diff.saved_defaults(saved),
                         config_lib.validate(load_config("tiny", model__qk_norm=True)).to_dict(),
                         shaping, "w", True)
   with pytest.raises(resume.ResumeError, match=r"optim.z_loss=0.0 there, 0.001 here"):
-    resume.check_config(config_lib.saved_defaults(saved),
+    resume.check_config(config_diff.saved_defaults(saved),
                         config_lib.validate(load_config("tiny", optim__z_loss=1e-3)).to_dict(),
                         shaping, "w", False)
 
@@ -149,6 +152,7 @@ def _setup(c):
 
 
 @pytest.mark.parametrize("head,microbatches", [("fused", 1), ("full", 2), ("fused", 4)])
+@pytest.mark.slow
 def test_z_loss_equals_a_hand_computation(head, microbatches):
   """optim.z_loss = c: the z_loss value is c times the mean over real tokens of log(Z)^2 (Z
   over the real vocabulary: the 5 padded rows add nothing), the loss stays the cross-entropy
@@ -180,6 +184,7 @@ def test_z_loss_equals_a_hand_computation(head, microbatches):
 
 
 @pytest.mark.parametrize("head", ["fused", "full"])
+@pytest.mark.slow
 def test_z_loss_off_leaves_the_step_bitwise_identical(head):
   """optim.z_loss=0 (the default): the loss and every gradient are, to the bit, those of the
   mean cross-entropy as the step computed it before z-loss existed, and the step's metrics
@@ -200,13 +205,14 @@ def test_z_loss_off_leaves_the_step_bitwise_identical(head):
   np.testing.assert_array_equal(losses["loss"], loss)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(grads)):
     np.testing.assert_array_equal(a, b)
-  optimizer = schedules.make_optimizer(c.optim)
+  optimizer = optim.make_optimizer(c.optim)
   state = train_step.state_from_params(params, optimizer)
   _, metrics = jax.jit(train_step.make_train_step(c, graphdef, optimizer, False))(
       state, batch, jnp.float32(1e-3))
   assert "z_loss" not in metrics
 
 
+@pytest.mark.slow
 def test_z_loss_and_qk_norm_train_and_log_z_loss_in_metrics_jsonl(make_config, tmp_path):
   """A run with optim.z_loss > 0 (and model.qk_norm, on the 8-device data x tensor mesh of
   the trainer tests: heads sharded) writes z_loss in every metrics.jsonl row beside the

@@ -36,6 +36,7 @@ SECTIONS = ("## Final validation loss against the learning rate", "## Per arm: L
 PLOTS = ("lr_sweep.png", "equal_cost.png", "mechanism.png", "adaptive_lengths.png")
 
 
+@pytest.mark.slow
 def test_smoke_study_runs_every_stage_and_recomputes_from_its_records(
     tmp_path, corpus_dir, cache_dir, tmp_path_factory):
   run = _study_module()
@@ -141,6 +142,7 @@ def _about(lrs, arms):
                      "eval.batch_size": 8}}
 
 
+@pytest.mark.slow
 def test_analyse_refuses_an_unfinished_study_and_reads_one_where_everything_diverged(tmp_path):
   run = _study_module()
   recs, results = run.records, tmp_path / "RESULTS.md"

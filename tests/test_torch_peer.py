@@ -51,6 +51,7 @@ def _jax_model(**overrides):
   return models, models.GPTConfig(**{**shapes, **overrides})
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_line_with_our_jax_models_parameter_count(tmp_path):
   out = tmp_path / "peer.json"
   proc = _run_cli(*_flags(TINY), "--vocab_pad_multiple=128", "--steps=2", "--warmup=1",
@@ -104,6 +105,7 @@ def test_bfloat16_autocast_runs_on_the_cpu():
   assert abs(result["losses"][0] - math.log(VOCAB)) < 0.3
 
 
+@pytest.mark.slow
 def test_compiled_step_runs_on_the_cpu():
   # torch.compile with inductor (it builds C++ with gcc): 30-60 s cold on a 2-core machine,
   # a few seconds once inductor's cache under /tmp holds these graphs. The smallest shapes

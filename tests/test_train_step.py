@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from slw_jax import compile_cache, config_lib, schedules, train_step
+from slw_jax import compiled_steps, config_lib, errors, monitor, optim, train_step
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def setup():
       "configs/tiny.py", {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2,
                           "model.max_seqlen": 32, "pacing.seqlen_start": 8,
                           "pacing.multiple": 8, "monitor.skip_ratio": 1.5}))
-  optimizer = schedules.make_optimizer(c.optim)
+  optimizer = optim.make_optimizer(c.optim)
   graphdef, _ = train_step.build_model(c)
   state = jax.jit(train_step.make_init_fn(c, optimizer))()
   tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, 259)
@@ -28,6 +28,7 @@ def _step(c, graphdef, optimizer, skip):
   return jax.jit(train_step.make_train_step(c, graphdef, optimizer, skip))
 
 
+@pytest.mark.slow
 def test_one_step_equals_hand_computed_adamw(setup):
   c, optimizer, graphdef, state, batch = setup
   o, lr = c.optim, 3e-3
@@ -43,7 +44,7 @@ def test_one_step_equals_hand_computed_adamw(setup):
   norm = np.sqrt(sum((g * g).sum() for g in leaves))
   assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5)
   scale = min(1.0, o.clip_norm / norm)
-  paths = [schedules.parameter_name(path)
+  paths = [optim.parameter_name(path)
            for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]]
   for name, p, g, new in zip(paths, jax.tree.leaves(state["params"]), leaves,
                              jax.tree.leaves(new_state["params"])):
@@ -61,6 +62,7 @@ def test_one_step_equals_hand_computed_adamw(setup):
   assert int(new_state["step"]) == 1 and float(new_state["min_loss"]) == float(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_adam_nu_metrics_equal_numpy(setup):
   c, optimizer, graphdef, state, batch = setup
   state = jax.tree.map(jnp.copy, state)
@@ -73,6 +75,7 @@ def test_adam_nu_metrics_equal_numpy(setup):
   assert float(metrics["adam_nu_max"]) == pytest.approx(roots.max(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_skip_leaves_parameters_unchanged_on_a_nan_batch(setup):
   c, optimizer, graphdef, state, batch = setup
   step = _step(c, graphdef, optimizer, True)
@@ -91,6 +94,7 @@ def test_skip_leaves_parameters_unchanged_on_a_nan_batch(setup):
   assert np.isfinite(float(metrics["loss"])) and not bool(metrics["skipped"])
 
 
+@pytest.mark.slow
 def test_skip_drops_an_update_whose_loss_is_finite_but_gradients_are_not(setup, monkeypatch):
   """A finite loss does not prove finite gradients: the step must look at the gradient norm."""
   c, optimizer, graphdef, state, batch = setup
@@ -113,6 +117,7 @@ def test_skip_drops_an_update_whose_loss_is_finite_but_gradients_are_not(setup, 
     np.testing.assert_array_equal(old, new)
 
 
+@pytest.mark.slow
 def test_skip_on_loss_ratio_above_threshold(setup):
   c, optimizer, graphdef, state, batch = setup
   state = dict(jax.tree.map(jnp.copy, state), min_loss=jnp.float32(1.0))  # Loss ~5.5: ratio 5.5.
@@ -120,9 +125,42 @@ def test_skip_on_loss_ratio_above_threshold(setup):
   assert float(metrics["loss_ratio"]) > 1.5 and bool(metrics["skipped"])
 
 
+# (name, min_loss as a multiple of the first loss (None: inf, the first step), poisoned batch):
+# ratios on both sides of monitor.skip_ratio (1.5 in `setup`), and a NaN loss.
+JUDGED_STEPS = [("first_step", None, False), ("ratio_below", 1 / 1.49, False),
+                ("ratio_above", 1 / 1.51, False), ("non_finite_loss", None, True)]
+
+
+@pytest.mark.parametrize("name,min_loss,poison", JUDGED_STEPS, ids=[c[0] for c in JUDGED_STEPS])
+def test_the_step_and_the_monitor_judge_each_step_alike(setup, name, min_loss, poison):
+  """One bad-step rule (monitor.is_bad) in two places: the step on the device skips exactly the
+  updates the monitor on the host, given the metrics it fetches, counts as bad (a change to
+  either side's rule, e.g. `>=` for `>` or a dropped finiteness check, breaks it)."""
+  c, optimizer, graphdef, state, batch = setup
+  step = _step(c, graphdef, optimizer, True)
+  first_loss = float(step(jax.tree.map(jnp.copy, state), batch, jnp.float32(1e-3))[1]["loss"])
+  start = dict(jax.tree.map(jnp.copy, state), min_loss=jnp.float32(
+      np.inf if min_loss is None else first_loss * min_loss))
+  if poison:  # An out-of-vocabulary id: a NaN loss.
+    batch = {"inputs": batch["inputs"].at[0, 3].set(10**6), "targets": batch["targets"]}
+  after, metrics = step(start, batch, jnp.float32(1e-3))
+  values = {k: float(v) for k, v in metrics.items()}
+  on_device = bool(metrics["skipped"])
+  on_host = bool(monitor.is_bad(values["loss"], values["grad_norm"], values["loss_ratio"],
+                                c.monitor.skip_ratio))
+  judged = monitor.StabilityMonitor(c.monitor)
+  judged.observe(0, {**values, "skipped": on_device})
+  assert on_device == on_host == (judged.summary()["bad_steps"] == 1)
+  assert on_device == (name in ("ratio_above", "non_finite_loss"))
+  unchanged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start["params"]),
+                                                        jax.tree.leaves(after["params"])))
+  assert unchanged == on_device
+
+
+@pytest.mark.slow
 def test_bucketed_step_compiles_once_per_bucket(setup):
   c, optimizer, graphdef, state, _ = setup
-  steps = compile_cache.BucketedStep(
+  steps = compiled_steps.BucketedStep(
       lambda k: train_step.make_train_step(c, graphdef, optimizer, False, k),
       jax.eval_shape(lambda: state), background=True)
   steps.prefetch([(4, 8), (4, 16)])
@@ -169,9 +207,10 @@ def _assert_same_step(a, b, before, unclear_atol=1e-2 * 3e-3):
 
 
 @pytest.mark.parametrize("microbatches", [2, 4, 16])
+@pytest.mark.slow
 def test_microbatches_equal_one_pass(microbatches):
   c = _microbatch_config()
-  optimizer = schedules.make_optimizer(c.optim)
+  optimizer = optim.make_optimizer(c.optim)
   graphdef, _ = train_step.build_model(c)
   state = jax.jit(train_step.make_init_fn(c, optimizer))()
   tokens = jax.random.randint(jax.random.key(5), (16, 49), 0, 259)
@@ -184,6 +223,7 @@ def test_microbatches_equal_one_pass(microbatches):
   assert "while" in text  # A lax.scan over the microbatches, not an unrolled Python loop.
 
 
+@pytest.mark.slow
 def test_microbatches_on_a_mesh_equal_one_pass_and_keep_rows_on_their_devices():
   from slw_jax import sharding  # pylint: disable=g-import-not-at-top
   c = _microbatch_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
@@ -194,85 +234,88 @@ def test_microbatches_on_a_mesh_equal_one_pass_and_keep_rows_on_their_devices():
   batch = placed.layout.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, 16)
   results, before = [], jax.tree.map(np.asarray, device.init())
   for k in (1, 4):
-    device.steps.microbatches = lambda b, l, k=k: k  # noqa: E731
-    executable, stats = device.steps.compile_with((16, 32), k)
+    device.executables.microbatches = lambda b, l, k=k: k  # noqa: E731
+    executable, stats = device.executables.compile_with((16, 32), k)
     assert stats.microbatches == k
     state, metrics = executable(device.init(), batch, np.float32(3e-3))
     results.append((state, sharding.fetch(metrics)))
   _assert_same_step(*results, before)
-  device.steps.close()
+  device.executables.close()
 
 
 def test_microbatch_counts_keep_tokens_per_microbatch():
-  policy = compile_cache.Microbatching(largest=(16, 256), largest_count=4, batch_shards=2)
+  policy = compiled_steps.Microbatching(largest=(16, 256), largest_count=4, batch_shards=2)
   assert policy.tokens_per_microbatch == 1024
   assert [policy.count(16, length) for length in (32, 64, 128, 192, 256)] == [1, 1, 2, 4, 4]
   assert policy.count(8, 256) == 2
-  assert compile_cache.microbatch_options(16, 2) == [1, 2, 4, 8]
-  with pytest.raises(config_lib.ConfigError, match=r"config.optim.microbatches=3 is invalid: the "
+  assert compiled_steps.microbatch_options(16, 2) == [1, 2, 4, 8]
+  with pytest.raises(errors.ConfigError, match=r"config.optim.microbatches=3 is invalid: the "
                      r"largest bucket's batch of 16 rows over 2 data-parallel shard\(s\) splits "
                      r"into 1, 2, 4, 8 microbatches"):
-    compile_cache.check_microbatches(3, (16, 256), 2)
+    compiled_steps.check_microbatches(3, (16, 256), 2)
 
 
+@pytest.mark.slow
 def test_auto_microbatches_pick_the_fewest_that_fit():
   c = _microbatch_config()
   placed = train_step.on_mesh(c, jax.devices()[:1])
-  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).steps
+  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).executables
   shape = (16, 64)
   need = {k: steps.compile_with(shape, k)[1].memory_bytes for k in (1, 2, 4)}
   assert need[1] > need[2] > need[4]
-  policy, line = compile_cache.choose_microbatches(steps, "auto", shape, 1, need[2] + 1)
+  policy, line = compiled_steps.choose_microbatches(steps, "auto", shape, 1, need[2] + 1)
   assert policy.largest_count == 2 and "auto: the fewest that fit" in line
   assert steps.stats[shape].microbatches == 2 and steps.num_compiled == 1  # Adopted, not redone.
   assert steps.microbatches(16, 32) == 1  # Half the tokens: one microbatch is enough.
-  policy, line = compile_cache.choose_microbatches(steps, "auto", shape, 1, None)
+  policy, line = compiled_steps.choose_microbatches(steps, "auto", shape, 1, None)
   assert policy.largest_count == 1 and "no memory limit" in line
-  policy, line = compile_cache.choose_microbatches(steps, "auto", shape, 1, 1000)
+  policy, line = compiled_steps.choose_microbatches(steps, "auto", shape, 1, 1000)
   assert policy.largest_count == 16 and "still too big" in line
   steps.close()
 
 
+@pytest.mark.slow
 def test_gpu_steps_compile_without_xla_remat_and_auto_says_so(monkeypatch):
   """On a GPU every train step compiles with XLA's rematerialization pass off (unless
   compile.xla_remat), so `auto` judges fit by the step's own need and says so; other backends
   and compile.xla_remat=true keep XLA's defaults."""
-  assert compile_cache.step_compiler_options(False, "gpu") == {
+  assert compiled_steps.step_compiler_options(False, "gpu") == {
       "xla_disable_hlo_passes": "rematerialization"}
-  assert compile_cache.step_compiler_options(True, "gpu") is None
-  assert compile_cache.step_compiler_options(False, "cpu") is None
-  merged = compile_cache.merge_options(compile_cache.CPU_MEMORY_ESTIMATE_OPTIONS,
-                                       compile_cache.step_compiler_options(False, "gpu"))
+  assert compiled_steps.step_compiler_options(True, "gpu") is None
+  assert compiled_steps.step_compiler_options(False, "cpu") is None
+  merged = compiled_steps.merge_options(compiled_steps.CPU_MEMORY_ESTIMATE_OPTIONS,
+                                        compiled_steps.step_compiler_options(False, "gpu"))
   assert merged["xla_disable_hlo_passes"] == "cse,cse_barrier_expander,rematerialization"
-  assert compile_cache.remat_pass_off(merged) and not compile_cache.remat_pass_off(None)
+  assert compiled_steps.remat_pass_off(merged) and not compiled_steps.remat_pass_off(None)
   # Passes a user disabled in XLA_FLAGS stay disabled (an option would replace the list).
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                      "--xla_disable_hlo_passes=foo,bar")
-  assert compile_cache.merge_options(compile_cache.step_compiler_options(False, "gpu")) == {
+  assert compiled_steps.merge_options(compiled_steps.step_compiler_options(False, "gpu")) == {
       "xla_disable_hlo_passes": "foo,bar,rematerialization"}
   monkeypatch.delenv("XLA_FLAGS")
-  assert compile_cache.merge_options(None, {"a": 1}) == {"a": 1}
+  assert compiled_steps.merge_options(None, {"a": 1}) == {"a": 1}
   c = _microbatch_config()
   placed = train_step.on_mesh(c, jax.devices()[:1])
-  monkeypatch.setattr(compile_cache.jax, "default_backend", lambda: "gpu")
-  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).steps
+  monkeypatch.setattr(compiled_steps.jax, "default_backend", lambda: "gpu")
+  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).executables
   monkeypatch.undo()  # Compiles for the CPU that is here, with the GPU's options.
-  assert compile_cache.remat_pass_off(steps.compiler_options)
-  _, line = compile_cache.choose_microbatches(steps, "auto", (16, 64), 1, 10**12)
+  assert compiled_steps.remat_pass_off(steps.compiler_options)
+  _, line = compiled_steps.choose_microbatches(steps, "auto", (16, 64), 1, 10**12)
   assert "XLA's rematerialization pass off: the step's own need" in line
   steps.close()
   c = _microbatch_config(**{"compile.xla_remat": True})
-  monkeypatch.setattr(compile_cache.jax, "default_backend", lambda: "gpu")
-  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).steps
+  monkeypatch.setattr(compiled_steps.jax, "default_backend", lambda: "gpu")
+  steps = train_step.sharded_steps(c, placed, skip_bad=False, background=False).executables
   monkeypatch.undo()
   assert steps.compiler_options is None
-  _, line = compile_cache.choose_microbatches(steps, "auto", (16, 64), 1, 10**12)
+  _, line = compiled_steps.choose_microbatches(steps, "auto", (16, 64), 1, 10**12)
   assert "as compiled" in line
   steps.close()
 
 
 @pytest.mark.parametrize("seqlen,pad,chunk_tokens", [(24, 1, 8192), (200, 8, 128), (21, 8, 10),
                                                     (24, 8, 0)])
+@pytest.mark.slow
 def test_fused_head_equals_the_full_head(seqlen, pad, chunk_tokens):
   """model.loss_head=fused (token chunks, gradients in the forward pass) equals the full
   head's loss and gradients, for one chunk, several, chunks of one position (odd lengths) and
@@ -302,6 +345,7 @@ def test_fused_head_equals_the_full_head(seqlen, pad, chunk_tokens):
 
 
 @pytest.mark.parametrize("pad,chunk_tokens", [(8, 10), (1, 0)])
+@pytest.mark.slow
 def test_fused_head_equals_the_full_head_with_z_loss(pad, chunk_tokens):
   """optim.z_loss: the fused head's objective, loss and z sums and the objective's gradients
   (the z-loss's formed in the same pass) equal the full head's under autodiff, with padded
@@ -347,20 +391,20 @@ def test_fused_head_equals_the_full_head_with_z_loss(pad, chunk_tokens):
       "model.remat": "block"}, 2),
     ({"model.qk_norm": True, "optim.z_loss": 0.1, "model.scan_layers": True,
       "model.remat": "dots", "model.dropout": 0.1}, 2)])
+@pytest.mark.slow
 def test_a_padded_bucket_trains_exactly_like_the_real_length(overrides, microbatches):
   """compile.pad_multiple: a length-20 batch right-padded to 32 (targets PAD_TARGET, inputs
   token 0) gives the loss, gradient norm, Adam statistics and updates of the length-20 step;
   with dropout on, the real positions draw the same masks (models.PositionKeyedDropout,
-  models.AttentionDropout); with model.qk_norm and optim.z_loss, the padded positions add
+  attention.AttentionDropout); with model.qk_norm and optim.z_loss, the padded positions add
   no z-loss (value or gradient) and leave the count alone."""
-  from slw_jax import trainer  # pylint: disable=g-import-not-at-top
   c = _microbatch_config(**overrides)
-  optimizer = schedules.make_optimizer(c.optim)
+  optimizer = optim.make_optimizer(c.optim)
   graphdef, _ = train_step.build_model(c)
   state = jax.jit(train_step.make_init_fn(c, optimizer))()
   tokens = np.asarray(jax.random.randint(jax.random.key(5), (16, 21), 0, 259), np.int32)
-  real = trainer.padded_batch(_Batch(tokens[:, :-1], tokens[:, 1:]), 20)
-  padded = trainer.padded_batch(_Batch(tokens[:, :-1], tokens[:, 1:]), 32)
+  real = train_step.padded_batch(_Batch(tokens[:, :-1], tokens[:, 1:]), 20)
+  padded = train_step.padded_batch(_Batch(tokens[:, :-1], tokens[:, 1:]), 32)
   assert padded["inputs"].shape == (16, 32) and np.all(padded["targets"][:, 20:] == -1)
   grads = jax.jit(train_step.make_loss_and_grads(c, graphdef, microbatches))
   (losses_p, grads_p), (losses_r, grads_r) = (grads(state["params"], b, 0)
@@ -384,6 +428,7 @@ class _Batch:
     self.inputs, self.targets = inputs, targets
 
 
+@pytest.mark.slow
 def test_padded_targets_carry_no_loss_and_are_not_counted():
   logits = jax.random.normal(jax.random.key(0), (2, 4, 7))
   targets = jnp.array([[1, 2, -1, -1], [3, -1, -1, -1]])

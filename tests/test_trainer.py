@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TEST_RUN, metric_rows as _rows, poison_position
-from slw_jax import (config_lib, hardware, input_pipeline, prepare, reporting, train_step,
-                     trainer)
+from slw_jax import errors, hardware, input_pipeline, prepare, run_log, train_step, trainer
 
 
 
 
+@pytest.mark.slow
 def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path, cache_dir):
   c = make_config()
   run = trainer.Trainer(c, str(tmp_path))
@@ -27,13 +27,13 @@ def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path, cach
   assert summary["completed"] and summary["steps"] == 12
   buckets = run.schedule.buckets()
   assert [b.seqlen for b in buckets] == [8, 16, 24, 32]
-  assert run.steps.num_compiled == len(buckets) == len(summary["buckets"])
+  assert run.executables.num_compiled == len(buckets) == len(summary["buckets"])
   assert run.num_params == 22_240  # The 259-token vocabulary padded to 264 rows (TEST_RUN).
   assert os.listdir(cache_dir)  # The persistent compilation cache received executables.
   rows = _rows(tmp_path)
   assert [r["step"] for r in rows] == list(range(12))
   for row in rows:
-    assert set(reporting.STEP_KEYS) <= set(row)
+    assert set(run_log.STEP_KEYS) <= set(row)
     assert row["tokens"] == run.schedule.tokens_before[row["step"]]
     assert row["lr"] == pytest.approx(run.lrs[row["step"]])
   evals = _rows(tmp_path, "val_loss")
@@ -56,16 +56,21 @@ class _StopAt(trainer.Trainer):
 
   def _finish_step(self, t, metrics):
     if t == self.stop_after:
-      self.stop_signal = "SIGTERM"
+      self.stop.signal = "SIGTERM"
     return super()._finish_step(t, metrics)
 
 
 
+@pytest.mark.slow
 def test_a_second_run_takes_every_bucket_from_the_persistent_cache(make_config, tmp_path,
                                                                     monkeypatch):
   """The persistent compilation cache works across runs: a rerun of the same config compiles
-  none of its buckets again (JAX's cache-hit events count them). Every executable is cached
-  here, however fast it compiled (the trainer's threshold is 0.5 s)."""
+  none of its buckets again. JAX's compiler log names the module of every cache hit and miss:
+  each of the 4 buckets' train steps is a hit (4 distinct cache keys), and nothing misses (a
+  count of hits alone would pass with a bucket recompiled, the eval and init hits making up
+  for it). Every executable is cached here, however fast it compiled (the trainer's threshold
+  is 0.5 s)."""
+  import logging  # pylint: disable=g-import-not-at-top
   enable = hardware.enable_compilation_cache
 
   def enable_for_every_compile(cache_dir):
@@ -73,19 +78,35 @@ def test_a_second_run_takes_every_bucket_from_the_persistent_cache(make_config, 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   monkeypatch.setattr(hardware, "enable_compilation_cache", enable_for_every_compile)
   c = make_config()
-  hits = []
-  count_hit = lambda event, **_: hits.append(event) if event.endswith("/cache_hits") else None
+  lookups = {"hit": [], "miss": []}  # (module name, cache key) of each persistent-cache lookup.
+
+  def record_lookup(record):
+    if record.msg.startswith("Persistent compilation cache hit"):
+      lookups["hit"].append(record.args)
+    elif record.msg.startswith("PERSISTENT COMPILATION CACHE MISS"):
+      lookups["miss"].append(record.args)
+  handler = logging.Handler()
+  handler.emit = record_lookup
+  compiler_log = logging.getLogger("jax._src.compiler")  # Hits and misses are logged at DEBUG.
+  level = compiler_log.level
   try:
     trainer.Trainer(c, str(tmp_path / "first")).run()
-    jax.monitoring.register_event_listener(count_hit)
+    compiler_log.addHandler(handler)
+    compiler_log.setLevel(logging.DEBUG)
     rerun = trainer.Trainer(c, str(tmp_path / "second"))
     summary = rerun.run()
   finally:
-    jax.monitoring.unregister_event_listener(count_hit)
+    compiler_log.removeHandler(handler)
+    compiler_log.setLevel(level)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  assert summary["completed"] and rerun.steps.num_compiled == len(rerun.schedule.buckets()) == 4
-  assert len(hits) >= rerun.steps.num_compiled
+  assert summary["completed"]
+  assert rerun.executables.num_compiled == len(rerun.schedule.buckets()) == 4
+  assert lookups["miss"] == []
+  step_keys = {key for module, key in lookups["hit"] if module == "jit_step_fn"}
+  assert len(step_keys) == 4, lookups["hit"]
 
+
+@pytest.mark.slow
 def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
   c = make_config()
   reference = trainer.Trainer(c, str(tmp_path / "a"))
@@ -101,10 +122,11 @@ def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
   assert [r["adam_nu_max"] for r in a] == [r["adam_nu_max"] for r in b]
   assert [e["step"] for e in _rows(tmp_path / "b", "val_loss")] == [6, 12]  # None lost.
   other_model = trainer.Trainer(make_config(model__n_layer=2), str(tmp_path / "b"))
-  with pytest.raises(trainer.StopTraining, match=r"another model \(model.n_layer=1 there, 2 here"):
+  with pytest.raises(errors.StopTraining, match=r"another model \(model.n_layer=1 there, 2 here"):
     other_model.setup()
 
 
+@pytest.mark.slow
 def test_resume_restacks_a_checkpoint_of_the_other_scan_layers_setting(make_config, tmp_path):
   """Saved unrolled, resumed scanned (and back): the run goes on as if never switched."""
   unrolled = make_config(model__n_layer=2, model__scan_layers=False)
@@ -119,13 +141,14 @@ def test_resume_restacks_a_checkpoint_of_the_other_scan_layers_setting(make_conf
   assert [r["step"] for r in b] == list(range(12))
   np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
   longer = make_config(model__n_layer=2, model__scan_layers=False, train_steps=13)
-  with pytest.raises(trainer.StopTraining, match=r"another recipe.*--allow_schedule_change.*"
+  with pytest.raises(errors.StopTraining, match=r"another recipe.*--allow_schedule_change.*"
                      r"train_steps=12 there, 13 here"):
     trainer.Trainer(longer, str(tmp_path / "b")).setup()
   back = trainer.Trainer(longer, str(tmp_path / "b"), allow_schedule_change=True)
   assert back.run()["completed"]  # The scanned checkpoint of step 12 restacked the other way.
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
   # Both budgets given: the command line cannot unset tiny.py's train_tokens, and a resume
   # must see the recipe it was started with.
@@ -162,6 +185,7 @@ def _events(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_skip_action_drops_the_nan_update(make_config, tmp_path, monkeypatch):
   poison_position(monkeypatch, 3 * 4)  # Step 3 (4 windows per step in truncate mode).
   summary = trainer.Trainer(make_config(monitor__action="skip"), str(tmp_path)).run()
@@ -171,6 +195,7 @@ def test_skip_action_drops_the_nan_update(make_config, tmp_path, monkeypatch):
   assert losses[3] == "nan" and all(np.isfinite(l) for i, l in enumerate(losses) if i != 3)
 
 
+@pytest.mark.slow
 def test_repeated_rollbacks_never_replay_skipped_data(make_config, tmp_path, monkeypatch):
   poison_position(monkeypatch, 5 * 4, 6 * 4)  # The batches of steps 5 and 6.
   c = make_config(monitor__action="rollback", checkpoint__every_steps=4)
@@ -197,6 +222,7 @@ def _nan_gradients_at(monkeypatch, hit):
   monkeypatch.setattr(train_step, "make_loss_and_grads", poisoned_factory)
 
 
+@pytest.mark.slow
 def test_bad_gradients_are_skipped_then_too_many_in_a_row_stop_the_run(make_config, tmp_path,
                                                                        monkeypatch):
   """Skip drops one finite-loss NaN-gradient update (step 3); from step 6 every update is bad,
@@ -215,6 +241,7 @@ def test_bad_gradients_are_skipped_then_too_many_in_a_row_stop_the_run(make_conf
   assert saved == [0, 4, 8]  # Skipped updates leave nothing bad to save.
 
 
+@pytest.mark.slow
 def test_applied_bad_updates_are_never_checkpointed(make_config, tmp_path, monkeypatch):
   """Under monitor.action=log NaN gradients reach the parameters: no checkpoint is saved during
   the streak, and the stop names the newest checkpoint from before it."""
@@ -227,13 +254,15 @@ def test_applied_bad_updates_are_never_checkpointed(make_config, tmp_path, monke
   assert saved == [0, 2, 4]  # Steps 6 and 8 came after bad updates: not saved.
 
 
+@pytest.mark.slow
 def test_memory_check_stops_before_step_0(make_config, tmp_path, monkeypatch):
   monkeypatch.setattr(hardware, "device_memory_limit", lambda: 1000)
-  with pytest.raises(trainer.StopTraining, match=r"largest bucket \(batch 4 x seqlen 32\) needs"):
+  with pytest.raises(errors.StopTraining, match=r"largest bucket \(batch 4 x seqlen 32\) needs"):
     trainer.Trainer(make_config(), str(tmp_path)).run()
   assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_first_bucket_compiles_in_the_background_beside_the_memory_check(make_config, tmp_path,
                                                                          monkeypatch):
   """Where the device reports its memory, the largest bucket compiles in the loop's thread for
@@ -241,11 +270,11 @@ def test_first_bucket_compiles_in_the_background_beside_the_memory_check(make_co
   monkeypatch.setattr(hardware, "device_memory_limit", lambda: 2**34)
   run = trainer.Trainer(make_config(), str(tmp_path))
   run.setup()
-  run.steps.get((4, 8))  # Waits for the pool's compile, if it is still running.
-  stats = run.steps.stats
+  run.executables.get((4, 8))  # Waits for the pool's compile, if it is still running.
+  stats = run.executables.stats
   assert not stats[(4, 32)].background and stats[(4, 8)].background
-  assert run.steps.stall_s < stats[(4, 32)].compile_s + stats[(4, 8)].compile_s
-  run.steps.close()
+  assert run.executables.stall_s < stats[(4, 32)].compile_s + stats[(4, 8)].compile_s
+  run.executables.close()
   run.checkpoints.close()
 
 
@@ -255,6 +284,7 @@ def test_main_requires_a_workdir():
   assert result.returncode == 2 and "error: --workdir is required" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_with_microbatches_and_remat_logs_its_choices(make_config, tmp_path, capsys):
   """A whole run with the paper configs' memory settings: microbatches chosen per bucket (the
   largest bucket's count, fewer for short ones), remat on, every step finite."""
@@ -274,12 +304,13 @@ def test_run_with_microbatches_and_remat_logs_its_choices(make_config, tmp_path,
 
 def test_bad_microbatches_stop_before_any_compile(make_config, tmp_path):
   c = make_config(**{"optim.microbatches": 2})  # batch 4 over data=4: one row per shard.
-  with pytest.raises(config_lib.ConfigError, match=r"config.optim.microbatches=2 is invalid: "
+  with pytest.raises(errors.ConfigError, match=r"config.optim.microbatches=2 is invalid: "
                      r"the largest bucket's batch of 4 rows over 4 data-parallel shard\(s\) "
                      r"splits into 1 microbatches"):
     trainer.Trainer(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_padded_buckets_train_like_unpadded_ones_with_fewer_compiles(make_config, tmp_path):
   """compile.pad_multiple=16: lengths 8..32 run in 2 buckets instead of 4, the logged tokens,
   seqlens and throughput count real tokens, and the losses are the unpadded run's."""
@@ -295,6 +326,7 @@ def test_padded_buckets_train_like_unpadded_ones_with_fewer_compiles(make_config
   np.testing.assert_allclose(padded["final_val_loss"], plain["final_val_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_whole_run_compiles_nothing_twice_and_only_the_plans_buckets(make_config, tmp_path):
   """Every compile of a whole SLW run, counted from JAX's own compile log: each function and
   shape once, the train step exactly at the plan's buckets, executables released as the
@@ -322,5 +354,6 @@ def test_a_whole_run_compiles_nothing_twice_and_only_the_plans_buckets(make_conf
   assert shapes == {(b.batch_size, b.seqlen) for b in run.schedule.buckets()}
   assert sum(m.startswith("Compiling jit(eval_fn)") for m in compiles) == 1
   assert sum(m.startswith("Compiling jit(init)") for m in compiles) == 1
-  assert summary["completed"] and run.steps.num_live <= 1  # Only the last bucket was still held.
-  assert run.steps.released == len(shapes) - run.steps.num_live
+  # Only the last bucket was still held.
+  assert summary["completed"] and run.executables.num_live <= 1
+  assert run.executables.released == len(shapes) - run.executables.num_live

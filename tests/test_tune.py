@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, metric_rows as conftest_rows
-from slw_jax import config_lib, trainer, tune
+from slw_jax import config_lib, errors, trainer, tune
 
 
 def _losses(ppl):
@@ -56,7 +56,7 @@ def test_the_tolerance_is_configurable():
     ("tune.start_window_warmups", 0.25, "must give at least 2 validation points"),
 ])
 def test_bad_tune_values_are_one_line_config_errors(load_config, field, value, message):
-  with pytest.raises(config_lib.ConfigError) as info:
+  with pytest.raises(errors.ConfigError) as info:
     config_lib.validate(load_config("tiny", pacing__multiple=8, **{field.replace(".", "__"): value}))
   assert f"config.{field}=" in str(info.value) and message in str(info.value)
   assert "\n" not in str(info.value)
@@ -87,6 +87,7 @@ def test_tune_needs_an_lr_warmup_and_linear_or_root_pacing(make_config, tmp_path
     tune.Tuner(_tune_config(make_config, pacing__kind="none"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_the_strategy_end_to_end_interrupted_and_resumed(make_config, tmp_path, monkeypatch):
   """Starts tried in order until one is steady, then the T search; a stop signal in the middle
   of the second trial resumes that trial from its own checkpoint (the first trial is not run
@@ -103,7 +104,7 @@ def test_the_strategy_end_to_end_interrupted_and_resumed(make_config, tmp_path, 
   def finish_step(self, t, metrics):
     if len(runs) == 2 and t == 2 and not getattr(finish_step, "fired", False):
       finish_step.fired = True
-      self.stop_signal = "SIGTERM"  # As if the tuner were killed while step 2 ran.
+      self.stop.signal = "SIGTERM"  # As if the tuner were killed while step 2 ran.
     return original_finish(self, t, metrics)
   monkeypatch.setattr(trainer.Trainer, "restore_or_init", restore_or_init)
   monkeypatch.setattr(trainer.Trainer, "_finish_step", finish_step)

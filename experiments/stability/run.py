@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [REPO, HERE]
 
-from slw_jax import config_lib, tune  # noqa: E402  (after the path)
+from slw_jax import config_diff, config_lib, errors, tune  # noqa: E402  (after the path)
 import sweep_analysis as analysis  # noqa: E402
 import sweep_plots as plots  # noqa: E402
 import sweep_records as records  # noqa: E402
@@ -100,8 +100,8 @@ class Study:
     known = records.read(self.records_dir, name)
     if known is None:
       return None
-    changed = config_lib.first_difference(records.fingerprint(known.config, tuner),
-                                          records.fingerprint(records.flat_config(c), tuner))
+    changed = config_diff.first_difference(records.fingerprint(known.config, tuner),
+                                           records.fingerprint(records.flat_config(c), tuner))
     if changed:
       raise StudyError(f"{records.path(self.records_dir, name)} is a run of another regime "
                        f"({changed}): use another --results (and --out) for another regime")
@@ -371,7 +371,7 @@ def regime_config(args):
       # constructor checks it (the bound counts tokens: any LR) and only reads a state file.
       tune.Tuner(config_lib.with_overrides(c, regime.arm_overrides(c, "slw", args.lrs[0])),
                  os.path.join(args.out, "never_written"))
-  except config_lib.ConfigError as error:
+  except errors.ConfigError as error:
     raise StudyError(str(error)) from None
   return c
 
@@ -393,7 +393,7 @@ def check_regime(directory: str, flag: str, fingerprint: dict):
     # rule as `fingerprint`); not the keys a regime leaves out (its LR).
     stored = {k: v for k, v in records.fingerprint(stored, tuner=True).items()
               if k in stored or k in fingerprint}
-    changed = config_lib.first_difference(stored, fingerprint)
+    changed = config_diff.first_difference(stored, fingerprint)
     if changed:
       raise StudyError(f"{flag}={directory} holds runs of another regime ({changed}): use a "
                        "new --out and --results for another regime")
@@ -434,10 +434,7 @@ def main():
   except (StudyError, tune.TuneError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  except RuntimeError as error:  # trainer.StopTraining (imported only to train): e.g. a run's
-    trainer = sys.modules.get("slw_jax.trainer")  # workdir resumed under another config.
-    if trainer is None or not isinstance(error, trainer.StopTraining):
-      raise
+  except errors.StopTraining as error:  # E.g. a run's workdir resumed under another config.
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 

@@ -15,7 +15,7 @@ import json
 import math
 import os
 
-from slw_jax import config_lib, report
+from slw_jax import config_diff, config_lib, report
 
 STEP_FIELDS = ("step", "tokens", "seqlen", "batch_size", "lr", "loss", "loss_ratio", "grad_norm",
                "adam_nu_l1", "adam_nu_max", "step_time_s")
@@ -27,13 +27,13 @@ NOT_THE_REGIME = ("compile.", "log.", "checkpoint.", "data.dir", "data.prefetch"
 
 
 def flat_config(c) -> dict:
-  return config_lib.flatten(json.loads(json.dumps(c.to_dict())))
+  return config_diff.flatten(json.loads(json.dumps(c.to_dict())))
 
 
 def with_new_keys(flat: dict) -> dict:
   """A flattened config recorded by an earlier release, with the keys added since (e.g.
   pacing.adaptive.*) at their defaults: the same run as before, not another regime."""
-  defaults = config_lib.flatten(json.loads(json.dumps(config_lib.base_config().to_dict())))
+  defaults = config_diff.flatten(json.loads(json.dumps(config_lib.base_config().to_dict())))
   return {**{k: v for k, v in defaults.items() if k not in flat}, **flat}
 
 

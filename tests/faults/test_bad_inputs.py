@@ -10,6 +10,8 @@ import importlib
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,6 +106,8 @@ CASES = [
      r"--step=3 is for evaluate and convert"),
     ("num_processes", "main", "{tiny} --workdir={tmp}/run_np --num_processes=abc",
      r"--num_processes=abc: invalid literal for int"),
+    ("workdir_under_a_file", "main", "{tiny} --workdir={file}/run",
+     r"--workdir=\S+/a_file/run is not a writable directory: Not a directory"),
     ("workdir_is_a_file", "main", "{tiny} --workdir={file}",
      r"--workdir=\S+/a_file: is a file, not a directory"),
     ("tune_workdir_is_a_file", "tune", "{tiny} --workdir={file}",
@@ -231,3 +235,43 @@ def test_prepare_never_replaces_a_directory_of_other_files(scratch, capfd, monke
   assert _call("prepare", args, scratch).code == 2
   assert "holds files but no prepared data" in capfd.readouterr().err
   assert (pathlib.Path(scratch["user_dir"]) / "precious.txt").read_text() == "the user's own file\n"
+
+
+def _internal_error(kind):
+  def broken(*args, **kwargs):
+    raise kind("an internal bug, not bad input")
+  return broken
+
+
+# (entry point, arguments, the function that fails, the error it raises): bugs inside setup.
+BUGS = [
+    ("main", "{tiny} --workdir={tmp}/bug_mesh", "slw_jax.train_step.on_mesh", ValueError),
+    ("main", "{tiny} --workdir={tmp}/bug_memory " + DATA,
+     "slw_jax.compiled_steps.choose_microbatches", TypeError),
+    ("plan", "{tiny}", "slw_jax.optim.learning_rates", TypeError),
+    ("evaluate", "--workdir={run} --task=val", "slw_jax.checkpoint.load_params", ValueError),
+]
+
+
+@pytest.mark.parametrize("entry,args,target,kind", BUGS,
+                         ids=[f"{entry}-{kind.__name__}" for entry, _, _, kind in BUGS])
+def test_an_internal_error_keeps_its_traceback(entry, args, target, kind, scratch, monkeypatch):
+  """A ValueError or TypeError from our code or from JAX is a bug: it is not turned into an
+  `error:` line and status 2 (as bad input is), it propagates (a traceback, status 1)."""
+  monkeypatch.chdir(REPO)
+  monkeypatch.setattr(target, _internal_error(kind))
+  with pytest.raises(kind, match="an internal bug"):
+    _call(entry, args, scratch)
+
+
+def test_an_internal_error_prints_a_traceback_and_exits_1(scratch):
+  """The same, as a user sees it: `python -m slw_jax.plan` with a bug in its setup."""
+  code = ("import sys; from slw_jax import optim, plan\n"
+          "def broken(*a, **k): raise ValueError('an internal bug, not bad input')\n"
+          "optim.learning_rates = broken\n"
+          f"plan.main(['slw_jax.plan', {TINY!r}])")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "Traceback (most recent call last)" in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == "ValueError: an internal bug, not bad input"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import metric_rows, poison_position
-from slw_jax import input_pipeline, resume, trainer
+from slw_jax import errors, input_pipeline, resume, trainer
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_every_checkpoint_unreadable_stops_with_one_line_and_moves_nothing(finis
   workdir = _copy(base, tmp_path)
   for step in (4, 8, 12):
     CORRUPTIONS["garbage metadata"](os.path.join(workdir, "checkpoints", str(step)))
-  with pytest.raises(trainer.StopTraining, match=r"^every checkpoint in .*/checkpoints is "
+  with pytest.raises(errors.StopTraining, match=r"^every checkpoint in .*/checkpoints is "
                      r"unreadable: restore them .* \(step 12: .*; step 8: .*; step 4: .*\)$"):
     trainer.Trainer(c, workdir).setup()
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
@@ -92,9 +92,9 @@ def test_an_incompatible_resume_stops_naming_the_field_before_any_compile(
     finished, session_config, overrides, message):
   c, workdir = finished
   run = trainer.Trainer(session_config(**overrides), workdir)
-  with pytest.raises(trainer.StopTraining, match=message):
+  with pytest.raises(errors.StopTraining, match=message):
     run.setup()
-  assert run.steps.num_compiled == 0
+  assert run.executables.num_compiled == 0
 
 
 def test_compatible_changes_are_logged_and_a_knowing_schedule_change_is_an_event(
@@ -146,9 +146,9 @@ def test_token_files_changed_under_the_run_are_refused_at_start(
   moved._check_newest_resumable()  # pylint: disable=protected-access  # Same tokens: accepted.
   _reprepare_train(data_dir, change)
   run = trainer.Trainer(session_config(data__dir=data_dir), workdir)
-  with pytest.raises(trainer.StopTraining, match=message):
+  with pytest.raises(errors.StopTraining, match=message):
     run.setup()
-  assert run.steps.num_compiled == 0
+  assert run.executables.num_compiled == 0
 
 
 def test_a_rollback_recovers_never_deletes_its_target_and_frees_the_old_state_first(
@@ -160,7 +160,7 @@ def test_a_rollback_recovers_never_deletes_its_target_and_frees_the_old_state_fi
   poison_position(monkeypatch, 6 * 4, 7 * 4)
   workdir = str(tmp_path)
   seen = {}
-  free_state, restore = trainer.Trainer._free_state, trainer.Trainer._restore
+  free_state, restore = trainer.Trainer._free_state, resume.Restorer.restore
 
   def watched_free_state(self):
     seen.setdefault("journal", resume.read_journal(workdir))
@@ -173,7 +173,7 @@ def test_a_rollback_recovers_never_deletes_its_target_and_frees_the_old_state_fi
       seen["freed_before_restore"] = all(x.is_deleted() for x in seen["old_leaves"])
     return restore(self, step)
   monkeypatch.setattr(trainer.Trainer, "_free_state", watched_free_state)
-  monkeypatch.setattr(trainer.Trainer, "_restore", watched_restore)
+  monkeypatch.setattr(resume.Restorer, "restore", watched_restore)
   c = session_config(monitor__action="rollback", checkpoint__every_steps=2,
                      checkpoint__keep=10)
   summary = trainer.Trainer(c, workdir).run()
@@ -193,3 +193,42 @@ def test_a_rollback_recovers_never_deletes_its_target_and_frees_the_old_state_fi
   rows = metric_rows(workdir)
   assert sum(r["loss"] == "nan" for r in rows) == 2  # Each poisoned batch is seen once.
   assert rows[-1]["step"] == 11 and np.isfinite(rows[-1]["loss"])
+
+
+def test_newest_complete_names_the_newest_finished_save_never_one_in_progress(
+    tmp_path, monkeypatch):
+  """Catches "the newest checkpoint" read from orbax's latest_step, which counts an
+  asynchronous save from its start: a stop would name as intact, and a resume try, a save
+  still being written (or about to fail). A real save is held just before its rename."""
+  import asyncio  # pylint: disable=g-import-not-at-top  # Here: new tests go at the end.
+  import threading  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  from slw_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoints = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), keep=10)
+  state = {"w": jax.numpy.arange(4.0)}
+  held, release = threading.Event(), threading.Event()
+  try:
+    assert checkpoints.newest_complete() is None
+    for step in (2, 5):
+      checkpoints.save(step, state, {"step": step})
+      checkpoints.wait()
+    assert checkpoints.newest_complete() == 5
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def held_finalize(self):  # Orbax's last act: the rename of the temporary directory.
+      held.set()
+      await asyncio.to_thread(release.wait, 60)
+      await finalize(self)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", held_finalize)
+    checkpoints.save(9, state, {"step": 9})
+    assert held.wait(60)
+    assert checkpoints.latest_step() == 9  # orbax counts it already...
+    # ... while it is still a temporary directory.
+    assert "9" + checkpoint.TMP_SUFFIX in os.listdir(checkpoints.directory)
+    assert checkpoints.newest_complete() == 5
+    release.set()
+    checkpoints.wait()
+    assert checkpoints.newest_complete() == 9
+  finally:
+    release.set()  # Never leaves orbax's thread waiting.
+    checkpoints.close()

@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import subprocess
+import sys
 import time
 
 import pytest
@@ -63,6 +64,32 @@ def _fill_up(make_config, workdir, mounted: bool) -> str:
   return output
 
 
+# Run before a command, as root: drops from the capability bounding set what lets root read and
+# write files whatever their modes (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), then
+# execs the command, which then meets file modes as their owner does.
+DROP_FILE_ACCESS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for capability in (1, 2, 3):
+  if libc.prctl(24, capability, 0, 0, 0):  # PR_CAPBSET_DROP
+    sys.exit(f"cannot drop capability {capability}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def _without_root_file_access(read_only_dir) -> list[str]:
+  """The command prefix that runs a command as root without its file-mode override (checked:
+  it cannot write `read_only_dir`, mode 0o555); skips the test, saying why, where this machine
+  does not allow dropping it."""
+  probe = subprocess.run([sys.executable, "-c", DROP_FILE_ACCESS, sys.executable, "-c",
+                          f"import os; print(os.access({str(read_only_dir)!r}, os.W_OK))"],
+                         capture_output=True, text=True, check=False)
+  if probe.returncode != 0 or probe.stdout.strip() != "False":
+    pytest.skip("the read-only start needs a read-only disk: root here can neither mount a "
+                f"tmpfs nor drop CAP_DAC_OVERRIDE ({(probe.stderr or probe.stdout).strip()})")
+  return [sys.executable, "-c", DROP_FILE_ACCESS]
+
+
 def test_a_full_then_read_only_disk_stops_the_run_with_one_line_and_checkpoints_intact(
     make_config, tmp_path):
   workdir = str(tmp_path / "disk" / "run")
@@ -79,20 +106,26 @@ def test_a_full_then_read_only_disk_stops_the_run_with_one_line_and_checkpoints_
     assert len(saved) >= 2, output[-3000:]
     loaded = checkpoint.load_params(workdir)  # The newest reads back whole.
     assert loaded.step == saved[-1]
-    # Now not writable at all (where this machine can make it so; root ignores file modes):
-    # the next start says so in one line and changes nothing.
+    # Now not writable at all: the next start says so in one line and changes nothing. The
+    # tmpfs is remounted read-only where it could be mounted; elsewhere the files' modes are
+    # made read-only, and root, which ignores them, starts without the capabilities to.
+    prefix = []
     if mounted:
       subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "disk")], check=True)
-    elif os.geteuid() != 0:
+    else:
       for root, dirs, files in os.walk(workdir):
         for name in dirs + files + [""]:
           os.chmod(os.path.join(root, name), 0o555)
-    if mounted or os.geteuid() != 0:
-      process = start(command(make_config, workdir), {"SLW_FAULT_POISON": ""})
-      output = finish(process)
-      assert process.returncode != 0, output
-      errors = [line for line in output.splitlines() if line.startswith("error: ")]
-      assert len(errors) == 1 and re.search("Read-only file system|Permission denied",
-                                            errors[0]), output[-3000:]
-      assert "Traceback" not in output, output[-3000:]
-      assert _complete_steps(workdir) == saved
+      if os.geteuid() == 0:
+        prefix = _without_root_file_access(workdir)
+    process = start(prefix + command(make_config, workdir), {"SLW_FAULT_POISON": ""})
+    output = finish(process)
+    assert process.returncode != 0, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    # slw_jax.main's check of --workdir, before any work (not a later write failing).
+    assert len(errors) == 1 and re.match(r"error: --workdir=.* is not a writable directory: "
+                                         "(Read-only file system|Permission denied)$",
+                                         errors[0]), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert _complete_steps(workdir) == saved
+

@@ -122,3 +122,60 @@ def test_process_0_failing_to_prepare_data_stops_the_other_at_once(make_config, 
   assert (f"error: process 0 failed while preparing data.dir='{tmp_path / 'data'}' (its log "
           "has the error); process 1 stops too") in other, other[-3000:]
   assert "Terminating process" not in first + other  # Both stopped by themselves.
+
+
+def test_a_checkpoint_damaged_as_one_process_reads_it_stops_both_moving_nothing(
+    make_config, tmp_path):
+  """Catches a process falling back by itself to an older checkpoint when only its own
+  shards of the newest are damaged (the multi-process branch of Restorer.newest_usable gone):
+  process 0 resumed from step 2 and finished while process 1 read step 0 alone, stuck in
+  orbax's collectives until JAX aborted both, and no line said why."""
+  c = make_config()
+  workdir = tmp_path / "run"
+  # fsdp over all 8 devices: each process writes (and reads back) its own shards, in its own
+  # ocdbt.process_<i> files. One bucket and no periodic eval: few compiles. Checkpoints 0, 2.
+  small = {"train_steps": 2, "batch_size": 8, "checkpoint.every_steps": 2,
+           "eval.every_steps": 5000, "eval.batches": 1, "pacing.seqlen_start": 32,
+           "mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1}
+  processes = _start(c, workdir, **small)
+  try:
+    statuses = [p.wait(timeout=600) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  assert statuses == [0, 0], _log(workdir, 0)[-3000:] + _log(workdir, 1)[-3000:]
+  checkpoints = workdir / "checkpoints"
+  saved = sorted(os.listdir(checkpoints))
+  assert saved == ["0", "2"], saved
+  shards = checkpoints / "2" / "state" / "ocdbt.process_1" / "d"  # Process 1's alone.
+  damaged = max(shards.iterdir(), key=lambda f: f.stat().st_size)
+  size = damaged.stat().st_size // 2
+  os.truncate(damaged, size)
+
+  processes = _start(c, workdir, **small)
+  try:
+    deadline = time.time() + 300  # Starting, compiling (from the cache) and reading step 2.
+    while (time.time() < deadline and all(p.poll() is None for p in processes) and
+           "does not fall back" not in _log(workdir, 1)):
+      time.sleep(0.05)
+    seen = time.time()
+    statuses = [_exit_of(p, seen) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  log0, log1 = _log(workdir, 0), _log(workdir, 1)
+  print(f"exit statuses {[s for s, _ in statuses]}, "
+        f"{', '.join(f'{t:.1f}' for _, t in statuses)} s after process 1's error")
+  named = [line for line in log1.splitlines()
+           if "with several processes the run does not fall back by itself" in line]
+  assert len(named) == 1, log1[-3000:]
+  assert named[0].startswith(f"error: checkpoint 2 in {checkpoints} is damaged as process 1 "
+                             "reads it"), named[0]
+  assert all(status != 0 for status, _ in statuses), (log0[-3000:], log1[-3000:])
+  assert "damaged as process 0" not in log0, log0[-3000:]  # The damage is one process's.
+  for log in (log0, log1):
+    assert "resumed from step" not in log and "is unreadable" not in log, log[-3000:]
+  # Nothing deleted or moved: the damaged checkpoint is still the newest, as it was.
+  assert sorted(os.listdir(checkpoints)) == saved
+  assert not (workdir / "unreadable_checkpoints").exists()
+  assert damaged.stat().st_size == size

@@ -14,6 +14,7 @@ import time
 
 STEP_KEYS = ("step", "tokens", "seqlen", "batch_size", "lr", "loss", "loss_ratio", "grad_norm",
              "adam_nu_l1", "adam_nu_max", "step_time_s", "tokens_per_s", "mfu")
+DEVICE_KEYS = ("loss", "loss_ratio", "grad_norm", "adam_nu_l1", "adam_nu_max")  # From the step.
 
 
 def _json_value(value):
@@ -48,6 +49,43 @@ def truncate_jsonl(path: str, before_step: int) -> list[dict]:
       kept.append(line)
   replace_durably(path, lambda f: f.writelines(kept))
   return [json.loads(line) for line in kept]
+
+
+def summary(*, completed: bool, stopped_by, steps: int, schedule, wall_time_s: float,
+            last_eval: dict, executables, stall_before_loop, stability: dict,
+            save_abandoned: bool, pacing: dict) -> dict:
+  """The run's summary.json: where it ended and why, its last evaluation, what compiling cost
+  (`executables`: compiled_steps.BucketedStep), its stability counters and its pacing."""
+  stall = executables.stall_s
+  return {
+      "completed": completed, "stopped_by": stopped_by, "steps": steps,
+      "total_steps": schedule.num_steps, "tokens": int(schedule.tokens_before[steps]),
+      "wall_time_s": wall_time_s, "final_val_loss": last_eval.get("val_loss"),
+      "final_val_ppl": last_eval.get("val_ppl"), "compile_stall_s": stall,
+      "compile_stall_after_step0_s": stall - (stall_before_loop or 0.0),
+      "buckets": [vars(s) for s in executables.stats.values()],
+      "other_compile_s": dict(executables.other_compile_s),
+      "executables_released": executables.released,
+      "stability": stability, "save_abandoned": save_abandoned, "pacing": pacing,
+  }
+
+
+def step_row(step: int, tokens_before: int, shape: tuple[int, int], lr: float, values: dict,
+             step_time: float, peak_seconds: float) -> dict:
+  """The metrics row of one step (STEP_KEYS, plus z_loss and skipped when present) from the
+  step's device `values`. `peak_seconds`: the step's FLOPs over the devices' peak FLOP/s (so
+  MFU = peak_seconds / step_time). Tokens are real ones: a padded bucket's padding is not
+  counted."""
+  batch_size, seqlen = shape
+  row = {"step": step, "tokens": tokens_before, "seqlen": seqlen, "batch_size": batch_size,
+         "lr": lr, **{k: float(values[k]) for k in DEVICE_KEYS},
+         "step_time_s": step_time, "tokens_per_s": batch_size * seqlen / step_time,
+         "mfu": peak_seconds / step_time}
+  if "z_loss" in values:  # optim.z_loss > 0 only: rows without it had no z-loss.
+    row["z_loss"] = float(values["z_loss"])
+  if bool(values["skipped"]):
+    row["skipped"] = True
+  return row
 
 
 class RunLog:

@@ -5,11 +5,11 @@ import threading
 import jax
 import pytest
 
-from slw_jax import compile_cache, config_lib, schedules, train_step
+from slw_jax import compiled_steps, config_lib, optim, train_step
 
 
 def test_pool_runs_queued_work_by_priority_not_submission_order():
-  pool = compile_cache.PriorityPool(1, "test")
+  pool = compiled_steps.PriorityPool(1, "test")
   gate, ran = threading.Event(), []
   blocker = pool.submit(0, gate.wait)  # Holds the only thread while the rest queue up.
   futures = [pool.submit(p, lambda p=p: ran.append(p)) for p in (100, 5, 40)]
@@ -21,7 +21,7 @@ def test_pool_runs_queued_work_by_priority_not_submission_order():
 
 
 def test_pool_runs_threads_at_once_and_cancels_queued_work_on_shutdown():
-  pool = compile_cache.PriorityPool(2, "test")
+  pool = compiled_steps.PriorityPool(2, "test")
   both = threading.Barrier(2, timeout=30)  # Passes only if two functions run concurrently.
   running = [pool.submit(0, both.wait) for _ in range(2)]
   assert sorted(f.result(timeout=60) for f in running) == [0, 1]
@@ -41,14 +41,15 @@ def bucketed():
       "configs/tiny.py", {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2,
                           "model.max_seqlen": 32, "pacing.seqlen_start": 8,
                           "pacing.multiple": 8}))
-  optimizer = schedules.make_optimizer(c.optim)
+  optimizer = optim.make_optimizer(c.optim)
   graphdef, _ = train_step.build_model(c)
   spec = jax.eval_shape(train_step.make_init_fn(c, optimizer))
-  return lambda threads: compile_cache.BucketedStep(
+  return lambda threads: compiled_steps.BucketedStep(
       lambda k: train_step.make_train_step(c, graphdef, optimizer, False, k), spec,
       threads=threads)
 
 
+@pytest.mark.slow
 def test_released_buckets_are_dropped_and_compile_again_when_needed(bucketed):
   steps = bucketed(2)
   steps.prefetch([(4, 8), (4, 16)])

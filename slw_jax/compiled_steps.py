@@ -28,8 +28,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
-from slw_jax import config_lib
+from slw_jax import errors, hardware
 
 
 def batch_spec(batch_size: int, seqlen: int, sharding=None) -> dict:
@@ -133,7 +135,7 @@ def check_microbatches(count: int, largest: tuple[int, int], batch_shards: int):
   """A configured count must split the largest bucket's batch evenly over the data shards."""
   options = microbatch_options(largest[0], batch_shards)
   if count not in options:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"config.optim.microbatches={count} is invalid: the largest bucket's batch of "
         f"{largest[0]} rows over {batch_shards} data-parallel shard(s) splits into "
         f"{', '.join(map(str, options))} microbatches (or 'auto')")
@@ -201,6 +203,12 @@ class BucketStats:
   memory_bytes: int  # arguments + outputs + temporaries - aliased (donated) buffers
   background: bool
   microbatches: int = 1
+
+  def line(self) -> str:
+    """The log line of this compile."""
+    where = "in the background" if self.background else "while the loop waited"
+    return (f"compiled bucket {self.batch_size}x{self.seqlen} {where} in {self.compile_s:.1f} s "
+            f"({self.microbatches} microbatch(es)); needs {self.memory_bytes / 2**20:.1f} MiB")
 
 
 class BucketedStep:
@@ -311,6 +319,13 @@ class BucketedStep:
     future.set_result(compile_now())
     return future
 
+  def wait_for(self, future: concurrent.futures.Future):
+    """The result of a `compile_other` future; the time waited counts as a stall."""
+    waited = time.perf_counter()
+    result = future.result()
+    self.stall_s += time.perf_counter() - waited
+    return result
+
   def release(self, shapes):
     """Drops the executables of buckets the schedule no longer uses (device and host memory);
     a compile still queued for one is cancelled. A bucket needed again (after a rollback)
@@ -393,3 +408,39 @@ def choose_microbatches(steps: BucketedStep, setting, largest: tuple[int, int], 
           f"{largest[1]} ({why}); shorter buckets keep at most {policy.tokens_per_microbatch:,} "
           "tokens per microbatch")
   return policy, line
+
+
+def check_memory(steps: BucketedStep, setting, largest: tuple[int, int], batch_shards: int,
+                 first: tuple[int, int] | None, log: Callable[[str], None]):
+  """Chooses the microbatch counts (`setting`: optim.microbatches) and, where the device
+  reports its memory, compiles the `largest` bucket and stops if it cannot fit. The `first`
+  bucket to run compiles in the background meanwhile (after the search when `auto` must
+  compile to choose). A CPU reports no limit: nothing to check, the largest bucket compiles in
+  its turn. Raises StopTraining naming the settings that would make it fit."""
+  limit = hardware.device_memory_limit()
+  if limit and jax.process_count() > 1:  # Every process must search with the same budget.
+    limit = int(multihost_utils.process_allgather(np.int64(limit)).min())
+  # Compiles only for `auto` against a memory limit; then `first` needs its counts.
+  policy, line = choose_microbatches(steps, setting, largest, batch_shards, limit)
+  log(line)
+  if steps.compiler_options:
+    log("compiler options of every train step: " + ", ".join(
+        f"{k}={v}" for k, v in sorted(steps.compiler_options.items())))
+  steps.prefetch([first] if first else [], priority=-1)
+  if not limit:
+    log(f"largest bucket {largest[0]}x{largest[1]}: the device reports no memory limit, so "
+        "there is nothing to check before step 0")
+    return
+  steps.get(largest)
+  need = steps.stats[largest].memory_bytes
+  if need > limit:
+    more = ("" if policy.largest_count == microbatch_options(largest[0], batch_shards)[-1]
+            else "optim.microbatches=auto (or more), ")
+    raise errors.StopTraining(
+        f"the largest bucket (batch {largest[0]} x seqlen {largest[1]}) needs "
+        f"{need / 2**30:.2f} GiB per device with {policy.largest_count} microbatch(es) but the "
+        f"device has {limit / 2**30:.2f} GiB: set {more}model.remat=block, "
+        "model.dtype=bfloat16, compile.xla_remat=true (XLA recomputes to fit), or use more "
+        "devices (mesh.fsdp)")
+  log(f"largest bucket {largest[0]}x{largest[1]} needs {need / 2**30:.3f} GiB of "
+      f"{limit / 2**30:.2f} GiB")

@@ -8,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from slw_jax import config_lib, pacing, schedules, train_step
+from slw_jax import config_lib, optim, pacing, train_step
 
 
 def _lrs(load_config, **overrides):
   c = config_lib.validate(load_config("tiny", **overrides))
   s = pacing.run_schedule(c)
-  return c, s, schedules.learning_rates(c, s)
+  return c, s, optim.learning_rates(c, s)
 
 
 def _cosine(c, progress):
@@ -76,29 +76,45 @@ def _tiny_params():
           "fc_bias_f": jnp.array([0.1, -0.2])}
 
 
+@pytest.mark.slow
 def test_optimizer_equals_hand_written_adamw_with_clipping(load_config):
+  """Three updates of clip-then-AdamW against numpy, each at its own learning rate: gradients
+  of global norm 5 (clipped to 1), 0.5 (left as is), then 10 (clipped). Adam's first update
+  cancels any scale of the gradient, so one update would pass with clipping off; from the
+  second on, the moments mix gradients of other scales, which clipping changes (by 25% here)."""
   c = config_lib.validate(load_config("tiny", optim__clip_norm=1.0))
   o = c.optim
-  opt = schedules.make_optimizer(o)
+  opt = optim.make_optimizer(o)
   params = _tiny_params()
-  grads = {"fc_weight_df": jnp.array([[3.0, 0.0], [0.0, 4.0]]),
-           "fc_bias_f": jnp.array([0.0, 0.0])}
-  state = schedules.set_learning_rate(opt.init(params), 0.01)
-  updates, state = opt.update(grads, state, params)
-  new = optax.apply_updates(params, updates)
-  scale = 1.0 / 5.0  # Global norm 5 clipped to 1.
-  for name, decay in (("fc_weight_df", True), ("fc_bias_f", False)):
-    g = np.asarray(grads[name]) * scale
-    m, v = (1 - o.b1) * g, (1 - o.b2) * g * g
-    step = (m / (1 - o.b1)) / (np.sqrt(v / (1 - o.b2)) + o.eps)
-    if decay:
-      step = step + o.weight_decay * np.asarray(params[name])
-    np.testing.assert_allclose(new[name], np.asarray(params[name]) - 0.01 * step, rtol=1e-5)
+  direction = {"fc_weight_df": np.array([[0.4, 0.0], [0.0, 0.8]]),  # Global norm 1.
+               "fc_bias_f": np.array([0.4, -0.2])}
+  norms_and_lrs = [(5.0, 0.01), (0.5, 0.02), (10.0, 0.005)]
+  state = opt.init(params)
+  expected = {name: np.asarray(p, np.float64) for name, p in params.items()}
+  m = {name: np.zeros_like(p) for name, p in expected.items()}
+  v = {name: np.zeros_like(p) for name, p in expected.items()}
+  for t, (norm, lr) in enumerate(norms_and_lrs, start=1):
+    grads = {name: jnp.asarray(norm * g, jnp.float32) for name, g in direction.items()}
+    state = optim.set_learning_rate(state, lr)
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    clip = min(1.0, o.clip_norm / norm)
+    for name, decay in (("fc_weight_df", True), ("fc_bias_f", False)):
+      g = np.asarray(grads[name], np.float64) * clip
+      m[name] = o.b1 * m[name] + (1 - o.b1) * g
+      v[name] = o.b2 * v[name] + (1 - o.b2) * g * g
+      step = (m[name] / (1 - o.b1**t)) / (np.sqrt(v[name] / (1 - o.b2**t)) + o.eps)
+      if decay:
+        step = step + o.weight_decay * expected[name]
+      expected[name] = expected[name] - lr * step
+    for name in expected:
+      np.testing.assert_allclose(params[name], expected[name], rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{name} after update {t}")
 
 
 def test_adam_nu_stats_equal_numpy(load_config):
   o = config_lib.validate(load_config("tiny")).optim
-  opt = schedules.make_optimizer(o)
+  opt = optim.make_optimizer(o)
   params = _tiny_params()
   state = opt.init(params)
   for scale in (1.0, -3.0):
@@ -106,7 +122,7 @@ def test_adam_nu_stats_equal_numpy(load_config):
     _, state = opt.update(grads, state, params)
   nu = optax.tree_utils.tree_get(state, "nu")
   roots = np.concatenate([np.sqrt(np.asarray(x)).ravel() for x in jax.tree.leaves(nu)])
-  stats = schedules.adam_nu_stats(state)
+  stats = optim.adam_nu_stats(state)
   assert float(stats["adam_nu_l1"]) == pytest.approx(roots.sum(), rel=1e-6)
   assert float(stats["adam_nu_max"]) == pytest.approx(roots.max(), rel=1e-6)
 
@@ -125,18 +141,19 @@ def test_weight_decay_goes_to_weights_and_embeddings_by_name(load_config, scan_l
   c = config_lib.validate(load_config("tiny", model__scan_layers=scan_layers,
                                       model__qk_norm=qk_norm))
   _, params = train_step.build_model(c)
-  mask = schedules._decay_mask(params)
+  mask = optim._decay_mask(params)
   decayed, plain = set(), set()
   for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]:
-    (decayed if flag else plain).add(schedules.parameter_name(path))
+    (decayed if flag else plain).add(optim.parameter_name(path))
   assert decayed == DECAYED and plain == NOT_DECAYED | (QK_NORM if qk_norm else set())
 
 
 def test_a_parameter_name_in_neither_list_is_refused():
   with pytest.raises(ValueError, match="parameter 'gate_df' is neither a weight nor a bias"):
-    schedules.decays("gate_df")
+    optim.decays("gate_df")
 
 
+@pytest.mark.slow
 def test_weight_decay_reaches_exactly_the_decayed_names(load_config):
   """One AdamW update with zero gradients moves only the decayed parameters (model.qk_norm's
   included among those that stay)."""
@@ -144,9 +161,9 @@ def test_weight_decay_reaches_exactly_the_decayed_names(load_config):
                                       model__qk_norm=True))
   _, abstract = train_step.build_model(c)
   params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract)
-  opt = schedules.make_optimizer(c.optim)
-  state = schedules.set_learning_rate(opt.init(params), 0.1)
+  opt = optim.make_optimizer(c.optim)
+  state = optim.set_learning_rate(opt.init(params), 0.1)
   updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
   for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
     moved = bool(jnp.any(update != 0))
-    assert moved == (schedules.parameter_name(path) in DECAYED), jax.tree_util.keystr(path)
+    assert moved == (optim.parameter_name(path) in DECAYED), jax.tree_util.keystr(path)

@@ -72,7 +72,7 @@ def decays(name: str) -> bool:
   if name.startswith(NOT_DECAYED_PREFIXES):
     return False
   raise ValueError(f"parameter {name!r} is neither a weight nor a bias/LayerNorm name: add it to "
-                   "schedules.DECAYED_PREFIXES or NOT_DECAYED_PREFIXES")
+                   "optim.DECAYED_PREFIXES or NOT_DECAYED_PREFIXES")
 
 
 def _decay_mask(params):
