@@ -419,15 +419,26 @@ def pass_limit(args, env: dict) -> tuple[int | None, str]:
                            f"chosen against {min(limit, cap) / GIB:.2f} GiB")
 
 
-def cudnn_probe() -> dict:
+def cudnn_probe(script: str = os.path.join(HERE, "cudnn_dropout_probe.py")) -> dict:
   """benchmarks/cudnn_dropout_probe.py's findings: whether cuDNN's attention dropout (Rc) drops
-  what it should (a few small compiles; {"available": False, ...} off a GPU)."""
+  what it should (a few small compiles; {"available": False, ...} off a GPU).
+
+  In a child process: on jax 0.11.2 (H200, CUDA 13) the probe killed the whole pass with XLA's
+  `Check failed: local_device_ordinal.has_value()` (cuDNN graph in a command buffer), a crash
+  no `except` can catch. The child does not preallocate: this pass's backend holds its share."""
+  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
   try:
-    import cudnn_dropout_probe  # pylint: disable=g-import-not-at-top
-    return cudnn_dropout_probe.probe()
-  except Exception as error:  # pylint: disable=broad-except  (the matrix goes on without it)
-    traceback.print_exc()
-    return {"available": False, "why": one_line(error)}
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                          timeout=240, env=env, check=False)
+  except subprocess.TimeoutExpired:
+    return {"available": False, "why": "the probe ran past 240 s"}
+  lines = done.stdout.strip().splitlines()
+  if done.returncode == 0 and lines:
+    return json.loads(lines[-1])
+  sys.stderr.write(done.stderr[-4000:])
+  failed = [line for line in done.stderr.splitlines() if "Check failed" in line or "Error" in line]
+  return {"available": False, "why": f"the probe exited with status {done.returncode}: "
+          + (failed[-1].strip() if failed else "no error line")}
 
 
 def run_pass(args) -> int:

@@ -321,3 +321,20 @@ def test_probe_line_says_what_each_number_should_be():
                                    "between_devices": "not measurable with one device"})
   assert "kept fraction 0.900 (want 0.900)" in line and "independent masks: 0.820" in line
   assert "next call 1.000" in line and "1.000: the mask never changes" in line
+
+
+def test_a_probe_that_aborts_is_a_row_not_a_lost_pass(tmp_path):
+  """On jax 0.11.2 cuDNN's dropout probe aborted the process (an XLA check failure no `except`
+  catches) and took the whole H100 pass with it: the probe runs in a child, its abort a row."""
+  script = tmp_path / "aborts.py"
+  script.write_text("import sys, os\nsys.stderr.write('F1204 x.cc:1] Check failed: boom\\n')\n"
+                    "sys.stderr.flush()\nos.abort()\n")
+  found = gpu_ab.cudnn_probe(str(script))
+  assert found["available"] is False
+  assert "status -6" in found["why"] and "Check failed: boom" in found["why"]
+
+
+def test_a_probe_that_runs_returns_its_json_line(tmp_path):
+  script = tmp_path / "prints.py"
+  script.write_text("print('a log line')\nprint('{\"available\": true, \"kept\": 0.9}')\n")
+  assert gpu_ab.cudnn_probe(str(script)) == {"available": True, "kept": 0.9}
