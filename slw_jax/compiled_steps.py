@@ -175,10 +175,11 @@ class PriorityPool:
         except BaseException as error:  # Handed to whoever waits on the future.
           future.set_exception(error)
 
-  def shutdown(self, wait: bool = True):
-    """Cancels what has not started; with `wait`, waits for running work to finish."""
+  def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
+    """Cancels what has not started; with `wait`, waits for running work to finish, for at
+    most `timeout` seconds in all (None: as long as it takes). True when every worker ended."""
     if self._closed:
-      return
+      return self._join(timeout if wait else 0.0)
     self._closed = True
     while True:
       try:
@@ -189,9 +190,18 @@ class PriorityPool:
         future.cancel()
     for _ in self._workers:  # Sorts after any real work: priority infinity.
       self._queue.put((float("inf"), next(self._order), None, None))
-    if wait:
-      for worker in self._workers:
-        worker.join()
+    return self._join(timeout if wait else 0.0)
+
+  def _join(self, timeout: float | None) -> bool:
+    end = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    for worker in self._workers:
+      worker.join(None if end is None else max(end - time.monotonic(), 0.0))
+    return not self.running()
+
+  def running(self) -> list[str]:
+    """The names of the workers still running work (a compile in native code cannot be
+    interrupted: a stop waits for it only until its deadline)."""
+    return [worker.name for worker in self._workers if worker.is_alive()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,10 +362,14 @@ class BucketedStep:
   def num_compiled(self) -> int:
     return len(self.stats)
 
-  def close(self, wait: bool = True):
-    """Stops the compile threads; queued compiles are cancelled (running ones complete)."""
-    if self._pool is not None:
-      self._pool.shutdown(wait=wait)
+  def close(self, wait: bool = True, timeout: float | None = None) -> list[str]:
+    """Stops the compile threads: queued compiles are cancelled, running ones waited for (with
+    `wait`, for at most `timeout` seconds). Returns the threads still compiling (none
+    normally; after a stop, those whose compile outlasts the preemption deadline)."""
+    if self._pool is None:
+      return []
+    self._pool.shutdown(wait=wait, timeout=timeout)
+    return self._pool.running()
 
 
 def fit_microbatches(steps: BucketedStep, shape: tuple[int, int], options: list[int],

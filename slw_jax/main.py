@@ -56,9 +56,11 @@ def main(argv=None):
     _exit_now(1)  # The saves that could finish did (Trainer._abort): orbax's failed writer
     # threads would abort the interpreter's shutdown.
   status = 0 if summary["completed"] or summary["stopped_by"] else 1
-  if summary["stopped_by"]:  # Preempted: compiles still running, maybe a save abandoned.
+  if summary["left_running"]:  # Past a stop's deadline: a compile, or a save abandoned.
+    print(f"exiting without waiting for {', '.join(summary['left_running'])}: checkpoint."
+          "preemption_timeout_s has passed", file=sys.stderr)
     _exit_now(status, shutdown=True)
-  sys.exit(status)
+  sys.exit(status)  # Every thread was joined: a normal exit (atexit handlers run).
 
 
 def _orbax_log_to_file(workdir: str):
@@ -89,9 +91,10 @@ class _QuietFileHandler(logging.FileHandler):
 
 
 def _exit_now(status: int, shutdown: bool = False):
-  """Exits without waiting for threads still in native code (a background compile, orbax's
-  writer): the interpreter's shutdown would wait on them, or abort the process (SIGABRT) when
-  they wake up after it. `shutdown`: leave the other processes of the run cleanly first."""
+  """Exits without waiting for threads still in native code, which cannot be interrupted (a
+  compile past a stop's deadline, orbax's writer of an abandoned or failed save): the
+  interpreter's shutdown would wait on them, or abort the process (SIGABRT) when they wake up
+  after it. `shutdown`: leave the other processes of the run cleanly first."""
   import jax  # pylint: disable=g-import-not-at-top
   try:
     if shutdown and jax.process_count() > 1:

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 STEP_KEYS = ("step", "tokens", "seqlen", "batch_size", "lr", "loss", "loss_ratio", "grad_norm",
              "adam_nu_l1", "adam_nu_max", "step_time_s", "tokens_per_s", "mfu")
@@ -53,9 +54,10 @@ def truncate_jsonl(path: str, before_step: int) -> list[dict]:
 
 def summary(*, completed: bool, stopped_by, steps: int, schedule, wall_time_s: float,
             last_eval: dict, executables, stall_before_loop, stability: dict,
-            save_abandoned: bool, pacing: dict) -> dict:
+            save_abandoned: bool, pacing: dict, left_running: list) -> dict:
   """The run's summary.json: where it ended and why, its last evaluation, what compiling cost
-  (`executables`: compiled_steps.BucketedStep), its stability counters and its pacing."""
+  (`executables`: compiled_steps.BucketedStep), its stability counters and its pacing;
+  `left_running`: the threads a stop's deadline left running (a compile, an abandoned save)."""
   stall = executables.stall_s
   return {
       "completed": completed, "stopped_by": stopped_by, "steps": steps,
@@ -67,6 +69,7 @@ def summary(*, completed: bool, stopped_by, steps: int, schedule, wall_time_s: f
       "other_compile_s": dict(executables.other_compile_s),
       "executables_released": executables.released,
       "stability": stability, "save_abandoned": save_abandoned, "pacing": pacing,
+      "left_running": left_running,
   }
 
 
@@ -91,9 +94,10 @@ def step_row(step: int, tokens_before: int, shape: tuple[int, int], lr: float, v
 class RunLog:
   """Writes a run's metrics, evaluations and events; shows progress."""
 
-  def __init__(self, workdir: str, total_steps: int, total_tokens: int, start_step: int,
-               start_tokens: int, print_every: int, primary: bool = True):
-    self.primary, self.print_every = primary, print_every
+  def __init__(self, workdir: str, total_steps: Callable[[], int], total_tokens: int,
+               start_step: int, start_tokens: int, print_every: int, primary: bool = True):
+    """`total_steps()`: the run's step count now (adaptive pacing redraws the schedule)."""
+    self.primary, self.print_every, self.workdir = primary, print_every, workdir
     self.total_steps, self.total_tokens = total_steps, total_tokens
     self.started = time.time()
     self.start_tokens = start_tokens
@@ -134,14 +138,14 @@ class RunLog:
     if self.bar is not None:
       self.bar.update(tokens_done - self.bar.n)
       self.bar.set_postfix(seqlen=row["seqlen"], loss=f"{row['loss']:.4f}", refresh=False)
-    elif row["step"] % self.print_every == 0 or row["step"] == self.total_steps - 1:
+    elif row["step"] % self.print_every == 0 or row["step"] == self.total_steps() - 1:
       self.info(self._line(row, tokens_done))
 
   def _line(self, row: dict, tokens_done: int) -> str:
     elapsed = time.time() - self.started
     rate = (tokens_done - self.start_tokens) / elapsed if elapsed > 0 else 0.0
     eta = (self.total_tokens - tokens_done) / rate if rate > 0 else float("inf")
-    return (f"step {row['step']}/{self.total_steps} tokens {tokens_done:,}/{self.total_tokens:,} "
+    return (f"step {row['step']}/{self.total_steps()} tokens {tokens_done:,}/{self.total_tokens:,} "
             f"({tokens_done / self.total_tokens:.0%}) seqlen {row['seqlen']} "
             f"loss {row['loss']:.4f} ratio {row['loss_ratio']:.3f} lr {row['lr']:.3g} "
             f"{row['tokens_per_s']:,.0f} tok/s eta {_duration(eta)}")
@@ -168,6 +172,17 @@ class RunLog:
       details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in event.items() if k not in ("step", "event"))
       self.info(f"event {event['event']} at step {event['step']}: {details}")
+
+  def finish(self, summary: dict, compile_wait_s: float):
+    """Writes summary.json and stability.json, says where everything is, and closes."""
+    if self.primary:
+      write_json(os.path.join(self.workdir, "summary.json"), summary)
+      write_json(os.path.join(self.workdir, "stability.json"), summary["stability"])
+    w = self.workdir
+    self.info(f"{'finished' if summary['completed'] else 'stopped'} at step {summary['steps']}; "
+              f"waited {compile_wait_s:.1f} s on compilation; metrics {w}/metrics.jsonl, "
+              f"TensorBoard {w}/tb, checkpoints {w}/checkpoints, summary {w}/summary.json")
+    self.close()
 
   def close(self):
     if not self.primary:

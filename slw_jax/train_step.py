@@ -81,8 +81,9 @@ def loss_sums(model, inputs_bl, targets_bl, z_loss: float, *, deterministic: boo
 
 
 def build_model(c, cfg: models.GPTConfig | None = None):
-  """(graphdef, abstract Param state) of the config's model (`cfg`: its GPTConfig, when the
-  caller has it): nothing is allocated."""
+  """(graphdef, abstract Param state) of the config's model: nothing is allocated. `cfg`: its
+  GPTConfig; the trainer passes the one `on_mesh` built (None, for tests and benchmarks:
+  built here)."""
   cfg = cfg or models.GPTConfig.from_config(c.model)
   abstract = nnx.eval_shape(lambda: models.GPT(cfg, nnx.Rngs(c.seed)))
   graphdef, params = nnx.split(abstract, nnx.Param)
@@ -98,7 +99,7 @@ def state_from_params(params, optimizer) -> dict:
 
 def make_init_fn(c, optimizer, cfg: models.GPTConfig | None = None):
   """A function of no arguments that builds the whole train state (jit it with shardings);
-  `cfg`: the model's GPTConfig, when the caller has it."""
+  `cfg`: the model's GPTConfig, as in `build_model`."""
   cfg = cfg or models.GPTConfig.from_config(c.model)
 
   def init():
@@ -236,8 +237,8 @@ def on_mesh(c, devices=None) -> OnMesh:
   attention.resolve_attention(c.model.attention, c.model.dtype,  # AttentionError before compiling.
                               attention_dropout=c.model.attention_dropout)
   cfg, optimizer = models.GPTConfig.from_config(c.model), optim.make_optimizer(c.optim)
-  graphdef, abstract_params = build_model(c, cfg)
-  shapes = jax.eval_shape(make_init_fn(c, optimizer, cfg))
+  graphdef, abstract_params = build_model(c, cfg)  # The model's one abstract trace.
+  shapes = jax.eval_shape(lambda params: state_from_params(params, optimizer), abstract_params)
   layout = sharding.make_layout(c, shapes, abstract_params, optimizer, devices)
   return OnMesh(cfg, graphdef, optimizer, layout, layout.abstract(shapes))
 

@@ -46,7 +46,6 @@ class Trainer:
     self.log = None  # The run's log (run_log.RunLog), opened when the loop starts.
     # Each step's length, batch size and LR, redrawn after each adaptive pacing change.
     self.plan = run_plan.RunPlan(c)
-    self.buckets = self.plan.buckets
     hardware.check_accelerator(c.hardware.allow_cpu)
     # The mesh, batch, attention and microbatch checks come before the data is prepared and
     # before any compile: bad input fails fast. The model, optimizer and layout are built once.
@@ -55,7 +54,7 @@ class Trainer:
     self.layout, self.state_spec, self.num_params = placed.layout, placed.state_spec, \
         placed.num_params
     sharding.check_batch_sizes(self.layout, self.plan.batch_sizes())
-    self.largest = pacing.largest_bucket(self.buckets)
+    self.largest = pacing.largest_bucket(self.plan.buckets)
     if c.optim.microbatches != "auto":
       compiled_steps.check_microbatches(c.optim.microbatches, self.largest,
                                         self.layout.batch_shards)
@@ -105,7 +104,7 @@ class Trainer:
     try:
       self._check_newest_resumable()
       for line in attention.attention_lines(self.model_cfg,
-                                            sorted({b.seqlen for b in self.buckets})):
+                                            sorted({b.seqlen for b in self.plan.buckets})):
         self._print(line)
       compiled_steps.check_memory(self.executables, self.c.optim.microbatches, self.largest,
                                   self.layout.batch_shards, first, self._print)
@@ -160,11 +159,6 @@ class Trainer:
     note = self.plan.restore(meta, step)
     if note:
       self._print(note)
-    self._replanned()
-
-  def _replanned(self):
-    if self.log is not None:
-      self.log.total_steps = self.schedule.num_steps
 
   def _decide_pacing(self, t: int, row: dict):
     """The controller's decision at the end of a window (an event); after a change the
@@ -173,7 +167,6 @@ class Trainer:
     if decision is not None:
       self.log.events([decision])
     if changed:
-      self._replanned()
       self.batch_iter.close()
       self.batch_iter = self._batches()
 
@@ -216,11 +209,12 @@ class Trainer:
       raise
 
   def _open_log(self):
-    self.log = run_log.RunLog(self.workdir, self.schedule.num_steps, self.schedule.total_tokens,
-                              self.step, int(self.schedule.tokens_before[self.step]),
+    self.log = run_log.RunLog(self.workdir, lambda: self.schedule.num_steps,
+                              self.schedule.total_tokens, self.step,
+                              int(self.schedule.tokens_before[self.step]),
                               self.c.log.print_every_steps, self.primary)
     self.log.info(f"training {self.num_params:,} parameters for {self.schedule.num_steps:,} steps "
-                  f"({self.schedule.total_tokens:,} tokens) in {len(self.buckets)} "
+                  f"({self.schedule.total_tokens:,} tokens) in {len(self.plan.buckets)} "
                   f"buckets; MFU against {self.peak_flops:.3g} FLOP/s ({self.peak_source})")
     for line in self.layout.describe():
       self.log.info(line)
@@ -383,8 +377,9 @@ class Trainer:
                     f"checkpoint.preemption_timeout_s={self.c.checkpoint.preemption_timeout_s} s "
                     f"after {self.stop.signal}; the newest complete checkpoint is step "
                     f"{self.checkpoints.newest_complete()}")
-    # A preempted run does not wait on compiles.
-    self.executables.close(wait=self.stop.signal is None)
+    # Queued compiles are cancelled; after a stop, running ones are waited for until the deadline.
+    left_running = self.executables.close(
+        timeout=self.stop.seconds_left() if self.stop.signal else None)
     if self.pacer is not None:  # The processes took the same changes (a difference is a bug).
       agreed = self.plan.agreement(distributed.gather(self.pacer.digest()))
       if agreed:
@@ -394,16 +389,9 @@ class Trainer:
         schedule=self.schedule, wall_time_s=time.time() - self.started,
         last_eval=self.last_eval, executables=self.executables,
         stall_before_loop=self.stall_before_loop, stability=self.monitor.summary(),
-        save_abandoned=not saved, pacing=self.plan.summary())
-    if self.primary:
-      run_log.write_json(os.path.join(self.workdir, "summary.json"), summary)
-      run_log.write_json(os.path.join(self.workdir, "stability.json"), summary["stability"])
-    w = self.workdir
-    self.log.info(f"{'finished' if completed else 'stopped'} at step {self.step}; waited "
-                  f"{self.executables.stall_s:.1f} s on compilation; metrics "
-                  f"{w}/metrics.jsonl, TensorBoard {w}/tb, checkpoints {w}/checkpoints, "
-                  f"summary {w}/summary.json")
-    self.log.close()
+        save_abandoned=not saved, pacing=self.plan.summary(),
+        left_running=left_running + ([] if saved else [f"the save of step {self.step}"]))
+    self.log.finish(summary, self.executables.stall_s)
     return summary
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import metric_rows as _rows, poison_position
+from stops import StopAt
 from slw_jax import adaptive, errors, optim, pacing, trainer, tune
 
 ADAPTIVE = {"pacing.kind": "adaptive", "pacing.adaptive.every_steps": 2,
@@ -268,20 +269,11 @@ def test_plan_prints_the_fastest_and_slowest_schedules(make_config):
   assert "decided online" in text
 
 
-class _StopAt(trainer.Trainer):
-  """Behaves like a SIGTERM arriving while step 6 runs (a window ends at step 5)."""
-
-  def _finish_step(self, t, metrics):
-    if t == 6:
-      self.stop.signal = "SIGTERM"
-    return super()._finish_step(t, metrics)
-
-
 @pytest.mark.slow
 def test_a_resumed_run_decides_and_trains_bitwise_as_one_never_stopped(make_config, tmp_path):
   c = _config(make_config, **{"checkpoint.every_steps": 100})  # Only the stop's save.
   reference = trainer.Trainer(c, str(tmp_path / "a")).run()
-  stopped = _StopAt(c, str(tmp_path / "b")).run()
+  stopped = StopAt(c, str(tmp_path / "b"), stop_after=6).run()  # A window ends at step 5.
   assert not stopped["completed"] and 7 <= stopped["steps"] <= 8
   resumed = trainer.Trainer(c, str(tmp_path / "b")).run()
   assert resumed["completed"] and resumed["pacing"] == reference["pacing"]

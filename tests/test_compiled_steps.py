@@ -1,6 +1,7 @@
 """The compile pool: work runs by priority, several compiles at once, released executables."""
 
 import threading
+import time
 
 import jax
 import pytest
@@ -33,6 +34,21 @@ def test_pool_runs_threads_at_once_and_cancels_queued_work_on_shutdown():
   assert all(h.done() for h in holders) and queued.cancelled()
   with pytest.raises(RuntimeError, match="shut down"):  # Would otherwise wait forever.
     pool.submit(0, lambda: None)
+
+
+def test_pool_shutdown_waits_for_running_work_only_until_its_timeout():
+  """A stop waits for a compile in flight only until the preemption deadline: one that
+  outlasts it is reported running, and the wait returns on time."""
+  pool = compiled_steps.PriorityPool(2, "test")
+  gate, started = threading.Event(), threading.Event()
+  holder = pool.submit(0, lambda: (started.set(), gate.wait(60)))
+  assert started.wait(30)
+  begun = time.monotonic()
+  assert pool.shutdown(wait=True, timeout=0.5) is False
+  assert 0.4 < time.monotonic() - begun < 5
+  assert len(pool.running()) == 1 and not holder.done()  # The idle worker has ended.
+  gate.set()
+  assert pool.shutdown(wait=True, timeout=30) is True and pool.running() == []
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import metric_rows, poison_position
+from stops import StopAt
 from slw_jax import config_lib, resume, train_step, trainer
 
 pytestmark = pytest.mark.slow  # Whole trainer runs / 8-device compiles.
@@ -17,17 +18,6 @@ pytestmark = pytest.mark.slow  # Whole trainer runs / 8-device compiles.
 # Two buckets (16, 32) instead of the test run's four: half the compiles.
 DROPOUT = {"model__dropout": 0.1, "model__attention_dropout": 0.1, "pacing__seqlen_start": 16,
            "pacing__multiple": 16}
-
-
-class _StopAt(trainer.Trainer):
-  """Behaves like a SIGTERM arriving while step `stop_after` runs."""
-
-  stop_after = 5
-
-  def _finish_step(self, t, metrics):
-    if t == self.stop_after:
-      self.stop.signal = "SIGTERM"
-    return super()._finish_step(t, metrics)
 
 
 def _losses_by_step(workdir) -> dict[int, float]:
@@ -60,7 +50,7 @@ def test_a_resumed_run_with_dropout_is_bitwise_identical(make_config, tmp_path):
   c = make_config(**DROPOUT)
   reference = trainer.Trainer(c, str(tmp_path / "a"))
   assert reference.run()["completed"]
-  stopped = _StopAt(c, str(tmp_path / "b")).run()
+  stopped = StopAt(c, str(tmp_path / "b")).run()
   assert not stopped["completed"] and stopped["steps"] in (6, 7)
   resumed = trainer.Trainer(c, str(tmp_path / "b"))
   assert resumed.run()["completed"]

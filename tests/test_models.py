@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 from jax.extend import core as jex_core
 
-from slw_jax import attention, config_lib, errors, models, pinned
+from sharded import on_pinned_heads
+from slw_jax import attention, config_lib, errors, models
 
 def build(cfg, seed=0):
   """A concrete model, initialized under jit (eager NNX init dispatches op by op: slow)."""
@@ -306,15 +307,7 @@ def test_splash_kernel_equals_dot_product_attention_alone_and_sharded():
   grads = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)  # noqa
   for ours, theirs in zip(grads(jax.jit(splash)), grads(reference)):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
-  mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"))
-  heads = jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor", None))
-
-  @jax.jit
-  def sharded(q, k, v):
-    with pinned.pinned_shardings(heads=heads):
-      return splash(q, k, v)
-  placed = [jax.device_put(x, heads) for x in (q, k, v)]
-  np.testing.assert_allclose(sharded(*placed), reference(q, k, v), atol=2e-5)
+  np.testing.assert_allclose(on_pinned_heads(splash, q, k, v), reference(q, k, v), atol=2e-5)
 
 
 def _lower_train_step_for_cuda(monkeypatch, load_config, remat, mesh, attention="auto",

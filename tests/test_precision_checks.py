@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slw_jax import attention, pinned
+from sharded import on_pinned_heads
+from slw_jax import attention
 
 # |ours - float64| <= tol * (1 + |float64|), elementwise. float32: rounding is ~1e-7 of the
 # values. bfloat16: the inputs are rounded to bfloat16 before the reference sees them, and the
@@ -94,15 +95,7 @@ def test_splash_sharded_over_three_blocks_in_bfloat16():
   """Inside shard_map over (data=4, tensor=2), the layout the trainer pins: each device's
   rows and heads, over 3 blocks."""
   q, k, v = _qkv((4, 384, 2, 16), "bfloat16", seed=7)
-  mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"))
-  heads = jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor", None))
-
-  @jax.jit
-  def sharded(q, k, v):
-    with pinned.pinned_shardings(heads=heads):
-      return _splash(q, k, v)
-  out = sharded(*(jax.device_put(x, heads) for x in (q, k, v)))
-  _assert_close_to_float64(out, q, k, v, "bfloat16")
+  _assert_close_to_float64(on_pinned_heads(_splash, q, k, v), q, k, v, "bfloat16")
 
 
 @pytest.mark.slow

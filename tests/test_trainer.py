@@ -1,11 +1,13 @@
 """End-to-end runs of the trainer on a tiny model: outputs, resume, signals, monitor actions."""
 
+import collections
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -14,9 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TEST_RUN, metric_rows as _rows, poison_position
-from slw_jax import errors, hardware, input_pipeline, prepare, run_log, train_step, trainer
-
-
+from stops import StopAt
+from slw_jax import errors, hardware, input_pipeline, run_log, train_step, trainer
 
 
 @pytest.mark.slow
@@ -47,18 +48,6 @@ def test_full_run_outputs_and_one_compile_per_bucket(make_config, tmp_path, cach
   assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == 12
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
   assert rows[-1]["loss"] < rows[0]["loss"]
-
-
-class _StopAt(trainer.Trainer):
-  """Behaves like a SIGTERM arriving while step `stop_after` runs."""
-
-  stop_after = 5
-
-  def _finish_step(self, t, metrics):
-    if t == self.stop_after:
-      self.stop.signal = "SIGTERM"
-    return super()._finish_step(t, metrics)
-
 
 
 @pytest.mark.slow
@@ -111,7 +100,7 @@ def test_resumed_run_is_bitwise_identical(make_config, tmp_path):
   c = make_config()
   reference = trainer.Trainer(c, str(tmp_path / "a"))
   reference.run()
-  stopped = _StopAt(c, str(tmp_path / "b")).run()
+  stopped = StopAt(c, str(tmp_path / "b")).run()
   assert not stopped["completed"] and stopped["stopped_by"] == "SIGTERM"
   assert stopped["steps"] in (6, 7)  # Step 5, plus step 6 if it was already in flight.
   resumed = trainer.Trainer(c, str(tmp_path / "b"))
@@ -132,7 +121,7 @@ def test_resume_restacks_a_checkpoint_of_the_other_scan_layers_setting(make_conf
   unrolled = make_config(model__n_layer=2, model__scan_layers=False)
   scanned = make_config(model__n_layer=2, model__scan_layers=True)
   trainer.Trainer(unrolled, str(tmp_path / "a")).run()
-  assert not _StopAt(unrolled, str(tmp_path / "b")).run()["completed"]
+  assert not StopAt(unrolled, str(tmp_path / "b")).run()["completed"]
   switched = trainer.Trainer(scanned, str(tmp_path / "b"))
   switched.setup()
   assert switched.state["params"]["blocks"]["attn"]["qkv_weight_dchk"].shape[0] == 2
@@ -160,8 +149,11 @@ def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
       "checkpoint.every_steps": 1000,
       "data.source": c.data.source, "data.dir": c.data.dir,
       "compile.cache_dir": c.compile.cache_dir}.items() if v is not None]
+  # main, with an atexit handler that only a normal exit runs (os._exit skips it).
+  main = ("import atexit, sys; atexit.register(print, 'exited normally', flush=True); "
+          "from slw_jax import main; main.main(sys.argv)")
   process = subprocess.Popen(
-      [sys.executable, "-m", "slw_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+      [sys.executable, "-c", main, "--config=configs/tiny.py", f"--workdir={workdir}",
        *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
@@ -169,15 +161,63 @@ def test_sigterm_saves_and_resumes(make_config, tmp_path, corpus_dir):
       break
     time.sleep(0.2)
   process.send_signal(signal.SIGTERM)
+  signalled = time.monotonic()
   output, _ = process.communicate(timeout=120)
   assert process.returncode == 0, output
+  assert time.monotonic() - signalled < 30, output  # checkpoint.preemption_timeout_s
   assert "SIGTERM: finishing the current step and saving" in output
+  assert output.rstrip().endswith("exited normally"), output  # Threads joined: no os._exit.
   summary = json.load(open(workdir / "summary.json"))
   assert not summary["completed"] and 20 <= summary["steps"] < 400
   assert str(summary["steps"]) in os.listdir(workdir / "checkpoints")
   resumed = trainer.Trainer(c, str(workdir))
   assert resumed.step == 0 and resumed.run()["completed"]
   assert [r["step"] for r in _rows(workdir)] == list(range(400))
+
+
+class _SlowCompile:
+  """A jitted function whose compile outlasts any preemption deadline (until `release`)."""
+
+  def __init__(self):
+    self.started, self.release = threading.Event(), threading.Event()
+
+  def lower(self, *specs):
+    del specs
+    return self
+
+  def compile(self):
+    self.started.set()
+    self.release.wait(120)
+
+
+class _StopWhileCompiling(trainer.Trainer):
+  """A SIGTERM after step 3 while a compile that outlasts the deadline runs."""
+
+  slow = None
+
+  def _finish_step(self, t, metrics):
+    if t == 3:
+      self.executables.compile_other("slow", self.slow, priority=-1)
+      assert self.slow.started.wait(60)
+      self.stop.on_signal("SIGTERM")
+      self.signalled = time.monotonic()
+    return super()._finish_step(t, metrics)
+
+
+@pytest.mark.slow
+def test_a_stop_waits_for_a_compile_in_flight_only_until_the_deadline(make_config, tmp_path):
+  run = _StopWhileCompiling(make_config(checkpoint__preemption_timeout_s=3.0), str(tmp_path))
+  run.slow = _SlowCompile()
+  try:
+    summary = run.run()
+    returned = time.monotonic()
+  finally:
+    run.slow.release.set()
+  assert summary["stopped_by"] == "SIGTERM" and not summary["completed"]
+  assert returned - run.signalled < 3.0 + 5  # The deadline, and the summary's writing.
+  compiling = [name for name in summary["left_running"] if not name.startswith("the save")]
+  assert len(compiling) == 1, summary["left_running"]  # main exits without waiting for it.
+  assert json.load(open(tmp_path / "summary.json"))["left_running"] == summary["left_running"]
 
 
 def _events(workdir):
@@ -357,3 +397,31 @@ def test_a_whole_run_compiles_nothing_twice_and_only_the_plans_buckets(make_conf
   # Only the last bucket was still held.
   assert summary["completed"] and run.executables.num_live <= 1
   assert run.executables.released == len(shapes) - run.executables.num_live
+
+
+def _count_calls(monkeypatch, owner, name, counts):
+  original = getattr(owner, name)
+
+  def counted(*args, **kwargs):
+    counts[name] += 1
+    return original(*args, **kwargs)
+  monkeypatch.setattr(owner, name, staticmethod(counted) if isinstance(owner, type) else counted)
+
+
+def test_setup_builds_each_part_once(make_config, tmp_path, monkeypatch):
+  """Setup reads as one pass: the model config, optimizer, layout, schedule, LRs, data and
+  compiled steps are each built once and handed down (no layer rebuilds what it was given)."""
+  from slw_jax import models, optim, pacing, sharding  # pylint: disable=g-import-not-at-top
+  counts = collections.Counter()
+  for owner, name in [(models.GPTConfig, "from_config"), (optim, "make_optimizer"),
+                      (sharding, "make_layout"), (pacing, "run_schedule"),
+                      (optim, "learning_rates"), (input_pipeline, "open_run_data"),
+                      (train_step, "sharded_steps"), (models, "GPT")]:
+    _count_calls(monkeypatch, owner, name, counts)
+  run = trainer.Trainer(make_config(), str(tmp_path))
+  run.setup()
+  run.executables.close()
+  run.checkpoints.close()
+  assert counts == {"from_config": 1, "make_optimizer": 1, "make_layout": 1, "run_schedule": 1,
+                    "learning_rates": 1, "open_run_data": 1, "sharded_steps": 1,
+                    "GPT": 2}  # Once abstractly (shapes, layout), once by the init step.

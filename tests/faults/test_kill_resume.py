@@ -98,6 +98,7 @@ def test_killed_terminated_and_killed_mid_save_a_run_ends_as_if_never_stopped(
   assert time.monotonic() - signalled < 20, output
   stopped = json.load(open(os.path.join(workdir, "summary.json")))["steps"]
   assert f"abandoned the save of step {stopped}" in output
+  assert f"exiting without waiting for the save of step {stopped}" in output
   assert max(checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), 3).complete_steps()) < stopped
 
   _kill_at_a_random_step_then_finish(command, workdir)
