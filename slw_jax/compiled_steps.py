@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import math
 import os
 import queue
 import re
@@ -152,6 +153,7 @@ class PriorityPool:
     self._queue = queue.PriorityQueue()
     self._order = itertools.count()  # Ties run in submission order; never compares functions.
     self._closed = False
+    self._busy = set()  # Names of the workers running work now (an idle one is not waited for).
     self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                      for i in range(threads)]
     for worker in self._workers:
@@ -170,10 +172,13 @@ class PriorityPool:
       if fn is None:
         return
       if future.set_running_or_notify_cancel():
+        self._busy.add(threading.current_thread().name)
         try:
           future.set_result(fn())
         except BaseException as error:  # Handed to whoever waits on the future.
           future.set_exception(error)
+        finally:
+          self._busy.discard(threading.current_thread().name)
 
   def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
     """Cancels what has not started; with `wait`, waits for running work to finish, for at
@@ -193,6 +198,8 @@ class PriorityPool:
     return self._join(timeout if wait else 0.0)
 
   def _join(self, timeout: float | None) -> bool:
+    if timeout is not None and math.isinf(timeout):  # A join cannot take an infinite timeout.
+      timeout = None
     end = None if timeout is None else time.monotonic() + max(timeout, 0.0)
     for worker in self._workers:
       worker.join(None if end is None else max(end - time.monotonic(), 0.0))
@@ -200,8 +207,10 @@ class PriorityPool:
 
   def running(self) -> list[str]:
     """The names of the workers still running work (a compile in native code cannot be
-    interrupted: a stop waits for it only until its deadline)."""
-    return [worker.name for worker in self._workers if worker.is_alive()]
+    interrupted: a stop waits for it only until its deadline). An idle worker, waiting on
+    the queue in Python, does not count: it ends with the interpreter."""
+    return sorted(worker.name for worker in self._workers
+                  if worker.is_alive() and worker.name in self._busy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,18 @@ def test_pool_shutdown_waits_for_running_work_only_until_its_timeout():
   assert pool.shutdown(wait=True, timeout=30) is True and pool.running() == []
 
 
+def test_pool_counts_only_busy_workers_and_takes_an_infinite_timeout():
+  """An idle worker is not reported running (a stop would name it as left behind), and a
+  stop with no deadline (timeout infinity) waits as with None instead of overflowing."""
+  pool = compiled_steps.PriorityPool(2, "test")
+  assert pool.running() == []
+  gate, started = threading.Event(), threading.Event()
+  pool.submit(0, lambda: (started.set(), gate.wait(60)))
+  assert started.wait(30) and len(pool.running()) == 1
+  threading.Timer(0.3, gate.set).start()
+  assert pool.shutdown(wait=True, timeout=float("inf")) is True and pool.running() == []
+
+
 @pytest.fixture(scope="module")
 def bucketed():
   c = config_lib.validate(config_lib.load_config_file(
