@@ -41,6 +41,11 @@ STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir to read 
 flags.register_validator("workdir", lambda path: path is None or not os.path.isfile(path),
                          message="is a file, not a directory")
 
+# Object storage is not read or written yet (issue 26): a gs:// or s3:// run directory would
+# otherwise become a local folder named "gs:" and fail later in TensorBoard.
+flags.register_validator("workdir", lambda path: path is None or not errors.is_url(path),
+                         message=errors.URL_UNSUPPORTED)
+
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "--helpfull")
 _CONFIG_OVERRIDES = ("--config.<group>.<field>=<value>: override one config field, e.g. "
                      "--config.optim.lr=3e-4 (repeatable; every field: "

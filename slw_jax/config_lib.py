@@ -9,12 +9,13 @@ copy in which defaults that depend on other fields are filled in (`pacing.seqlen
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 from ml_collections import config_dict
 
-from slw_jax import data_spec, pacing
+from slw_jax import data_spec, errors, pacing
 from slw_jax.errors import ConfigError
 
 PACING_KINDS = ("none", "linear", "root", "discrete", "adaptive")
@@ -35,11 +36,8 @@ LOSS_HEADS = ("fused", "full")
 DROPOUT_RNGS = ("hash", "threefry")
 SCAN_LAYERS_FROM = 12  # model.scan_layers defaults to true from this many blocks up.
 DTYPES = ("float32", "bfloat16")
-DATA_MODES = ("truncate", "reshape")
 MONITOR_ACTIONS = ("log", "skip", "rollback")
-SOURCE_FORMS = ("pystdlib, files:GLOB, tfds:NAME:VERSION (e.g. tfds:lm1b:1.1.0) or "
-                "megatron:PATH_PREFIX (a Megatron .bin + .idx pair)")
-VOCAB_FORMS = "byte, spm:PATH or gpt2:PATH"
+WANDB_MODES = ("online", "offline")
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -110,14 +108,18 @@ def base_config() -> config_dict.ConfigDict:
   b.allow_with_slw = False  # Permit batch warmup together with sequence length warmup.
 
   c.data = d = config_dict.ConfigDict()
-  d.source = "pystdlib"  # pystdlib | files:GLOB (.txt/.jsonl) | tfds:NAME:VERSION | megatron:PREFIX.
+  # pystdlib | files:GLOB (.txt/.jsonl) | tfds:NAME:VERSION | megatron:PREFIX | hf:PATH (a
+  # datasets.save_to_disk directory) | hf_files:GLOB (.parquet/.arrow/.jsonl shards).
+  d.source = "pystdlib"
   d.vocab = "byte"  # byte (seqio's byte ids) | spm:PATH (SentencePiece) | gpt2:PATH (GPT-2 BPE).
   d.dir = config_dict.placeholder(str)  # Prepared data; default data/<source>_<vocab>.
   d.val_fraction = 0.01  # Documents held out for validation (pystdlib, files, megatron).
-  d.text_key = "text"  # Text field of .jsonl lines and TFDS examples.
+  d.text_key = "text"  # Text field of .jsonl lines, TFDS examples and hf datasets.
   d.tfds_data_dir = config_dict.placeholder(str)  # TFDS data_dir (tfds sources).
   d.tfds_train_split = "train"  # TFDS split prepared as train.
   d.tfds_val_split = "validation"  # TFDS split prepared as validation.
+  d.hf_train_split = "train"  # hf / hf_files split prepared as train.
+  d.hf_val_split = "validation"  # ... as validation (absent: val_fraction of train held out).
   d.mode = "truncate"  # truncate (the paper) | reshape (split windows: no token dropped).
   d.prefetch = 2  # Batches prepared ahead by a background thread; 0 = none.
   d.verify_max_bytes = 2**31  # Checksum token files up to this size at start (size always).
@@ -176,6 +178,10 @@ def base_config() -> config_dict.ConfigDict:
   c.log = lg = config_dict.ConfigDict()
   lg.every_steps = 1  # metrics.jsonl / TensorBoard row every this many steps.
   lg.print_every_steps = 10  # Plain log line every this many steps when not on a terminal.
+  lg.wandb_project = ""  # Weights & Biases project to log to; empty: W&B off (docs/cloud.md).
+  lg.wandb_entity = ""  # W&B entity (user or team); empty: the account's default.
+  lg.wandb_name = ""  # W&B run name; empty: the workdir's name.
+  lg.wandb_mode = "online"  # online | offline (files under WORKDIR/wandb, for `wandb sync`).
 
   c.mesh = mesh = config_dict.ConfigDict()
   mesh.data = -1  # Data-parallel size; -1 = the devices left over by the other two axes.
@@ -218,17 +224,7 @@ def base_config() -> config_dict.ConfigDict:
   return c
 
 
-def _fail(field: str, value, allowed: str):
-  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
-
-
-def _check(ok: bool, field: str, value, allowed: str):
-  if not ok:
-    _fail(field, value, allowed)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+_fail, _check, _is_int = errors.config_fail, errors.config_check, errors.is_int
 
 
 def _validate_model(m):
@@ -373,22 +369,14 @@ def _validate_stop(c):
          "must be an integer >= 1")
 
 
-def _validate_data(d, model):
-  if d.source is not None:
-    kind, arg = data_spec.split_spec(d.source, "pystdlib")
-    ok = (kind == "pystdlib" or (kind in ("files", "megatron") and arg) or
-          (kind == "tfds" and ":" in arg and all(arg.split(":"))))
-    _check(ok, "data.source", d.source, f"must be {SOURCE_FORMS}")
-  if d.vocab is not None:
-    kind, arg = data_spec.split_spec(d.vocab, "byte")
-    _check(kind == "byte" or (kind in ("spm", "gpt2") and arg), "data.vocab", d.vocab,
-           f"must be {VOCAB_FORMS}")
-  _check(d.mode in DATA_MODES, "data.mode", d.mode, f"must be one of {', '.join(DATA_MODES)}")
-  _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
-  _check(_is_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", d.prefetch,
-         "must be an integer >= 0 (0 = no background thread)")
-  _check(d.vocab != "byte" or model.vocab_size >= 259, "model.vocab_size", model.vocab_size,
-         "must be >= 259 for the byte vocabulary (256 bytes + pad, eos, unk)")
+def _validate_log(lg):
+  for key in ("wandb_project", "wandb_entity", "wandb_name"):
+    _check(isinstance(lg[key], str), f"log.{key}", lg[key], "must be a string")
+  _check(lg.wandb_mode in WANDB_MODES, "log.wandb_mode", lg.wandb_mode,
+         f"must be one of {', '.join(WANDB_MODES)}")
+  if lg.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"config.log.wandb_project={lg.wandb_project!r} needs the wandb package, "
+                      "which is not installed: pip install wandb==0.31.0 (or leave it empty)")
 
 
 def _validate_runtime(c):
@@ -565,7 +553,8 @@ def validate(config: config_dict.ConfigDict) -> config_dict.FrozenConfigDict:
   _validate_tune(c)
   _validate_batch_warmup(c)
   _validate_optim(c)
-  _validate_data(c.data, c.model)
+  data_spec.validate(c.data, c.model)
+  _validate_log(c.log)
   _validate_runtime(c)
   pacing.check_warmup_fits_decay(c)
   if c.pacing.kind == "adaptive":

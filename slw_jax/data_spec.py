@@ -1,15 +1,27 @@
 """What `data.source` and `data.vocab` say: their forms, the default `data.dir`, an unset corpus.
 
-`data.source` is pystdlib, files:GLOB, tfds:NAME:VERSION or megatron:PATH_PREFIX; `data.vocab`
-is byte, spm:PATH or gpt2:PATH (config_lib validates the forms). The paper configs have no
+`data.source` is pystdlib, files:GLOB, tfds:NAME:VERSION, megatron:PATH_PREFIX, hf:PATH or
+hf_files:GLOB; `data.vocab` is byte, spm:PATH or gpt2:PATH (`validate` checks the forms). The paper configs have no
 default corpus (`no_corpus_config`): reading data then asks for one (`corpus_missing`).
 """
 
 from __future__ import annotations
 
+import glob
+import itertools
 import os
 
 from ml_collections import config_dict
+
+from slw_jax import errors
+from slw_jax.errors import config_check, is_int
+
+DATA_MODES = ("truncate", "reshape")
+SOURCE_FORMS = ("pystdlib, files:GLOB, tfds:NAME:VERSION (e.g. tfds:lm1b:1.1.0), "
+                "megatron:PATH_PREFIX (a Megatron .bin + .idx pair), hf:PATH (a dataset saved "
+                "with datasets.save_to_disk) or hf_files:GLOB (.parquet/.arrow/.jsonl shards)")
+VOCAB_FORMS = "byte, spm:PATH or gpt2:PATH"
+WITH_ARGUMENT = ("files", "megatron", "hf", "hf_files")  # Source kinds that need a PATH or GLOB.
 
 
 def split_spec(spec: str, simple: str) -> tuple[str, str]:
@@ -53,3 +65,36 @@ def corpus_missing(d) -> str | None:
           "documents; or tfds:NAME:VERSION, megatron:PATH_PREFIX) and "
           "--config.data.vocab=gpt2:PATH (GPT-2's tokenizer.json, or a directory with "
           "vocab.json + merges.txt); docs/data.md, \"Real corpora\"")
+
+
+def glob_base(pattern: str) -> str:
+  """The folder part of a glob before its first wildcard: 'a/b/*/x.txt' -> 'a/b'."""
+  parts = pattern.split(os.sep)
+  fixed = [p for p in itertools.takewhile(lambda p: not glob.has_magic(p), parts)]
+  return os.sep.join(fixed[:len(parts) - 1]) or "."
+
+
+def validate(d, model):
+  """The data section's forms and ranges (config_lib.validate); ConfigError on the first bad
+  one."""
+  if d.source is not None:
+    kind, arg = split_spec(d.source, "pystdlib")
+    ok = (kind == "pystdlib" or (kind in WITH_ARGUMENT and arg) or
+          (kind == "tfds" and ":" in arg and all(arg.split(":"))))
+    config_check(ok, "data.source", d.source, f"must be {SOURCE_FORMS}")
+  if d.vocab is not None:
+    kind, arg = split_spec(d.vocab, "byte")
+    config_check(kind == "byte" or (kind in ("spm", "gpt2") and arg), "data.vocab", d.vocab,
+                 f"must be {VOCAB_FORMS}")
+  config_check(d.mode in DATA_MODES, "data.mode", d.mode,
+               f"must be one of {', '.join(DATA_MODES)}")
+  config_check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+  config_check(is_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", d.prefetch,
+               "must be an integer >= 0 (0 = no background thread)")
+  config_check(not errors.is_url(d.dir), "data.dir", d.dir, errors.URL_UNSUPPORTED)
+  for key in ("hf_train_split", "hf_val_split"):
+    config_check(isinstance(d[key], str) and d[key], f"data.{key}", d[key],
+                 "must be a split name")
+  config_check(d.vocab != "byte" or model.vocab_size >= 259, "model.vocab_size",
+               model.vocab_size, "must be >= 259 for the byte vocabulary (256 bytes + pad, "
+               "eos, unk)")

@@ -13,6 +13,8 @@ module may raise these errors without an import circle.
 
 from __future__ import annotations
 
+import re
+
 
 class InputError(ValueError):
   """Bad input: a config, flag, data file, checkpoint or tokenizer the user gave. One line."""
@@ -30,6 +32,30 @@ class StopTraining(RuntimeError):
   """The run cannot continue (e.g. too many rollbacks, or its largest bucket does not fit the
   device); checkpoints are kept. Not bad input as such: the trainer names the cause and the
   settings that would fix it, and main prints it as one line."""
+
+
+def config_fail(field: str, value, allowed: str):
+  """Raises the ConfigError of `config.FIELD=VALUE`, saying what is allowed."""
+  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def config_check(ok: bool, field: str, value, allowed: str):
+  if not ok:
+    config_fail(field, value, allowed)
+
+
+def is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+URL_UNSUPPORTED = ("is an object-storage URL, which is not supported yet: use a local or mounted "
+                   "directory (gcsfuse, mountpoint-s3) and copy it to the bucket (docs/cloud.md)")
+
+
+def is_url(path) -> bool:
+  """gs://, s3://, http:// ...: a path that no local file call can use."""
+  return isinstance(path, str) and bool(URL.match(path))
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:

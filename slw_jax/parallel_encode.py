@@ -70,6 +70,17 @@ class JsonLine:
 Document = Union[str, JsonLine]
 
 
+def jsonl_documents(path: str, name: str, text_key: str, on_read
+                    ) -> Iterator[tuple[str, JsonLine]]:
+  """(name:LINE, undecoded line) of every non-blank line of a .jsonl file: the tokenizer
+  workers decode them. `on_read(nbytes)` is told the bytes read (progress)."""
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      on_read(len(raw))
+      if raw.strip():
+        yield f"{name}:{number}", JsonLine(path, number, raw, text_key)
+
+
 def document_text(document: Document) -> str:
   return document if isinstance(document, str) else document.text()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -40,7 +39,8 @@ from typing import Iterator
 
 from absl import flags
 
-from slw_jax import cli, data_spec, errors, input_pipeline, parallel_encode, tokenizers_lib
+from slw_jax import (cli, data_spec, errors, hf_source, input_pipeline, parallel_encode,
+                     tokenizers_lib)
 from slw_jax.input_pipeline import METADATA, SPLITS, CorpusError, read_metadata
 
 _FORCE = flags.DEFINE_bool("force", False, "Prepare again even if data.dir is already prepared.")
@@ -54,6 +54,7 @@ _MEMORY_MB = flags.DEFINE_integer("memory_mb", 1024, "About how much memory the 
 FORMAT_VERSION = 1
 PROGRESS_EVERY_S = 30.0
 MIN_MEMORY_MB = 16
+HF_KINDS = ("hf", "hf_files")  # Hugging Face datasets (slw_jax.hf_source).
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -89,11 +90,11 @@ def _named_documents(d, on_read=None) -> Iterator[tuple[str, parallel_encode.Doc
       yield os.path.relpath(path, root), _read_text(path)
       on_read(os.path.getsize(path))
     return
-  base = _glob_base(pattern)
+  base = data_spec.glob_base(pattern)
   for path in _source_files(pattern):
     name = os.path.relpath(path, base)  # Where the corpus lives must not change the split.
     if path.endswith(".jsonl"):
-      yield from _jsonl_documents(path, name, d.text_key, on_read)
+      yield from parallel_encode.jsonl_documents(path, name, d.text_key, on_read)
     else:
       yield name, _read_text(path)
       on_read(os.path.getsize(path))
@@ -101,23 +102,6 @@ def _named_documents(d, on_read=None) -> Iterator[tuple[str, parallel_encode.Doc
 
 def _source_files(pattern: str) -> list[str]:
   return [p for p in sorted(glob.glob(pattern, recursive=True)) if p.endswith((".txt", ".jsonl"))]
-
-
-def _glob_base(pattern: str) -> str:
-  """The folder part of a glob before its first wildcard: 'a/b/*/x.txt' -> 'a/b'."""
-  parts = pattern.split(os.sep)
-  fixed = [p for p in itertools.takewhile(lambda p: not glob.has_magic(p), parts)]
-  return os.sep.join(fixed[:len(parts) - 1]) or "."
-
-
-def _jsonl_documents(path: str, name: str, text_key: str, on_read
-                     ) -> Iterator[tuple[str, parallel_encode.JsonLine]]:
-  """(name, undecoded line) of every non-blank line: the tokenizer workers decode them."""
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, start=1):
-      on_read(len(raw))
-      if raw.strip():
-        yield f"{name}:{number}", parallel_encode.JsonLine(path, number, raw, text_key)
 
 
 def split_documents(d, split: str) -> Iterator[str]:
@@ -133,6 +117,9 @@ def tagged_documents(d, on_read=None) -> Iterator[tuple[str, parallel_encode.Doc
   if kind == "tfds":
     for split, tfds_split in (("train", d.tfds_train_split), ("validation", d.tfds_val_split)):
       yield from ((split, text) for text in _tfds_texts(d, tfds_split, on_read))
+    return
+  if kind in HF_KINDS:
+    yield from hf_source.tagged_documents(d, is_validation, on_read or (lambda nbytes: None))
     return
   for name, document in _named_documents(d, on_read):
     if document:
@@ -150,6 +137,8 @@ def check_source(d):
                       "prepare (train with it directly)")
   if kind == "files" and not _source_files(pattern):
     raise CorpusError(f"config.data.source={d.source!r} matches no .txt or .jsonl file")
+  if kind in HF_KINDS:
+    hf_source.check_source(d)
 
 
 def source_bytes(d) -> int | None:
@@ -157,6 +146,8 @@ def source_bytes(d) -> int | None:
   kind, pattern = data_spec.split_spec(d.source, "pystdlib")
   if kind == "tfds":
     return None
+  if kind in HF_KINDS:
+    return hf_source.source_bytes(d)
   paths = stdlib_files() if kind == "pystdlib" else _source_files(pattern)
   return sum(os.path.getsize(p) for p in paths)
 
@@ -251,10 +242,13 @@ def _recipe(d) -> dict:
   """What determines the prepared bytes (compared to decide whether to prepare again)."""
   recipe = {"source": d.source, "vocab": d.vocab, "text_key": d.text_key,
             "vocab_sha256": _vocab_sha256(d.vocab)}
-  if d.source.startswith("tfds:"):
+  kind, _ = data_spec.split_spec(d.source, "pystdlib")
+  if kind == "tfds":
     recipe.update(tfds_train_split=d.tfds_train_split, tfds_val_split=d.tfds_val_split)
   else:
     recipe["val_fraction"] = d.val_fraction
+  if kind in HF_KINDS:
+    recipe.update(hf_train_split=d.hf_train_split, hf_val_split=d.hf_val_split)
   return recipe
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -19,9 +20,11 @@ import sys
 
 from absl import flags
 
-from slw_jax import cli, config_lib, errors, monitor
+from slw_jax import cli, config_lib, errors, monitor, wandb_log
 
 _OUT = flags.DEFINE_string("out", None, "Output directory for the PNG plots and report.md.")
+_WANDB = flags.DEFINE_bool("wandb", False, "Also log the plots to the W&B run of each run "
+                           "directory that logged to one (its wandb_run.json).")
 _RATIO = flags.DEFINE_float("ratio_threshold", 1.2, "Loss ratio above which a step counts as "
                             "unstable (the paper's 1.2).")
 
@@ -257,8 +260,12 @@ def markdown(runs: list[Run], stats: dict, target, reached, plots: list[str],
   return "\n".join(lines) + "\n"
 
 
-def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2) -> str:
-  """Writes the plots and report.md into `out`; returns the report's path."""
+def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2,
+          wandb: bool = False) -> str:
+  """Writes the plots and report.md into `out`; returns the report's path. `wandb`: the plots
+  also go to the W&B run of each workdir that logged to one (slw_jax.wandb_log)."""
+  if wandb:
+    _check_wandb_runs(workdirs)
   runs = [read_run(w) for w in workdirs]
   names = [r.name for r in runs]
   for run in runs:
@@ -271,7 +278,18 @@ def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2) -> str:
   path = os.path.join(out, "report.md")
   with open(path, "w") as f:
     f.write(markdown(runs, stats, target, reached, plots, ratio_threshold))
+  for workdir in workdirs if wandb else ():
+    wandb_log.log_plots(workdir, out, plots)
   return path
+
+
+def _check_wandb_runs(workdirs: list[str]):
+  if importlib.util.find_spec("wandb") is None:
+    raise errors.UsageError("--wandb needs the wandb package, which is not installed: pip "
+                            "install wandb==0.31.0")
+  if not any(os.path.isfile(os.path.join(w, wandb_log.RUN_FILE)) for w in workdirs):
+    raise errors.UsageError(f"--wandb: none of {', '.join(workdirs)} logged to W&B (no "
+                            f"{wandb_log.RUN_FILE}; set log.wandb_project when training)")
 
 
 USAGE = "python -m slw_jax.report DIR [DIR ...] --out=OUT [--flag=value ...]"
@@ -288,9 +306,12 @@ def main(argv=None):
                               "[DIR ...] --out=OUT")
     if not _OUT.value:
       raise errors.UsageError("--out is required: the directory for the plots and report.md")
+    for path in [_OUT.value] + workdirs:
+      if errors.is_url(path):
+        raise errors.UsageError(f"{path} {errors.URL_UNSUPPORTED}")
     if _RATIO.value <= 1:
       raise errors.UsageError(f"--ratio_threshold={_RATIO.value} must be > 1")
-    path = build(workdirs, _OUT.value, _RATIO.value)  # Reads every run before plotting.
+    path = build(workdirs, _OUT.value, _RATIO.value, _WANDB.value)  # Reads every run first.
   print(f"wrote {path} and {len(PLOTS)} plots in {_OUT.value}")
 
 

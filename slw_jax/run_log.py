@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl, eval rows, events.jsonl, TensorBoard, progress bar or log lines.
+"""Run outputs: metrics.jsonl, eval rows, events.jsonl, TensorBoard, progress bar or log lines
+(and Weights & Biases when `log.wandb_project` is set: slw_jax.wandb_log).
 
 Every file is appended line by line and flushed, so a killed run keeps everything it logged.
 Only the primary process (process 0) writes.
@@ -95,9 +96,12 @@ class RunLog:
   """Writes a run's metrics, evaluations and events; shows progress."""
 
   def __init__(self, workdir: str, total_steps: Callable[[], int], total_tokens: int,
-               start_step: int, start_tokens: int, print_every: int, primary: bool = True):
-    """`total_steps()`: the run's step count now (adaptive pacing redraws the schedule)."""
+               start_step: int, start_tokens: int, print_every: int, primary: bool = True,
+               mirror=None):
+    """`total_steps()`: the run's step count now (adaptive pacing redraws the schedule);
+    `mirror`: a wandb_log.WandbLog that gets every row, event and the summary too, or None."""
     self.primary, self.print_every, self.workdir = primary, print_every, workdir
+    self.mirror = mirror
     self.total_steps, self.total_tokens = total_steps, total_tokens
     self.started = time.time()
     self.start_tokens = start_tokens
@@ -132,6 +136,8 @@ class RunLog:
     if not self.primary:
       return
     _write_jsonl(self.metrics, row)
+    if self.mirror is not None:
+      self.mirror.step(row)
     for key in STEP_KEYS[2:]:
       if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]):
         self.tb.add_scalar(f"train/{key}", row[key], row["step"])
@@ -154,6 +160,8 @@ class RunLog:
     if not self.primary:
       return
     _write_jsonl(self.metrics, row)
+    if self.mirror is not None:
+      self.mirror.eval(row)
     self.tb.add_scalar("eval/val_loss", row["val_loss"], row["step"])
     self.tb.add_scalar("eval/val_ppl", row["val_ppl"], row["step"])
     self.info(f"eval step {row['step']} tokens {row['tokens']:,}: val_loss {row['val_loss']:.4f} "
@@ -169,6 +177,8 @@ class RunLog:
           continue
         self._rollbacks_logged.add(key)
       _write_jsonl(self.events_file, event)
+      if self.mirror is not None:
+        self.mirror.event(event)
       details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in event.items() if k not in ("step", "event"))
       self.info(f"event {event['event']} at step {event['step']}: {details}")
@@ -178,6 +188,8 @@ class RunLog:
     if self.primary:
       write_json(os.path.join(self.workdir, "summary.json"), summary)
       write_json(os.path.join(self.workdir, "stability.json"), summary["stability"])
+      if self.mirror is not None:
+        self.mirror.finish(summary)
     w = self.workdir
     self.info(f"{'finished' if summary['completed'] else 'stopped'} at step {summary['steps']}; "
               f"waited {compile_wait_s:.1f} s on compilation; metrics {w}/metrics.jsonl, "
@@ -192,6 +204,8 @@ class RunLog:
     self.tb.close()
     self.metrics.close()
     self.events_file.close()
+    if self.mirror is not None:  # After an error (finish() closed it already otherwise).
+      self.mirror.close(exit_code=1)
 
 
 def _duration(seconds: float) -> str:

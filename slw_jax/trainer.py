@@ -18,7 +18,7 @@ import numpy as np
 
 from slw_jax import (attention, checkpoint, compiled_steps, distributed, errors, hardware,
                      input_pipeline, models, monitor, pacing, preemption, resume, run_log, run_plan,
-                     sharding, train_step)
+                     sharding, train_step, wandb_log)
 
 
 PARAM_SHAPING = models.GPTConfig.param_shaping_fields()  # Must match to resume.
@@ -60,6 +60,7 @@ class Trainer:
                                         self.layout.batch_shards)
     self.loader, self.val_index = input_pipeline.open_run_data(c, self.layout.process_rows,
                                                                self._print)
+    self.wandb = wandb_log.open_for(c, workdir, self.primary)  # W&B refuses before compiling.
     # Saved with every checkpoint: a resume on other token files is refused.
     self.data_fingerprint = resume.data_fingerprint(c, self.loader.index.tokens,
                                                     self.val_index.tokens)
@@ -212,7 +213,7 @@ class Trainer:
     self.log = run_log.RunLog(self.workdir, lambda: self.schedule.num_steps,
                               self.schedule.total_tokens, self.step,
                               int(self.schedule.tokens_before[self.step]),
-                              self.c.log.print_every_steps, self.primary)
+                              self.c.log.print_every_steps, self.primary, self.wandb)
     self.log.info(f"training {self.num_params:,} parameters for {self.schedule.num_steps:,} steps "
                   f"({self.schedule.total_tokens:,} tokens) in {len(self.plan.buckets)} "
                   f"buckets; MFU against {self.peak_flops:.3g} FLOP/s ({self.peak_source})")

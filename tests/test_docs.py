@@ -39,6 +39,11 @@ COMMANDS = {
     "python -m slw_jax.main": "tests/test_trainer.py",
     "python -m slw_jax.main --config=configs/tiny.py --workdir=runs/adaptive "
     "--config.pacing.kind=adaptive": "tests/faults/test_kill_resume.py",
+    "python -m slw_jax.main --config=configs/tiny.py --workdir=runs/tiny "
+    "--config.log.wandb_project=slw": "tests/test_wandb_log.py",
+    "python -m slw_jax.report runs/tiny --out=reports/tiny --wandb": "tests/test_wandb_log.py",
+    "python -m slw_jax.prepare --config=configs/tiny.py --config.data.source=hf:/data/owt":
+        "tests/test_hf_source.py",
     "python -m slw_jax.plan": "tests/test_plan.py",
     "python -m slw_jax.plan --config=configs/gpt2_117m.py --memory": "benchmarks/memory_plan.py",
     "python -m slw_jax.plan --config=configs/gpt3_125m.py --compile_estimate":
@@ -141,10 +146,12 @@ def documented_keys() -> dict[str, tuple[str, int]]:
 
 
 def default_matches(cell: str, value) -> bool:
-  """An unset default reads "unset..."; any other is one literal in backticks, equal to the
-  code's (strings unquoted)."""
+  """An unset default reads "unset...", an empty string "empty..."; any other is one literal
+  in backticks, equal to the code's (strings unquoted)."""
   if value is None:
     return cell.startswith("unset")
+  if value == "":
+    return cell.startswith("empty")
   literal = re.fullmatch(r"`([^`]*)`", cell)
   if not literal:
     return False

@@ -138,6 +138,24 @@ CASES = [
     ("megatron_prefix_missing", "main",
      "{tiny} --workdir={tmp}/run_megatron --config.data.source=megatron:{tmp}/no_corpus",
      r"config\.data\.source='megatron:\S+/no_corpus': \S+/no_corpus\.idx does not exist"),
+    ("hf_hub_name", "prepare", "{tiny} --config.data.source=hf:openwebtext "
+     "--config.data.dir={tmp}/d_hub", r"config\.data\.source='hf:openwebtext': no directory "
+     r"'openwebtext'; a Hugging Face hub name is never downloaded here: download it first"),
+    ("hf_not_a_saved_dataset", "prepare", "{tiny} --config.data.source=hf:{empty} "
+     "--config.data.dir={tmp}/d_hf", r"'\S+/empty' is not a dataset saved with "
+     r"datasets\.save_to_disk"),
+    ("hf_files_match_nothing", "main", "{tiny} --workdir={tmp}/run_hf "
+     "--config.data.source=hf_files:{tmp}/nothing/*.parquet --config.data.dir={tmp}/d_hf2",
+     r"config\.data\.source='hf_files:\S+/nothing/\*\.parquet' matches no \.parquet, "
+     r"\.arrow, \.jsonl file"),
+    ("workdir_in_object_storage", "main", "{tiny} --workdir=gs://bucket/run",
+     r"flag --workdir=gs://bucket/run: is an object-storage URL, which is not supported yet"),
+    ("data_dir_in_object_storage", "plan", "{tiny} --config.data.dir=s3://bucket/data",
+     r"config\.data\.dir='s3://bucket/data' is invalid: is an object-storage URL"),
+    ("report_out_in_object_storage", "report", "{run} --out=gs://bucket/report",
+     r"gs://bucket/report is an object-storage URL, which is not supported yet"),
+    ("wandb_mode", "plan", "{tiny} --config.log.wandb_project=p --config.log.wandb_mode=cloud",
+     r"config\.log\.wandb_mode='cloud' is invalid: must be one of online, offline"),
     ("megatron_prepared", "prepare", "{tiny} --config.data.source=megatron:{tmp}/no_corpus",
      r"config\.data\.source='megatron:\S+/no_corpus' is read as is: there is nothing to prepare"),
     ("metadata_damaged", "main",
