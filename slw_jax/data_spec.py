@@ -21,6 +21,14 @@ SOURCE_FORMS = ("pystdlib, files:GLOB, tfds:NAME:VERSION (e.g. tfds:lm1b:1.1.0),
                 "megatron:PATH_PREFIX (a Megatron .bin + .idx pair), hf:PATH (a dataset saved "
                 "with datasets.save_to_disk) or hf_files:GLOB (.parquet/.arrow/.jsonl shards)")
 VOCAB_FORMS = "byte, spm:PATH or gpt2:PATH"
+METADATA = "metadata.json"  # What `prepare` writes last into data.dir.
+SPLITS = ("train", "validation")
+
+
+class CorpusError(errors.InputError):
+  """Prepared data that is missing, damaged or unusable with this config (one-line message)."""
+
+
 WITH_ARGUMENT = ("files", "megatron", "hf", "hf_files")  # Source kinds that need a PATH or GLOB.
 
 
@@ -91,7 +99,8 @@ def validate(d, model):
   config_check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
   config_check(is_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", d.prefetch,
                "must be an integer >= 0 (0 = no background thread)")
-  config_check(not errors.is_url(d.dir), "data.dir", d.dir, errors.URL_UNSUPPORTED)
+  config_check(not errors.is_url(d.cache_dir), "data.cache_dir", d.cache_dir,
+               "must be a local directory (a data.dir URL is staged there)")
   for key in ("hf_train_split", "hf_val_split"):
     config_check(isinstance(d[key], str) and d[key], f"data.{key}", d[key],
                  "must be a split name")

@@ -181,11 +181,13 @@ def validation(c, data_dir: str | None, graphdef, params, batch_size: int) -> di
   past the split's end are masked out (padded targets)."""
   import collections  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from slw_jax import input_pipeline, train_step  # pylint: disable=g-import-not-at-top
+  from slw_jax import input_pipeline, staging, train_step  # pylint: disable=g-import-not-at-top
   if data_dir is None and input_pipeline.is_megatron(c.data):
     tokens = input_pipeline.open_megatron(c.data)[1]["validation"]
   else:
-    tokens = input_pipeline.open_split(data_dir or c.data.dir, "validation",
+    if data_dir is None:
+      input_pipeline.ensure_prepared(c)  # A data.dir URL: staged to local disk first.
+    tokens = input_pipeline.open_split(data_dir or staging.local_dir(c.data), "validation",
                                        c.data.verify_max_bytes)
   index = input_pipeline.WindowIndex(tokens, c.pacing.seqlen_end, c.seed, "validation")
   loss_sum = jax.jit(train_step.make_eval_step(graphdef))

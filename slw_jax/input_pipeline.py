@@ -32,14 +32,9 @@ from typing import Iterator
 
 import numpy as np
 
-from slw_jax import data_spec, errors
+from slw_jax import data_spec, errors, staging
+from slw_jax.data_spec import METADATA, SPLITS, CorpusError
 
-METADATA = "metadata.json"
-SPLITS = ("train", "validation")
-
-
-class CorpusError(errors.InputError):
-  """Prepared data that is missing, damaged or unusable with this config (one-line message)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +330,10 @@ def require_corpus(d):
 
 
 def ensure_prepared(c, log=print) -> dict:
-  """Metadata of `c.data.dir`, preparing it first when missing (in a child process)."""
+  """Metadata of `c.data.dir`, preparing it first when missing (in a child process); a URL is
+  staged to local disk instead (slw_jax.staging: data on object storage is prepared already)."""
+  if errors.is_url(c.data.dir):
+    return read_metadata(staging.stage(c.data, log))
   if not os.path.isfile(os.path.join(c.data.dir, METADATA)):
     log(f"{c.data.dir} is not prepared yet: preparing it now")
     prepare_in_child(c.data, log)
@@ -405,7 +403,8 @@ def open_token_splits(c, log=print) -> tuple[dict, dict[str, np.ndarray]]:
   if is_megatron(c.data):
     return open_megatron(c.data)
   meta = ensure_prepared(c, log=log)
-  return meta, {s: open_split(c.data.dir, s, c.data.verify_max_bytes) for s in SPLITS}
+  local = staging.local_dir(c.data)
+  return meta, {s: open_split(local, s, c.data.verify_max_bytes) for s in SPLITS}
 
 
 def open_run_data(c, process_rows: tuple[int, int], log) -> tuple[Loader, WindowIndex]:
@@ -414,7 +413,7 @@ def open_run_data(c, process_rows: tuple[int, int], log) -> tuple[Loader, Window
   it (a Megatron pair is read as is)."""
   import jax  # pylint: disable=g-import-not-at-top  (JAX: only to train, not to prepare)
   from slw_jax import distributed  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1 and not is_megatron(c.data):
+  if jax.process_count() > 1 and not is_megatron(c.data) and not errors.is_url(c.data.dir):
     require_corpus(c.data)
     distributed.first_process_does(lambda: ensure_prepared(c, log=log),
                                    f"preparing data.dir={c.data.dir!r}")

@@ -309,6 +309,10 @@ def prepare(c, force: bool = False, log=print, workers: int | None = None,
   """Prepares `c.data` into `c.data.dir` unless it already holds the same recipe."""
   d = c.data
   input_pipeline.require_corpus(d)
+  if errors.is_url(d.dir):
+    raise CorpusError(f"config.data.dir={d.dir!r}: prepare writes a local directory; prepare "
+                      "into one, then copy it to the bucket (gcloud storage cp -r, aws s3 cp "
+                      "--recursive) and train with data.dir set to its URL")
   workers = default_workers() if workers is None else workers
   _check_flags(workers, memory_mb)
   recipe = _recipe(d)

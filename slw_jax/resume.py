@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from slw_jax import (checkpoint, config_diff, config_lib, errors, input_pipeline, models, run_log,
-                     train_step)
+                     staging, train_step)
 
 
 class ResumeError(errors.InputError):
@@ -101,7 +101,7 @@ def check_checkpoint(meta: dict, c, workdir: str, num_steps: int, fingerprint: d
 def data_fingerprint(c, train_tokens: np.ndarray, validation_tokens: np.ndarray) -> dict:
   """{split: split_fingerprint} of a run's data, with the sha256 preparation recorded."""
   sums = {} if input_pipeline.is_megatron(c.data) else input_pipeline.read_metadata(
-      c.data.dir)["splits"]
+      staging.local_dir(c.data))["splits"]
   return {split: split_fingerprint(tokens, sums.get(split, {}).get("sha256"))
           for split, tokens in (("train", train_tokens), ("validation", validation_tokens))}
 

@@ -44,6 +44,8 @@ COMMANDS = {
     "python -m slw_jax.report runs/tiny --out=reports/tiny --wandb": "tests/test_wandb_log.py",
     "python -m slw_jax.prepare --config=configs/tiny.py --config.data.source=hf:/data/owt":
         "tests/test_hf_source.py",
+    "python -m slw_jax.main --config=configs/tiny.py --workdir=runs/tiny "
+    "--config.data.dir=s3://my-bucket/data/pystdlib_byte": "tests/test_staging.py",
     "python -m slw_jax.plan": "tests/test_plan.py",
     "python -m slw_jax.plan --config=configs/gpt2_117m.py --memory": "benchmarks/memory_plan.py",
     "python -m slw_jax.plan --config=configs/gpt3_125m.py --compile_estimate":

@@ -150,8 +150,11 @@ CASES = [
      r"\.arrow, \.jsonl file"),
     ("workdir_in_object_storage", "main", "{tiny} --workdir=gs://bucket/run",
      r"flag --workdir=gs://bucket/run: is an object-storage URL, which is not supported yet"),
-    ("data_dir_in_object_storage", "plan", "{tiny} --config.data.dir=s3://bucket/data",
-     r"config\.data\.dir='s3://bucket/data' is invalid: is an object-storage URL"),
+    ("prepare_into_object_storage", "prepare", "{tiny} --config.data.dir=s3://bucket/data",
+     r"config\.data\.dir='s3://bucket/data': prepare writes a local directory; prepare into "
+     r"one, then copy it to the bucket"),
+    ("data_cache_dir_in_object_storage", "plan", "{tiny} --config.data.cache_dir=gs://b/cache",
+     r"config\.data\.cache_dir='gs://b/cache' is invalid: must be a local directory"),
     ("report_out_in_object_storage", "report", "{run} --out=gs://bucket/report",
      r"gs://bucket/report is an object-storage URL, which is not supported yet"),
     ("wandb_mode", "plan", "{tiny} --config.log.wandb_project=p --config.log.wandb_mode=cloud",
