@@ -112,8 +112,9 @@ def base_config() -> config_dict.ConfigDict:
   # datasets.save_to_disk directory) | hf_files:GLOB (.parquet/.arrow/.jsonl shards).
   d.source = "pystdlib"
   d.vocab = "byte"  # byte (seqio's byte ids) | spm:PATH (SentencePiece) | gpt2:PATH (GPT-2 BPE).
-  d.dir = config_dict.placeholder(str)  # Prepared data (or gs:// s3:// ...); default data/<source>_<vocab>.
-  # Where a data.dir URL is staged (the loader memory-maps local files); unset: ~/.cache/slw_jax/data.
+  # Prepared data: a directory, or a gs:// / s3:// URL of one; default data/<source>_<vocab>.
+  d.dir = config_dict.placeholder(str)
+  # Where a data.dir URL is staged (the loader memory-maps files); unset: ~/.cache/slw_jax/data.
   d.cache_dir = config_dict.placeholder(str)
   d.val_fraction = 0.01  # Documents held out for validation (pystdlib, files, megatron).
   d.text_key = "text"  # Text field of .jsonl lines, TFDS examples and hf datasets.

@@ -1,8 +1,9 @@
 """What `data.source` and `data.vocab` say: their forms, the default `data.dir`, an unset corpus.
 
 `data.source` is pystdlib, files:GLOB, tfds:NAME:VERSION, megatron:PATH_PREFIX, hf:PATH or
-hf_files:GLOB; `data.vocab` is byte, spm:PATH or gpt2:PATH (`validate` checks the forms). The paper configs have no
-default corpus (`no_corpus_config`): reading data then asks for one (`corpus_missing`).
+hf_files:GLOB; `data.vocab` is byte, spm:PATH or gpt2:PATH (`validate` checks the forms). The
+paper configs have no default corpus (`no_corpus_config`): reading data then asks for one
+(`corpus_missing`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def validate(d, model):
   for key in ("hf_train_split", "hf_val_split"):
     config_check(isinstance(d[key], str) and d[key], f"data.{key}", d[key],
                  "must be a split name")
+  config_check(d.hf_val_split != d.hf_train_split, "data.hf_val_split", d.hf_val_split,
+               "must differ from data.hf_train_split (absent from the dataset, validation is "
+               "held out of train)")
   config_check(d.vocab != "byte" or model.vocab_size >= 259, "model.vocab_size",
                model.vocab_size, "must be >= 259 for the byte vocabulary (256 bytes + pad, "
                "eos, unk)")

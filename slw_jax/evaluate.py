@@ -186,7 +186,7 @@ def validation(c, data_dir: str | None, graphdef, params, batch_size: int) -> di
     tokens = input_pipeline.open_megatron(c.data)[1]["validation"]
   else:
     if data_dir is None:
-      input_pipeline.ensure_prepared(c)  # A data.dir URL: staged to local disk first.
+      staging.stage(c.data)  # A data.dir URL: staged to local disk first (else nothing).
     tokens = input_pipeline.open_split(data_dir or staging.local_dir(c.data), "validation",
                                        c.data.verify_max_bytes)
   index = input_pipeline.WindowIndex(tokens, c.pacing.seqlen_end, c.seed, "validation")

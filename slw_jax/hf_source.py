@@ -22,7 +22,7 @@ import glob
 import os
 from typing import Callable, Iterator
 
-from slw_jax import data_spec, parallel_encode
+from slw_jax import data_spec, errors, parallel_encode
 from slw_jax.input_pipeline import CorpusError
 
 BATCH_ROWS = 1024
@@ -42,7 +42,7 @@ def _datasets():
   return datasets
 
 
-# ----- hf:PATH (save_to_disk) --------------------------------------------------------------------
+# ----- hf:PATH (save_to_disk) ---------------------------------------------------------------------
 
 def load_saved(d):
   """The saved dataset of `data.source=hf:PATH` as {split name: Dataset}, checked: it exists,
@@ -51,19 +51,24 @@ def load_saved(d):
   if not os.path.isdir(path):
     raise CorpusError(f"config.data.source={d.source!r}: no directory {path!r}; a Hugging Face "
                       f"hub name is never downloaded here: {DOWNLOAD_HINT}")
+  if not any(os.path.isfile(os.path.join(path, name))
+             for name in ("dataset_info.json", "dataset_dict.json")):
+    raise CorpusError(f"config.data.source={d.source!r}: {path!r} is not a dataset saved with "
+                      "datasets.save_to_disk (no dataset_info.json or dataset_dict.json): "
+                      "for parquet, arrow or jsonl files use hf_files:GLOB")
   datasets = _datasets()
   try:
     loaded = datasets.load_from_disk(path)
-  except FileNotFoundError:
-    raise CorpusError(f"config.data.source={d.source!r}: {path!r} is not a dataset saved with "
-                      "datasets.save_to_disk (no dataset_info.json or dataset_dict.json): "
-                      "for parquet, arrow or jsonl files use hf_files:GLOB") from None
+  except (OSError, ValueError) as error:  # A saved dataset with a shard missing or damaged.
+    raise CorpusError(f"config.data.source={d.source!r}: the dataset saved in {path!r} cannot be "
+                      f"read: {errors.one_line(error, 200)}") from None
   splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {d.hf_train_split: loaded}
   if d.hf_train_split not in splits:
     raise CorpusError(f"config.data.hf_train_split={d.hf_train_split!r} is not a split of "
                       f"{d.source!r} (it has {', '.join(sorted(splits))})")
-  for dataset in splits.values():
-    _check_text_column(d, dataset.features.get(d.text_key), list(dataset.features))
+  for name in (d.hf_train_split, d.hf_val_split):  # Other splits (test) are never read.
+    if name in splits:
+      _check_text_column(d, splits[name].features.get(d.text_key), list(splits[name].features))
   return splits
 
 
@@ -91,7 +96,7 @@ def _saved_documents(d, on_read) -> Iterator[tuple[str, str, str]]:
         index += 1
 
 
-# ----- hf_files:GLOB -----------------------------------------------------------------------------
+# ----- hf_files:GLOB ------------------------------------------------------------------------------
 
 def source_files(pattern: str) -> list[str]:
   return [p for p in sorted(glob.glob(pattern, recursive=True)) if p.endswith(FILE_SUFFIXES)]
@@ -164,6 +169,7 @@ def check_files(d):
 
 
 def _file_documents(d, on_read) -> Iterator[tuple[str | None, str, parallel_encode.Document]]:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
   for split, path, name in files_by_split(d):
     if path.endswith(".jsonl"):
       for doc_name, line in parallel_encode.jsonl_documents(path, name, d.text_key, on_read):
@@ -171,14 +177,18 @@ def _file_documents(d, on_read) -> Iterator[tuple[str | None, str, parallel_enco
       continue
     _, batches = _table_batches(path, d.text_key)
     row = 0
-    for batch in batches:
-      on_read(batch.nbytes)
-      for text in batch.column(batch.schema.get_field_index(d.text_key)).to_pylist():
-        yield split, f"{name}:{row}", text
-        row += 1
+    try:
+      for batch in batches:
+        on_read(batch.nbytes)
+        for text in batch.column(batch.schema.get_field_index(d.text_key)).to_pylist():
+          yield split, f"{name}:{row}", text
+          row += 1
+    except (pa.ArrowInvalid, OSError) as error:  # A damaged page or record batch.
+      raise CorpusError(f"{path} is damaged after row {row}: "
+                        f"{' '.join(str(error).split())[:200]}") from None
 
 
-# ----- both ----------------------------------------------------------------------------------------
+# ----- both ---------------------------------------------------------------------------------------
 
 def check_source(d):
   """The one-line CorpusError of a bad hf: or hf_files: source, before any tokenizing."""

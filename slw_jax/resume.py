@@ -33,8 +33,9 @@ class ResumeError(errors.InputError):
 # which dropout masks it draws (model.dropout_rng: other masks of the same rate).
 ALLOWED_GROUPS = ("eval", "log", "compile", "checkpoint", "monitor", "hardware", "mesh", "tune",
                   "distributed")
-ALLOWED_FIELDS = ("data.dir", "data.source", "data.vocab", "data.prefetch",
-                  "data.verify_max_bytes", "data.tfds_data_dir", "model.attention",
+ALLOWED_FIELDS = ("data.dir", "data.cache_dir", "data.source", "data.vocab", "data.prefetch",
+                  "data.verify_max_bytes", "data.tfds_data_dir", "data.hf_train_split",
+                  "data.hf_val_split", "model.attention",
                   "model.attention_block", "model.remat", "model.scan_layers", "model.dtype",
                   "model.loss_head", "model.loss_chunk_tokens", "model.dropout_rng",
                   "optim.microbatches")

@@ -102,6 +102,8 @@ class RunLog:
     `mirror`: a wandb_log.WandbLog that gets every row, event and the summary too, or None."""
     self.primary, self.print_every, self.workdir = primary, print_every, workdir
     self.mirror = mirror
+    if mirror is not None:
+      mirror.begin()
     self.total_steps, self.total_tokens = total_steps, total_tokens
     self.started = time.time()
     self.start_tokens = start_tokens
@@ -205,7 +207,7 @@ class RunLog:
     self.metrics.close()
     self.events_file.close()
     if self.mirror is not None:  # After an error (finish() closed it already otherwise).
-      self.mirror.close(exit_code=1)
+      self.mirror.close()
 
 
 def _duration(seconds: float) -> str:

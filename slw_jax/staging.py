@@ -17,10 +17,12 @@ prepared data is one line naming the URL, before training.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import tempfile
 
 from slw_jax import errors
 from slw_jax.data_spec import METADATA, SPLITS, CorpusError
@@ -40,8 +42,9 @@ def local_dir(d) -> str:
   if not errors.is_url(d.dir):
     return d.dir
   scheme, rest = d.dir.split("://", 1)
-  slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{scheme}_{rest.strip('/')}")
-  return os.path.join(os.path.expanduser(d.cache_dir or default_cache_dir()), slug)
+  slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{scheme}_{rest.strip('/')}")[:80]
+  unique = hashlib.sha256(d.dir.rstrip("/").encode()).hexdigest()[:12]  # a/b and a_b differ.
+  return os.path.join(os.path.expanduser(d.cache_dir or default_cache_dir()), f"{slug}-{unique}")
 
 
 def _remote_errors() -> tuple:
@@ -55,6 +58,11 @@ def _remote_errors() -> tuple:
   try:
     from google.auth import exceptions as auth_exceptions  # pylint: disable=g-import-not-at-top
     found.append(auth_exceptions.GoogleAuthError)
+  except ImportError:
+    pass
+  try:
+    from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top  (401, 5xx)
+    found.append(HttpError)
   except ImportError:
     pass
   return tuple(found)
@@ -89,8 +97,8 @@ def _remote_metadata(fs, url: str) -> dict:
                         "there")
     with fs.open(path, "rb") as f:
       return json.loads(f.read())
-  except json.JSONDecodeError as error:
-    raise CorpusError(f"{path} is unreadable ({error.msg})") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise CorpusError(f"{path} is unreadable ({errors.one_line(error, 100)})") from None
   except _remote_errors() as error:
     raise CorpusError(f"config.data.dir={url!r} cannot be read: "
                       f"{errors.one_line(error, 200)}") from None
@@ -104,54 +112,116 @@ def _is_staged(path: str, size: int, sha256: str) -> bool:
     return False
 
 
-def _fetch(fs, remote: str, local: str, size: int, sha256: str):
-  """Copies `remote` to `local` through a temporary file, checking size and digest: PARALLEL
-  ranges of CHUNK bytes are requested at once (one stream per request is what limits an
-  object store), then hashed and written in order, so at most PARALLEL x CHUNK is in memory."""
-  digest, copied, tmp = hashlib.sha256(), 0, local + ".partial"
+def _ranges(fs, remote: str, size: int):
+  """The bytes of `remote` in order, PARALLEL ranges of CHUNK bytes requested at once (one
+  stream per request is what limits an object store): at most PARALLEL x CHUNK in memory."""
   starts = list(range(0, size, CHUNK))
-  with open(tmp, "wb") as target:
-    for first in range(0, len(starts), PARALLEL):
-      window = starts[first:first + PARALLEL]
+  for first in range(0, len(starts), PARALLEL):
+    window = starts[first:first + PARALLEL]
+    try:
       chunks = fs.cat_ranges([remote] * len(window), window,
                              [min(start + CHUNK, size) for start in window])
-      for chunk in chunks:
-        if isinstance(chunk, BaseException):  # cat_ranges returns a failed range's error.
-          raise chunk
+    except _remote_errors() as error:
+      raise _RemoteFailure(error) from error
+    for chunk in chunks:
+      if isinstance(chunk, BaseException):  # cat_ranges returns a failed range's error.
+        raise _RemoteFailure(chunk) from chunk
+      yield chunk
+
+
+class _RemoteFailure(Exception):
+  """A request to the object store failed (told apart from local disk errors)."""
+
+
+def _fetch(fs, remote: str, local: str, size: int, sha256: str):
+  """Copies `remote` to `local` through a temporary file, checking size and digest; the
+  verified digest is recorded beside it only once the file is in place."""
+  digest, copied = hashlib.sha256(), 0
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(local) + ".", suffix=".partial",
+                             dir=os.path.dirname(local))
+  try:
+    with os.fdopen(fd, "wb") as target:
+      for chunk in _ranges(fs, remote, size):
         digest.update(chunk)
         target.write(chunk)
         copied += len(chunk)
-  if copied != size or digest.hexdigest() != sha256:
-    os.remove(tmp)
-    raise CorpusError(f"{remote} does not match its {METADATA} ({copied:,} bytes, sha256 "
-                      f"{digest.hexdigest()[:12]}...; expected {size:,} bytes, sha256 "
-                      f"{sha256[:12]}...): prepare and copy the data again")
-  os.replace(tmp, local)
-  with open(local + ".sha256", "w") as f:
-    f.write(sha256)
+    if copied != size or digest.hexdigest() != sha256:
+      raise CorpusError(f"{remote} does not match its {METADATA} ({copied:,} bytes, sha256 "
+                        f"{digest.hexdigest()[:12]}...; expected {size:,} bytes, sha256 "
+                        f"{sha256[:12]}...): prepare and copy the data again")
+    if os.path.exists(local + ".sha256"):
+      os.remove(local + ".sha256")  # A crash between the two steps leaves no stale record.
+    os.replace(tmp, local)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  _write_atomically(local + ".sha256", sha256)
+
+
+def _write_atomically(path: str, text: str):
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _check_metadata(meta, url: str):
+  """The remote metadata names each split's file (a plain name) and digest."""
+  for split in SPLITS:
+    info = meta.get("splits", {}).get(split) if isinstance(meta, dict) else None
+    name = info.get("file") if isinstance(info, dict) else None
+    if (not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..")
+        or not isinstance(info.get("sha256"), str)):
+      raise CorpusError(f"{url.rstrip('/')}/{METADATA} does not describe the {split!r} split "
+                        "(its file name and sha256): prepare and copy the data again")
+
+
+def _make_cache(target: str, cache_dir):
+  try:
+    os.makedirs(target, exist_ok=True)
+    with tempfile.TemporaryFile(dir=target):
+      pass
+  except OSError as error:
+    raise CorpusError(f"config.data.cache_dir={cache_dir or default_cache_dir()!r} is not a "
+                      f"writable directory ({error.strerror or errors.one_line(error)}): the "
+                      "data.dir URL is staged there") from None
 
 
 def stage(d, log=print) -> str:
   """Copies the prepared data at URL `d.dir` to `local_dir(d)` (what is not there yet) and
-  returns that directory. Local `data.dir`s are returned as they are."""
+  returns that directory. Local `data.dir`s are returned as they are. Processes staging the
+  same cache at once take turns (a lock file); the second finds the files staged."""
   if not errors.is_url(d.dir):
     return d.dir
   fs, target = filesystem(d.dir), local_dir(d)
   meta = _remote_metadata(fs, d.dir)
-  os.makedirs(target, exist_ok=True)
-  for split in SPLITS:
-    info = meta["splits"][split]
-    remote, local = f"{d.dir.rstrip('/')}/{info['file']}", os.path.join(target, info["file"])
+  _check_metadata(meta, d.dir)
+  _make_cache(target, d.cache_dir)
+  with open(os.path.join(target, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.exists(os.path.join(target, METADATA)):
+      os.remove(os.path.join(target, METADATA))  # Complete again only once every file is.
+    for name in os.listdir(target):  # What a staging killed mid-copy left (under the lock).
+      if name.endswith(".partial"):
+        os.remove(os.path.join(target, name))
+    for split in SPLITS:
+      _stage_file(fs, d, target, meta["splits"][split], log)
+    _write_atomically(os.path.join(target, METADATA), json.dumps(meta, indent=1, sort_keys=True))
+  return target
+
+
+def _stage_file(fs, d, target: str, info: dict, log):
+  remote, local = f"{d.dir.rstrip('/')}/{info['file']}", os.path.join(target, info["file"])
+  try:
     try:
       size = fs.size(remote)
-      if _is_staged(local, size, info["sha256"]):
-        continue
-      log(f"staging {remote} ({size / 2**20:,.1f} MB) to {local}")
-      _fetch(fs, remote, local, size, info["sha256"])
     except _remote_errors() as error:
-      raise CorpusError(f"config.data.dir={d.dir!r}: copying {info['file']} failed: "
-                        f"{errors.one_line(error, 200)}") from None
-  with open(os.path.join(target, METADATA + ".partial"), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  os.replace(os.path.join(target, METADATA + ".partial"), os.path.join(target, METADATA))
-  return target
+      raise _RemoteFailure(error) from error
+    if _is_staged(local, size, info["sha256"]):
+      return
+    log(f"staging {remote} ({size / 2**20:,.1f} MB) to {local}")
+    _fetch(fs, remote, local, size, info["sha256"])
+  except _RemoteFailure as failure:
+    raise CorpusError(f"config.data.dir={d.dir!r}: copying {info['file']} failed: "
+                      f"{errors.one_line(failure.args[0], 200)}") from None

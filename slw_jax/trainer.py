@@ -60,7 +60,6 @@ class Trainer:
                                         self.layout.batch_shards)
     self.loader, self.val_index = input_pipeline.open_run_data(c, self.layout.process_rows,
                                                                self._print)
-    self.wandb = wandb_log.open_for(c, workdir, self.primary)  # W&B refuses before compiling.
     # Saved with every checkpoint: a resume on other token files is refused.
     self.data_fingerprint = resume.data_fingerprint(c, self.loader.index.tokens,
                                                     self.val_index.tokens)
@@ -86,6 +85,7 @@ class Trainer:
     self.last_eval = {}  # The last evaluation's row.
     self.started = self.last_done = None  # Wall time of run(); perf_counter of the last step.
     self.batch_iter, self.stall_before_loop = None, None
+    self.wandb = wandb_log.open_for(c, workdir, self.primary)  # Last; W&B refuses pre-compile.
 
   def _print(self, message: str):
     if self.primary:
@@ -113,7 +113,7 @@ class Trainer:
       self.validation.compile(start, self.schedule.num_steps)
       self.restore_or_init()
     except BaseException:
-      self.executables.close(wait=False)  # Stops compiles queued for a run that won't start.
+      self._abort()  # Stops compiles queued for a run that won't start; finishes W&B's run.
       raise
 
   def _check_newest_resumable(self):
@@ -228,8 +228,8 @@ class Trainer:
       _quietly(self.batch_iter.close)
     _quietly(lambda: self.executables.close(wait=False))
     _quietly(self.checkpoints.close)
-    if self.log is not None:
-      _quietly(self.log.close)
+    for part in filter(None, (self.log, self.wandb)):  # A second close is a no-op.
+      _quietly(part.close)
 
   def _loop(self):
     self.stall_before_loop = None

@@ -38,8 +38,16 @@ def _stored(workdir: str) -> dict | None:
   path = os.path.join(workdir, RUN_FILE)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if not isinstance(stored.get("id"), str) or not stored["id"]:
+      raise ValueError("no run id")
+    return stored
+  except (OSError, ValueError, AttributeError) as error:
+    raise WandbError(f"{path} is unreadable ({errors.one_line(error, 100)}): it names the W&B "
+                     "run a resume continues; restore it, or delete it to start a new "
+                     "run") from None
 
 
 def _import_wandb():
@@ -57,17 +65,18 @@ def start_run(workdir: str, project: str, entity: str = "", name: str = "",
   run_id = stored["id"] if stored else secrets.token_hex(4)  # W&B ids: [a-z0-9].
   os.makedirs(workdir, exist_ok=True)
   try:
+    # create_new: a run an earlier error left open in this process is never handed back.
     run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow",
                      name=name or os.path.basename(os.path.abspath(workdir)), mode=mode,
-                     dir=workdir, config=config, job_type=job_type,
+                     dir=workdir, config=config, job_type=job_type, reinit="create_new",
                      settings=wandb.Settings(console="off", silent=True))
   except wandb.errors.Error as error:
     hint = " (or log.wandb_mode=offline)" if mode == "online" else ""
     raise WandbError(f"log.wandb_project={project!r} (log.wandb_mode={mode}): W&B could not "
                      f"start the run: {errors.one_line(error, 200)}{hint}") from None
-  if stored is None:
-    run_log.write_json(os.path.join(workdir, RUN_FILE),
-                       {"id": run_id, "project": project, "entity": entity, "mode": mode})
+  record = {"id": run_id, "project": project, "entity": entity, "mode": mode, "name": run.name}
+  if stored != record:  # New, or a resume under other log.wandb_* settings.
+    run_log.write_json(os.path.join(workdir, RUN_FILE), record)
   run.define_metric("step")
   run.define_metric("*", step_metric="step")
   return run
@@ -86,7 +95,13 @@ class WandbLog:
 
   def __init__(self, log_cfg, workdir: str, config: dict):
     self.run = start_run(workdir, log_cfg.wandb_project, log_cfg.wandb_entity,
-                         log_cfg.wandb_name, log_cfg.wandb_mode, config)
+                         log_cfg.wandb_name, log_cfg.wandb_mode)
+    self.config = config
+
+  def begin(self):
+    """Logs the config when the loop starts: a resume refused in setup (another model, say)
+    never rewrites the config of the run it would have continued."""
+    self.run.config.update(self.config, allow_val_change=True)
 
   def step(self, row: dict):
     self.run.log({"step": row["step"], **{f"train/{k}": _loggable(v) for k, v in row.items()
@@ -106,9 +121,10 @@ class WandbLog:
     values = {k: summary.get(k) for k in SUMMARY_KEYS}
     self.run.summary.update({k: v for k, v in values.items()
                              if not (isinstance(v, float) and not math.isfinite(v))})
-    self.close()
+    self.close(exit_code=0)
 
-  def close(self, exit_code: int = 0):
+  def close(self, exit_code: int = 1):
+    """Finishes the run (exit code 1 unless `finish` ended it); a second call does nothing."""
     if self.run is not None:
       self.run.finish(exit_code=exit_code)
       self.run = None
@@ -128,9 +144,11 @@ def log_plots(workdir: str, out: str, plots: list[str]) -> bool:
   if stored is None:
     return False
   wandb = _import_wandb()
-  run = start_run(workdir, stored["project"], stored["entity"], mode=stored["mode"],
-                  job_type="report")
-  run.log({f"report/{os.path.splitext(name)[0]}": wandb.Image(os.path.join(out, name))
-           for name in plots})
-  run.finish()
+  run = start_run(workdir, stored["project"], stored.get("entity", ""), stored.get("name", ""),
+                  stored.get("mode", "online"), job_type="report")
+  try:
+    run.log({f"report/{os.path.splitext(name)[0]}": wandb.Image(os.path.join(out, name))
+             for name in plots})
+  finally:
+    run.finish()
   return True

@@ -159,3 +159,29 @@ def test_bad_hf_sources_are_one_line_errors_before_any_work(load_config, tmp_pat
     prepare.prepare(c, log=lambda *_: None)
   assert "\n" not in str(raised.value)
   assert not (tmp_path / "prepared").exists()  # Nothing written.
+
+
+def test_a_shard_damaged_mid_read_is_one_line_naming_it(load_config, tmp_path, monkeypatch):
+  """A page or record batch that fails to decode partway (the schema read fine)."""
+  _write_shards(tmp_path / "shards")
+  real = hf_source._table_batches  # pylint: disable=protected-access
+
+  def failing_after_one_batch(path, text_key):
+    schema, batches = real(path, text_key)
+
+    def batches_then_damage():
+      yield next(iter(batches))
+      raise pa.ArrowInvalid("Couldn't deserialize thrift: TProtocolException: Invalid data")
+    return schema, batches_then_damage()
+  monkeypatch.setattr(hf_source, "_table_batches", failing_after_one_batch)
+  c = _config(load_config, tmp_path, f"hf_files:{tmp_path}/shards/*")
+  with pytest.raises(ip.CorpusError, match=r"train-00000-of-00002.parquet is damaged after row "
+                     r"30: Couldn't deserialize thrift") as raised:
+    prepare.prepare(c, log=lambda *_: None)
+  assert "\n" not in str(raised.value) and not (tmp_path / "prepared").exists()
+
+
+def test_train_and_validation_splits_must_differ(load_config, tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="data.hf_val_split='train' is invalid: must "
+                     "differ from data.hf_train_split"):
+    _config(load_config, tmp_path, "hf:/x", data__hf_val_split="train")

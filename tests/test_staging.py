@@ -53,7 +53,38 @@ def test_a_damaged_object_is_refused_and_nothing_half_copied_is_kept(make_config
     input_pipeline.open_token_splits(remote, log=lambda *_: None)
   assert "\n" not in str(raised.value)
   staged = staging.local_dir(remote.data)
-  assert sorted(os.listdir(staged)) == []  # No partial file, no metadata: not staged.
+  assert sorted(os.listdir(staged)) == [".lock"]  # No partial file, no metadata: not staged.
+
+
+def test_a_copy_cut_off_or_a_changed_bucket_never_leaves_a_cache_read_as_staged(
+    make_config, bucket, tmp_path, monkeypatch):
+  _, remote, fs = _in_bucket(make_config, bucket, tmp_path)
+  staged = staging.local_dir(remote.data)
+  input_pipeline.open_token_splits(remote, log=lambda *_: None)  # Staged whole once.
+  original = fs.cat_file(f"{bucket}/data/train.bin")
+  fs.pipe_file(f"{bucket}/data/train.bin", original[::-1])  # The bucket's file changed.
+  os.remove(os.path.join(staged, "train.bin.sha256"))  # As if never verified: fetched again.
+  with pytest.raises(CorpusError, match="train.bin does not match"):
+    input_pipeline.open_token_splits(remote, log=lambda *_: None)
+  assert "metadata.json" not in os.listdir(staged)  # Not complete any more.
+  fs.pipe_file(f"{bucket}/data/train.bin", original)
+
+  def cut_off(*args):
+    yield b"x" * 10
+    raise staging._RemoteFailure(ConnectionResetError("connection reset by peer"))  # noqa
+  monkeypatch.setattr(staging, "_ranges", cut_off)
+  with pytest.raises(CorpusError, match=r"copying train.bin failed: connection reset by peer"):
+    input_pipeline.open_token_splits(remote, log=lambda *_: None)
+  assert not [name for name in os.listdir(staged) if name.endswith(".partial")]
+  assert "metadata.json" not in os.listdir(staged)
+
+
+def test_a_read_only_cache_is_one_line_naming_it(make_config, bucket, tmp_path):
+  _, remote, _ = _in_bucket(make_config, bucket, tmp_path)
+  (tmp_path / "cache").write_text("a file where the cache directory belongs")
+  with pytest.raises(CorpusError, match=r"^config.data.cache_dir='\S+/cache' is not a writable "
+                     r"directory"):
+    input_pipeline.open_token_splits(remote, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("case", ["no bucket", "no prepared data", pytest.param(

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,6 +56,20 @@ def test_a_run_logs_config_rows_events_and_summary_and_a_resume_continues_it(
   assert [h["step"] for h in skips] == [3] and "events/skip/loss" in skips[0]
   assert resumed.summary["completed"] is True and resumed.summary["steps"] == 12
   assert first.summary["completed"] is False
+  assert first.exit_code == resumed.exit_code == 0  # A stop is a normal end, like the finish.
+
+
+def test_a_setup_that_fails_finishes_its_wandb_run_with_exit_code_1(make_config, tmp_path,
+                                                                    monkeypatch):
+  def broken_restore(self):
+    raise RuntimeError("a bug in setup")
+  monkeypatch.setattr(trainer.Trainer, "restore_or_init", broken_restore)
+  run = trainer.Trainer(_offline(make_config), str(tmp_path / "run"))
+  with pytest.raises(RuntimeError, match="a bug in setup"):
+    run.run()
+  (offline,) = offline_runs(str(tmp_path / "run"))
+  assert offline.exit_code == 1 and run.wandb.run is None
+  assert "batch_size" not in offline.config  # The config is logged when the loop starts.
 
 
 def test_report_adds_its_plots_to_the_run(make_config, tmp_path):
@@ -62,6 +77,7 @@ def test_report_adds_its_plots_to_the_run(make_config, tmp_path):
   run = wandb_log.start_run(str(workdir), "slw-tests", mode="offline", config={"a": 1})
   run.log({"step": 0, "train/loss": 5.0})
   run.finish()
+  time.sleep(1.1)  # W&B names offline runs by the second: the report's run gets its own.
   with open(workdir / "metrics.jsonl", "w") as f:
     for step in range(3):
       f.write(json.dumps({"step": step, "tokens": 32 * step, "seqlen": 8, "loss": 5.0 - step,
@@ -101,8 +117,9 @@ def test_online_without_an_api_key_is_one_line_before_anything_compiles(make_con
   assert done.stderr.splitlines() == [
       "error: log.wandb_project='slw' (log.wandb_mode=online): W&B could not start the run: "
       "No API key configured. Use `wandb login` to log in. (or log.wandb_mode=offline)"]
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
-  assert "compiled" not in done.stdout
+  checkpoints = tmp_path / "run" / "checkpoints"
+  assert not checkpoints.exists() or not os.listdir(checkpoints)  # No checkpoint saved,
+  assert "compiled" not in done.stdout  # and nothing compiled.
 
 
 def test_bad_wandb_settings_and_a_missing_package_are_config_errors(load_config, monkeypatch):

@@ -46,11 +46,13 @@ def records(path: str) -> list:
 
 
 class OfflineRun:
-  """What one offline run file holds: its id, config, history rows and summary."""
+  """What one offline run file holds: its id, config, history rows, summary, files and exit
+  code (None: the run was never finished)."""
 
   def __init__(self, path: str):
     self.path = path
     self.id, self.config, self.history, self.summary, self.files = None, {}, [], {}, []
+    self.exit_code = None
     for record in records(path):
       kind = record.WhichOneof("record_type")
       if kind == "run":
@@ -64,6 +66,8 @@ class OfflineRun:
         self.summary.update(_items(record.summary.update))
       elif kind == "files":
         self.files += [f.path for f in record.files.files]
+      elif kind == "exit":
+        self.exit_code = record.exit.exit_code
 
 
 def _items(items) -> dict:
