@@ -82,9 +82,8 @@ def _check_text_column(d, feature, columns: list[str], where: str = ""):
     raise CorpusError(f"config.data.text_key={d.text_key!r} of {where} holds {dtype}, not text")
 
 
-def _saved_documents(d, on_read) -> Iterator[tuple[str, str, str]]:
+def _saved_documents(d, splits: dict, on_read) -> Iterator[tuple[str, str, str]]:
   """(split, name, text) of a saved dataset; name = 'SPLIT/INDEX' decides a held-out split."""
-  splits = load_saved(d)
   chosen = [d.hf_train_split] + ([d.hf_val_split] if d.hf_val_split in splits else [])
   for split_name in chosen:
     dataset = splits[split_name].select_columns([d.text_key]).with_format("arrow")
@@ -168,9 +167,10 @@ def check_files(d):
     _check_text_column(d, None if field is None else field.type, schema.names, path)
 
 
-def _file_documents(d, on_read) -> Iterator[tuple[str | None, str, parallel_encode.Document]]:
+def _file_documents(d, files: list, on_read
+                    ) -> Iterator[tuple[str | None, str, parallel_encode.Document]]:
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  for split, path, name in files_by_split(d):
+  for split, path, name in files:
     if path.endswith(".jsonl"):
       for doc_name, line in parallel_encode.jsonl_documents(path, name, d.text_key, on_read):
         yield split, doc_name, line
@@ -213,12 +213,13 @@ def tagged_documents(d, is_validation: Callable[[str, float], bool], on_read
   """("train" | "validation", document) in a fixed order; documents of a dataset without a
   validation split are held out by `is_validation(name, data.val_fraction)`."""
   kind, _ = data_spec.split_spec(d.source, "")
-  if kind == "hf":
-    documents = _saved_documents(d, on_read)
-    has_validation = d.hf_val_split in load_saved(d)
+  if kind == "hf":  # The dataset opened, or the files listed, once.
+    splits = load_saved(d)
+    documents, has_validation = _saved_documents(d, splits, on_read), d.hf_val_split in splits
   else:
-    documents = _file_documents(d, on_read)
-    has_validation = any(s == d.hf_val_split for s, _, _ in files_by_split(d))
+    files = files_by_split(d)
+    documents = _file_documents(d, files, on_read)
+    has_validation = any(s == d.hf_val_split for s, _, _ in files)
   for split, name, text in documents:
     if not text:
       continue

@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 
-from slw_jax import errors
+from slw_jax import errors, run_log
 from slw_jax.data_spec import METADATA, SPLITS, CorpusError
 
 CHUNK = 128 * 2**20  # Bytes per range request (per-request overhead dominates smaller ones).
@@ -156,14 +156,7 @@ def _fetch(fs, remote: str, local: str, size: int, sha256: str):
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  _write_atomically(local + ".sha256", sha256)
-
-
-def _write_atomically(path: str, text: str):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  run_log.replace_durably(local + ".sha256", lambda f: f.write(sha256))
 
 
 def _check_metadata(meta, url: str):
@@ -203,11 +196,11 @@ def stage(d, log=print) -> str:
     if os.path.exists(os.path.join(target, METADATA)):
       os.remove(os.path.join(target, METADATA))  # Complete again only once every file is.
     for name in os.listdir(target):  # What a staging killed mid-copy left (under the lock).
-      if name.endswith(".partial"):
+      if name.endswith((".partial", ".tmp")):
         os.remove(os.path.join(target, name))
     for split in SPLITS:
       _stage_file(fs, d, target, meta["splits"][split], log)
-    _write_atomically(os.path.join(target, METADATA), json.dumps(meta, indent=1, sort_keys=True))
+    run_log.write_json(os.path.join(target, METADATA), meta)  # Last: now it is complete.
   return target
 
 

@@ -25,7 +25,6 @@ import secrets
 from slw_jax import errors
 
 RUN_FILE = "wandb_run.json"
-MODES = ("online", "offline")
 SUMMARY_KEYS = ("completed", "stopped_by", "steps", "total_steps", "tokens", "wall_time_s",
                 "final_val_loss", "final_val_ppl", "compile_stall_s", "save_abandoned")
 
