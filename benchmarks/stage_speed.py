@@ -13,14 +13,11 @@ disk copy of the same files for scale.
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-
-def _free_port() -> int:
-  with contextlib.closing(socket.socket()) as probe:
-    probe.bind(("127.0.0.1", 0))
-    return probe.getsockname()[1]
+import local_s3  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _write_prepared(folder: str, megabytes: int):
@@ -58,20 +51,12 @@ def main():
   parser.add_argument("--parallel", type=int, default=None, help="staging.PARALLEL override")
   parser.add_argument("--chunk_mb", type=int, default=None, help="staging.CHUNK override (MB)")
   args = parser.parse_args()
-  port = _free_port()
-  server = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from moto.server import ThreadedMotoServer; "
-       f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start(); "
-       "time.sleep(10**6)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                    AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   from slw_jax import staging  # pylint: disable=g-import-not-at-top
   staging.PARALLEL = args.parallel or staging.PARALLEL
   staging.CHUNK = args.chunk_mb * 2**20 if args.chunk_mb else staging.CHUNK
   print(f"{staging.PARALLEL} range requests of {staging.CHUNK // 2**20} MB in flight")
-  try:
-    time.sleep(2)  # The server's start-up.
+  with local_s3.server():
     with tempfile.TemporaryDirectory() as scratch:
       source = os.path.join(scratch, "prepared")
       os.makedirs(source)
@@ -100,9 +85,6 @@ def main():
       print(f"local disk copy: {total / 2**20 / (time.perf_counter() - started):.0f} MB/s")
       print(f"median staging: {statistics.median(rates):.0f} MB/s for "
             f"{total / 2**20:,.0f} MB (target >= 100)")
-  finally:
-    server.terminate()
-    server.wait()
 
 
 if __name__ == "__main__":

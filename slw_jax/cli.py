@@ -41,10 +41,9 @@ STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir to read 
 flags.register_validator("workdir", lambda path: path is None or not os.path.isfile(path),
                          message="is a file, not a directory")
 
-# Object storage is not read or written yet (issue 26): a gs:// or s3:// run directory would
-# otherwise become a local folder named "gs:" and fail later in TensorBoard.
-flags.register_validator("workdir", lambda path: path is None or not errors.is_url(path),
-                         message=errors.URL_UNSUPPORTED)
+MIRROR_DIR = flags.DEFINE_string(
+    "mirror_dir", None, "Where a gs:// or s3:// --workdir is mirrored on local disk (default "
+    "~/.cache/slw_jax/runs); see docs/cloud.md.")
 
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "--helpfull")
 _CONFIG_OVERRIDES = ("--config.<group>.<field>=<value>: override one config field, e.g. "
@@ -67,7 +66,10 @@ def writable_directory(path: str, flag: str = "--workdir"):
   """Checks that directory `path` can be created (if missing) and written: a read-only disk or
   a path under a file is bad input, one line naming the flag, before any work (later, the same
   OSError would stop the run as if it were a bug). Nothing is left behind: the probe is a
-  temporary file in `path`, or in its nearest existing parent."""
+  temporary file in `path`, or in its nearest existing parent. A URL (gs://, s3://) is
+  checked when it is opened (slw_jax.remote_run)."""
+  if errors.is_url(path):
+    return
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)

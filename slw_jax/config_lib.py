@@ -140,6 +140,7 @@ def base_config() -> config_dict.ConfigDict:
   # save that cannot finish in time is abandoned (the previous checkpoint stays the newest).
   # 30 s: the grace period of Kubernetes, SLURM's KillWait and GCE spot preemption.
   k.preemption_timeout_s = 30.0
+  k.upload_every_s = 10.0  # A gs:// or s3:// --workdir: copy what changed this often.
 
   c.monitor = mon = config_dict.ConfigDict()
   mon.ratio_threshold = 1.2  # A step with loss / min previous loss above this is "unstable".
@@ -392,9 +393,10 @@ def _validate_runtime(c):
            "must be an integer >= 1" if field != "max_rollbacks" else "must be an integer >= 0")
   _check(c.eval.batch_size is None or (_is_int(c.eval.batch_size) and c.eval.batch_size >= 1),
          "eval.batch_size", c.eval.batch_size, "must be an integer >= 1, or unset")
-  timeout = c.checkpoint.preemption_timeout_s
-  _check(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
-         "checkpoint.preemption_timeout_s", timeout, "must be a number of seconds > 0")
+  for name in ("preemption_timeout_s", "upload_every_s"):
+    seconds = c.checkpoint[name]
+    _check(isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0,
+           f"checkpoint.{name}", seconds, "must be a number of seconds > 0")
   m = c.monitor
   _check(m.action in MONITOR_ACTIONS, "monitor.action", m.action,
          f"must be one of {', '.join(MONITOR_ACTIONS)}")

@@ -365,15 +365,18 @@ def _check_export_target(out_dir: str):
                        "directory (nothing was overwritten)")
 
 
-def export_hf(workdir: str, step: int | None, out_dir: str, log=print) -> str:
+def export_hf(workdir: str, step: int | None, out_dir: str, mirror_dir: str | None = None,
+              log=print) -> str:
   """Writes a run's checkpoint to `out_dir` in HF GPT-2 layout; returns the weights' path.
-  Refuses to overwrite a model or tokenizer already in `out_dir`."""
+  Refuses to overwrite a model or tokenizer already in `out_dir`. `workdir` may be a URL
+  (read through a local mirror in `mirror_dir`: slw_jax.remote_run)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  from slw_jax import checkpoint, run_log  # pylint: disable=g-import-not-at-top
+  from slw_jax import checkpoint, remote_run, run_log  # pylint: disable=g-import-not-at-top
   _check_export_target(out_dir)
-  loaded = checkpoint.load_params(workdir, step)
+  local = remote_run.open_for_reading(workdir, mirror_dir, "newest" if step is None else step)
+  loaded = checkpoint.load_params(local.local, step)
   cfg = models.GPTConfig.from_config(loaded.config.model)
   pure = nnx.to_pure_dict(jax.device_get(loaded.params))
   if cfg.scan_layers:  # HF keeps one tensor per layer.
@@ -408,15 +411,16 @@ _USAGE = ("pass --from_hf=HF_DIR --workdir=OUT --config=CONFIG (import) or --to_
 
 
 def _next_steps(argv, workdir: str, meta: dict, changed: dict,
-                needs_source: bool = False) -> list[str]:
-  """What to run after an import: evaluation, and training on with the model's shape."""
+                needs_source: bool = False, local: str | None = None) -> list[str]:
+  """What to run after an import: evaluation, and training on with the model's shape.
+  `local`: where the workdir's files are on this machine (a URL's mirror)."""
   lines = [f"evaluate: python -m slw_jax.evaluate --workdir={workdir} --task=lambada "
            f"--data=PATH" + ("" if meta["vocab"] else " --vocab=gpt2:PATH (no tokenizer files "
                              "came with the weights)")]
   overrides = [a for a in argv[1:] if a.startswith(("--config.", "-config."))]
   overrides += [f"--config.model.{k}={v}" for k, v in changed.items()]
   if meta["vocab"]:  # Data in this tokenizer's ids (prepared with it: slw_jax.prepare).
-    tokenizer = os.path.join(os.path.abspath(workdir), meta["vocab"].partition(":")[2])
+    tokenizer = os.path.join(os.path.abspath(local or workdir), meta["vocab"].partition(":")[2])
     overrides = [a for a in overrides if not a.split("=")[0].endswith("config.data.vocab")]
     overrides.append(f"--config.data.vocab=gpt2:{tokenizer}")
   if needs_source:  # A paper config: no default corpus.
@@ -431,7 +435,7 @@ EXAMPLE = "python -m slw_jax.convert --to_hf=exported/ --workdir=runs/tiny"
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
-  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR, cli.STEP))
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR, cli.STEP, cli.MIRROR_DIR))
   changed = {}
 
   def take_shape(config):  # Between the overrides and validation (cli.parse_config).
@@ -447,13 +451,16 @@ def main(argv=None):
       if c is None:
         raise errors.UsageError("--from_hf needs --config=CONFIG: the recipe the imported model "
                                 "trains under (its shape comes from config.json)")
-      meta = import_hf(_FROM_HF.value, cli.WORKDIR.value, c)
+      from slw_jax import remote_run  # pylint: disable=g-import-not-at-top
+      run_dir = remote_run.open_run(cli.WORKDIR.value, cli.MIRROR_DIR.value)
+      meta = import_hf(_FROM_HF.value, run_dir.local, c)
+      run_dir.close()  # A URL: the checkpoint copied to the bucket.
       print("\n".join(_next_steps(argv, cli.WORKDIR.value, meta, changed,
-                                   needs_source=c.data.source is None)))
+                                   needs_source=c.data.source is None, local=run_dir.local)))
     else:
       if c is not None:
         raise errors.UsageError("--to_hf exports with the run's own config: drop --config")
-      export_hf(cli.WORKDIR.value, cli.STEP.value, _TO_HF.value)
+      export_hf(cli.WORKDIR.value, cli.STEP.value, _TO_HF.value, cli.MIRROR_DIR.value)
 
 
 if __name__ == "__main__":

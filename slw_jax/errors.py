@@ -49,8 +49,6 @@ def is_int(value) -> bool:
 
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-URL_UNSUPPORTED = ("is an object-storage URL, which is not supported yet: use a local or mounted "
-                   "directory (gcsfuse, mountpoint-s3) and copy it to the bucket (docs/cloud.md)")
 
 
 def is_url(path) -> bool:

@@ -207,15 +207,18 @@ def validation(c, data_dir: str | None, graphdef, params, batch_size: int) -> di
 
 
 def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int | None,
-        batch_size: int, overlap: int) -> dict:
-  from slw_jax import checkpoint, tokenizers_lib  # pylint: disable=g-import-not-at-top
+        batch_size: int, overlap: int, mirror_dir: str | None = None) -> dict:
+  """Scores `task` with checkpoint `step` (default: the newest) of `workdir` (a URL: read
+  through a local mirror, the result written back); the result is also WORKDIR/eval/TASK.json."""
+  from slw_jax import checkpoint, remote_run, tokenizers_lib  # pylint: disable=g-import-not-at-top
   if task != "val" and not data:
     raise UsageError(f"--task={task} needs --data=PATH (see --help)")
   if data and not os.path.exists(data):
     raise UsageError(f"--data={data} does not exist")
   if batch_size < 1 or overlap < 1:
     raise UsageError(f"--batch_size={batch_size} and --overlap={overlap} must be >= 1")
-  loaded = checkpoint.load_params(workdir, step)
+  run_dir = remote_run.open_for_reading(workdir, mirror_dir, "newest" if step is None else step)
+  loaded = checkpoint.load_params(run_dir.local, step)
   c, step = loaded.config, loaded.step
   if overlap > c.model.max_seqlen:
     raise UsageError(f"--overlap={overlap} must be <= model.max_seqlen={c.model.max_seqlen}")
@@ -238,8 +241,9 @@ def run(workdir: str, task: str, data: str | None, vocab: str | None, step: int 
     else:
       result = lambada(data, tokenizer, scorer, c.model.max_seqlen)
   result = {"task": task, "step": step, "data": data, **result}
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  run_log.write_json(os.path.join(workdir, "eval", f"{task}.json"), result)
+  os.makedirs(os.path.join(run_dir.local, "eval"), exist_ok=True)
+  run_log.write_json(os.path.join(run_dir.local, "eval", f"{task}.json"), result)
+  run_dir.upload(f"eval/{task}.json")
   return result
 
 
@@ -248,16 +252,16 @@ EXAMPLE = "python -m slw_jax.evaluate --workdir=runs/tiny --task=val"
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
-  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.WORKDIR, cli.STEP))
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.WORKDIR, cli.STEP, cli.MIRROR_DIR))
   with cli.exit_on_bad_input():
     cli.parse_flags(argv)
     if not cli.WORKDIR.value or not _TASK.value:
       raise UsageError("--workdir and --task are required, e.g. --workdir=runs/tiny "
                        "--task=val")
     result = run(cli.WORKDIR.value, _TASK.value, _DATA.value, _VOCAB.value, cli.STEP.value,
-                 _BATCH.value, _OVERLAP.value)
+                 _BATCH.value, _OVERLAP.value, cli.MIRROR_DIR.value)
   print(json.dumps(result, indent=1))
-  print(f"written to {os.path.join(cli.WORKDIR.value, 'eval', _TASK.value + '.json')}")
+  print(f"written to {cli.WORKDIR.value.rstrip('/')}/eval/{_TASK.value}.json")
 
 
 if __name__ == "__main__":

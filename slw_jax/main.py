@@ -28,7 +28,7 @@ EXAMPLE = "python -m slw_jax.main --config=configs/tiny.py --workdir=runs/tiny"
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
-  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR))
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR, cli.MIRROR_DIR))
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:
@@ -37,30 +37,47 @@ def main(argv=None):
       raise errors.UsageError(f"--step={cli.STEP.value} is for evaluate and convert: main always "
                               "resumes from the newest checkpoint of --workdir")
     cli.writable_directory(cli.WORKDIR.value)
-    from slw_jax import distributed, hardware, trainer  # pylint: disable=g-import-not-at-top
+    from slw_jax import distributed, hardware, remote_run, trainer  # pylint: disable=g-import-not-at-top
     hardware.use_gpu_memory_fraction()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=config.distributed.timeout_s)
+    run_dir = remote_run.open_run(cli.WORKDIR.value, cli.MIRROR_DIR.value)  # A URL: mirrored.
     try:
-      run = trainer.Trainer(config, cli.WORKDIR.value,  # Checks mesh, data and config ...
+      run = trainer.Trainer(config, run_dir.local,  # Checks mesh, data and config ...
                             allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
-      _orbax_log_to_file(cli.WORKDIR.value)  # The workdir exists once the Trainer is made.
+      _orbax_log_to_file(run_dir.local)  # The workdir exists once the Trainer is made.
       run.setup()  # ... memory, and the checkpoint to resume: all before step 0.
     except errors.StopTraining as error:
       raise errors.UsageError(str(error)) from None
   from slw_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  run_dir.sync_in_background(config.checkpoint.upload_every_s)
   try:
     summary = run.run()
   except (errors.StopTraining, checkpoint.SaveError, OSError) as error:  # E.g. a full disk.
-    print(f"error: {errors.one_line(error, 2000)}", file=sys.stderr)  # Ours: whole, one line.
-    _exit_now(1)  # The saves that could finish did (Trainer._abort): orbax's failed writer
-    # threads would abort the interpreter's shutdown.
+    _fail(error, run_dir)
+  try:
+    run_dir.close()  # The last copy to the bucket (waited for: the final save is in it).
+  except errors.StopTraining as error:
+    _fail(error)
   status = 0 if summary["completed"] or summary["stopped_by"] else 1
   if summary["left_running"]:  # Past a stop's deadline: a compile, or a save abandoned.
     print(f"exiting without waiting for {', '.join(summary['left_running'])}: checkpoint."
           "preemption_timeout_s has passed", file=sys.stderr)
     _exit_now(status, shutdown=True)
   sys.exit(status)  # Every thread was joined: a normal exit (atexit handlers run).
+
+
+def _fail(error: Exception, run_dir=None):
+  """Prints the error that stopped the run (ours: whole, one line), copies what the run left
+  to its bucket (a URL --workdir) and exits 1. The saves that could finish did
+  (Trainer._abort): orbax's failed writer threads would abort the interpreter's shutdown."""
+  print(f"error: {errors.one_line(error, 2000)}", file=sys.stderr)
+  if run_dir is not None:
+    try:
+      run_dir.close()
+    except errors.StopTraining as failure:
+      print(f"error: {errors.one_line(failure, 2000)}", file=sys.stderr)
+  _exit_now(1)
 
 
 def _orbax_log_to_file(workdir: str):

@@ -56,10 +56,13 @@ def read_metrics(path: str) -> list[dict]:
   return rows
 
 
-def read_run(workdir: str) -> Run:
+def read_run(workdir: str, shown: str | None = None) -> Run:
+  """The run in local directory `workdir`; `shown`: the name it was given (a URL, mirrored in
+  `workdir`), which names it in the report."""
+  shown = shown or workdir
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
-    raise errors.InputError(f"{workdir!r} has no metrics.jsonl: pass run directories written by "
+    raise errors.InputError(f"{shown!r} has no metrics.jsonl: pass run directories written by "
                             "python -m slw_jax.main --workdir=DIR")
   rows = [{k: _number(v) for k, v in row.items()} for row in read_metrics(path)]
   # Training time: the sum of step times, which (unlike an evaluation's elapsed_s) keeps
@@ -78,8 +81,8 @@ def read_run(workdir: str) -> Run:
         results[os.path.splitext(os.path.basename(result))[0]] = json.load(f)
     except json.JSONDecodeError as error:
       raise errors.InputError(f"{result} is not valid JSON ({error})") from None
-  name = os.path.basename(os.path.normpath(workdir))
-  return Run(name, workdir, steps, evals, results, read_pacing_events(workdir))
+  name = os.path.basename(os.path.normpath(shown.split("://", 1)[-1]))
+  return Run(name, shown, steps, evals, results, read_pacing_events(workdir))
 
 
 def read_pacing_events(workdir: str) -> list[dict]:
@@ -261,33 +264,37 @@ def markdown(runs: list[Run], stats: dict, target, reached, plots: list[str],
 
 
 def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2,
-          wandb: bool = False) -> str:
+          wandb: bool = False, mirror_dir: str | None = None) -> str:
   """Writes the plots and report.md into `out`; returns the report's path. `wandb`: the plots
-  also go to the W&B run of each workdir that logged to one (slw_jax.wandb_log)."""
+  also go to the W&B run of each workdir that logged to one (slw_jax.wandb_log). Workdirs and
+  `out` may be URLs (gs://, s3://): runs are read through local mirrors (slw_jax.remote_run)."""
+  from slw_jax import remote_run  # pylint: disable=g-import-not-at-top
+  output = remote_run.Output(out)  # A bucket that cannot be written: before reading runs.
+  local = [remote_run.open_for_reading(w, mirror_dir, None).local for w in workdirs]
   if wandb:
-    _check_wandb_runs(workdirs)
-  runs = [read_run(w) for w in workdirs]
+    _check_wandb_runs(local, workdirs)
+  runs = [read_run(path, shown) for path, shown in zip(local, workdirs)]
   names = [r.name for r in runs]
   for run in runs:
     if names.count(run.name) > 1:
       run.name = os.path.normpath(run.workdir)  # Same basename: tell them apart by path.
-  os.makedirs(out, exist_ok=True)
+  os.makedirs(output.local, exist_ok=True)
   stats = {r.name: stability(r, ratio_threshold) for r in runs}
   target, reached = time_to_target(runs)
-  plots = plot(runs, out) + plot_adaptive(runs, out)
-  path = os.path.join(out, "report.md")
-  with open(path, "w") as f:
+  plots = plot(runs, output.local) + plot_adaptive(runs, output.local)
+  with open(os.path.join(output.local, "report.md"), "w") as f:
     f.write(markdown(runs, stats, target, reached, plots, ratio_threshold))
-  for workdir in workdirs if wandb else ():
-    wandb_log.log_plots(workdir, out, plots)
-  return path
+  for workdir in local if wandb else ():
+    wandb_log.log_plots(workdir, output.local, plots)
+  output.upload()
+  return f"{out.rstrip('/')}/report.md" if output.url else os.path.join(out, "report.md")
 
 
-def _check_wandb_runs(workdirs: list[str]):
+def _check_wandb_runs(local: list[str], workdirs: list[str]):
   if importlib.util.find_spec("wandb") is None:
     raise errors.UsageError("--wandb needs the wandb package, which is not installed: pip "
                             "install wandb==0.31.0")
-  if not any(os.path.isfile(os.path.join(w, wandb_log.RUN_FILE)) for w in workdirs):
+  if not any(os.path.isfile(os.path.join(w, wandb_log.RUN_FILE)) for w in local):
     raise errors.UsageError(f"--wandb: none of {', '.join(workdirs)} logged to W&B (no "
                             f"{wandb_log.RUN_FILE}; set log.wandb_project when training)")
 
@@ -298,7 +305,7 @@ EXAMPLE = "python -m slw_jax.report runs/slw runs/baseline --out=reports/slw_vs_
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
-  cli.exit_on_help(argv, __name__, EXAMPLE, (), usage=USAGE)
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.MIRROR_DIR,), usage=USAGE)
   with cli.exit_on_bad_input():
     workdirs = cli.parse_flags(argv)[1:]
     if not workdirs:
@@ -306,12 +313,10 @@ def main(argv=None):
                               "[DIR ...] --out=OUT")
     if not _OUT.value:
       raise errors.UsageError("--out is required: the directory for the plots and report.md")
-    for path in [_OUT.value] + workdirs:
-      if errors.is_url(path):
-        raise errors.UsageError(f"{path} {errors.URL_UNSUPPORTED}")
     if _RATIO.value <= 1:
       raise errors.UsageError(f"--ratio_threshold={_RATIO.value} must be > 1")
-    path = build(workdirs, _OUT.value, _RATIO.value, _WANDB.value)  # Reads every run first.
+    path = build(workdirs, _OUT.value, _RATIO.value, _WANDB.value,  # Reads every run first.
+                 cli.MIRROR_DIR.value)
   print(f"wrote {path} and {len(PLOTS)} plots in {_OUT.value}")
 
 

@@ -7,10 +7,8 @@ streamed to a temporary name while its sha256 is computed, checked against the r
 staging is never read as staged; a file already staged with the right size and digest is not
 fetched again (`.sha256` beside it records the verified digest).
 
-Object stores are reached through fsspec (s3fs, gcsfs), with each SDK's own settings:
-`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE` for S3;
-`GOOGLE_APPLICATION_CREDENTIALS` (or the VM's service account) and `STORAGE_EMULATOR_HOST` for
-GCS; `FSSPEC_<PROTOCOL>_<OPTION>` for anything else fsspec takes (e.g. FSSPEC_GCS_TOKEN=anon).
+Object stores are reached through fsspec (s3fs, gcsfs), with each SDK's own settings
+(`slw_jax.buckets`).
 A bucket that does not exist, missing credentials, an unreachable endpoint or a URL without
 prepared data is one line naming the URL, before training.
 """
@@ -21,16 +19,14 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import tempfile
 
-from slw_jax import errors, run_log
+from slw_jax import buckets, errors, run_log
 from slw_jax.data_spec import METADATA, SPLITS, CorpusError
 
 CHUNK = 128 * 2**20  # Bytes per range request (per-request overhead dominates smaller ones).
 PARALLEL = 2  # Range requests in flight at once: 2 x 128 MB was the fastest of 8 settings
 # against the local S3 server (benchmarks/stage_speed.py, RESULTS.md).
-PACKAGES = {"s3": "s3fs==2026.9.0", "gs": "gcsfs==2026.10.1", "gcs": "gcsfs==2026.10.1"}
 
 
 def default_cache_dir() -> str:
@@ -41,55 +37,21 @@ def local_dir(d) -> str:
   """Where `data.dir` is read from: itself when local, its staged copy when a URL."""
   if not errors.is_url(d.dir):
     return d.dir
-  scheme, rest = d.dir.split("://", 1)
-  slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{scheme}_{rest.strip('/')}")[:80]
-  unique = hashlib.sha256(d.dir.rstrip("/").encode()).hexdigest()[:12]  # a/b and a_b differ.
-  return os.path.join(os.path.expanduser(d.cache_dir or default_cache_dir()), f"{slug}-{unique}")
-
-
-def _remote_errors() -> tuple:
-  """What a bad URL, bucket, credential or endpoint raises through fsspec's backends."""
-  found = [OSError]
-  try:
-    from botocore import exceptions as botocore_exceptions  # pylint: disable=g-import-not-at-top
-    found += [botocore_exceptions.BotoCoreError, botocore_exceptions.ClientError]
-  except ImportError:
-    pass
-  try:
-    from google.auth import exceptions as auth_exceptions  # pylint: disable=g-import-not-at-top
-    found.append(auth_exceptions.GoogleAuthError)
-  except ImportError:
-    pass
-  try:
-    from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top  (401, 5xx)
-    found.append(HttpError)
-  except ImportError:
-    pass
-  return tuple(found)
+  return os.path.join(os.path.expanduser(d.cache_dir or default_cache_dir()),
+                      buckets.cache_name(d.dir))
 
 
 def filesystem(url: str):
-  """The fsspec filesystem of `url` (not cached: settings read from the environment now)."""
-  import fsspec  # pylint: disable=g-import-not-at-top
-  scheme = url.split("://", 1)[0]
-  try:
-    fs, _ = fsspec.core.url_to_fs(url, skip_instance_cache=True)
-  except ImportError:
-    package = PACKAGES.get(scheme, f"the fsspec backend of {scheme}://")
-    raise CorpusError(f"config.data.dir={url!r} needs {package}, which is not installed: "
-                      f"pip install {package}") from None
-  except ValueError as error:  # An unknown protocol.
-    raise CorpusError(f"config.data.dir={url!r} is not a URL fsspec can read: "
-                      f"{errors.one_line(error, 200)}") from None
-  return fs
+  """The fsspec filesystem of `url`, a `data.dir`."""
+  return buckets.filesystem(url, "config.data.dir", CorpusError)
 
 
 def _remote_metadata(fs, url: str) -> dict:
   path = f"{url.rstrip('/')}/{METADATA}"
   try:
     if not fs.exists(path):
-      bucket = url.split("://", 1)[1].split("/", 1)[0]
-      if not fs.exists(f"{url.split('://', 1)[0]}://{bucket}"):
+      bucket = buckets.bucket_name(url)
+      if not fs.exists(f"{url.partition('://')[0]}://{bucket}"):
         raise CorpusError(f"config.data.dir={url!r}: the bucket {bucket!r} does not exist (or "
                           "these credentials cannot see it)")
       raise CorpusError(f"config.data.dir={url!r} holds no prepared data ({METADATA} missing): "
@@ -99,7 +61,7 @@ def _remote_metadata(fs, url: str) -> dict:
       return json.loads(f.read())
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise CorpusError(f"{path} is unreadable ({errors.one_line(error, 100)})") from None
-  except _remote_errors() as error:
+  except buckets.remote_errors() as error:
     raise CorpusError(f"config.data.dir={url!r} cannot be read: "
                       f"{errors.one_line(error, 200)}") from None
 
@@ -121,7 +83,7 @@ def _ranges(fs, remote: str, size: int):
     try:
       chunks = fs.cat_ranges([remote] * len(window), window,
                              [min(start + CHUNK, size) for start in window])
-    except _remote_errors() as error:
+    except buckets.remote_errors() as error:
       raise _RemoteFailure(error) from error
     for chunk in chunks:
       if isinstance(chunk, BaseException):  # cat_ranges returns a failed range's error.
@@ -209,7 +171,7 @@ def _stage_file(fs, d, target: str, info: dict, log):
   try:
     try:
       size = fs.size(remote)
-    except _remote_errors() as error:
+    except buckets.remote_errors() as error:
       raise _RemoteFailure(error) from error
     if _is_staged(local, size, info["sha256"]):
       return

@@ -298,32 +298,45 @@ def render(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _close_quietly(run_dir):
+  """Copies what the stopped tuner left to its bucket (a URL --workdir), as far as it can."""
+  try:
+    run_dir.close()
+  except errors.StopTraining as failure:
+    print(f"error: {failure}", file=sys.stderr)
+
+
 EXAMPLE = "python -m slw_jax.tune --config=configs/tiny.py --workdir=runs/tune_tiny"
 
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
-  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR))
+  cli.exit_on_help(argv, __name__, EXAMPLE, (cli.CONFIG, cli.WORKDIR, cli.MIRROR_DIR))
   with cli.exit_on_bad_input():
     config = cli.parse_config(argv)
     if not cli.WORKDIR.value:
       raise errors.UsageError("--workdir is required: the tuner's directory, e.g. "
                               "--workdir=runs/tune_tiny")
-    from slw_jax import hardware  # pylint: disable=g-import-not-at-top
+    from slw_jax import hardware, remote_run  # pylint: disable=g-import-not-at-top
     hardware.use_gpu_memory_fraction()
     cli.writable_directory(cli.WORKDIR.value)
-    os.makedirs(cli.WORKDIR.value, exist_ok=True)
-    tuner = Tuner(config, cli.WORKDIR.value)
+    run_dir = remote_run.open_run(cli.WORKDIR.value, cli.MIRROR_DIR.value)  # A URL: mirrored.
+    os.makedirs(run_dir.local, exist_ok=True)
+    tuner = Tuner(config, run_dir.local)
   print(f"tune: trials cost at most {tuner.bound:,} tokens "
         f"({tuner.bound / tuner.run_tokens:.1%} of the run)", flush=True)
+  run_dir.sync_in_background(config.checkpoint.upload_every_s)
   try:
     with cli.exit_on_bad_input():  # A trial's own setup errors (memory check, data): one line.
       result = tuner.run()
+    run_dir.close()  # A URL: every trial and the result copied to the bucket.
   except errors.StopTraining as error:
     print(f"error: {error}", file=sys.stderr)
+    _close_quietly(run_dir)
     sys.exit(1)
   except KeyboardInterrupt:
     print("tune: interrupted; rerun the same command to resume", file=sys.stderr)
+    _close_quietly(run_dir)
     sys.exit(130)
   print(render(result))
   print(f"paste: {result['flags']}")

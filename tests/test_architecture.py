@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(slw_jax.__file__).parent
 MAX_MODULE_LINES = 600
 MAX_TRAINER_LINES = 410  # The "about 400": the loop, with the setup that wires it.
 # Exceptions that are not bad input: the run failed, or a save did, after it started.
-NOT_INPUT_ERRORS = {"SaveError"}
+NOT_INPUT_ERRORS = {"SaveError", "SyncError"}  # A full disk; a bucket failing at the end.
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -46,6 +46,9 @@ COMMANDS = {
         "tests/test_hf_source.py",
     "python -m slw_jax.main --config=configs/tiny.py --workdir=runs/tiny "
     "--config.data.dir=s3://my-bucket/data/pystdlib_byte": "tests/test_staging.py",
+    # A whole run in a bucket of the local S3 server (and the GCS emulator), killed and resumed.
+    "python -m slw_jax.main --config=configs/tiny.py --workdir=s3://my-bucket/runs/tiny":
+        "tests/faults/test_bucket_runs.py",
     "python -m slw_jax.plan": "tests/test_plan.py",
     "python -m slw_jax.plan --config=configs/gpt2_117m.py --memory": "benchmarks/memory_plan.py",
     "python -m slw_jax.plan --config=configs/gpt3_125m.py --compile_estimate":

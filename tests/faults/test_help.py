@@ -15,13 +15,13 @@ from conftest import REPO
 
 # Entry point: the shared flags (slw_jax.cli) it takes. Its own flags are whatever it defines.
 ENTRY_POINTS = {
-    "main": ["config", "workdir"],
+    "main": ["config", "workdir", "mirror_dir"],
     "plan": ["config"],
     "prepare": ["config"],
-    "evaluate": ["workdir", "step"],
-    "convert": ["config", "workdir", "step"],
-    "report": [],
-    "tune": ["config", "workdir"],
+    "evaluate": ["workdir", "step", "mirror_dir"],
+    "convert": ["config", "workdir", "step", "mirror_dir"],
+    "report": ["mirror_dir"],
+    "tune": ["config", "workdir", "mirror_dir"],
 }
 SCRIPTS = {  # Scripts run by path, with argparse: their options.
     "experiments/stability/run.py": ["--preset", "--quick", "--lrs", "--arms", "--seeds",
