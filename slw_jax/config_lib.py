@@ -9,13 +9,12 @@ copy in which defaults that depend on other fields are filled in (`pacing.seqlen
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
 from ml_collections import config_dict
 
-from slw_jax import data_spec, errors, pacing
+from slw_jax import data_spec, errors, pacing, wandb_log
 from slw_jax.errors import ConfigError
 
 PACING_KINDS = ("none", "linear", "root", "discrete", "adaptive")
@@ -378,9 +377,10 @@ def _validate_log(lg):
     _check(isinstance(lg[key], str), f"log.{key}", lg[key], "must be a string")
   _check(lg.wandb_mode in WANDB_MODES, "log.wandb_mode", lg.wandb_mode,
          f"must be one of {', '.join(WANDB_MODES)}")
-  if lg.wandb_project and importlib.util.find_spec("wandb") is None:
+  if lg.wandb_project and not wandb_log.installed():
     raise ConfigError(f"config.log.wandb_project={lg.wandb_project!r} needs the wandb package, "
-                      "which is not installed: pip install wandb==0.31.0 (or leave it empty)")
+                      f"which is not installed: pip install {wandb_log.PACKAGE} (or leave it "
+                      "empty)")
 
 
 def _validate_runtime(c):

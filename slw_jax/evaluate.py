@@ -185,9 +185,8 @@ def validation(c, data_dir: str | None, graphdef, params, batch_size: int) -> di
   if data_dir is None and input_pipeline.is_megatron(c.data):
     tokens = input_pipeline.open_megatron(c.data)[1]["validation"]
   else:
-    if data_dir is None:
-      staging.stage(c.data)  # A data.dir URL: staged to local disk first (else nothing).
-    tokens = input_pipeline.open_split(data_dir or staging.local_dir(c.data), "validation",
+    # A data.dir URL is staged to local disk first (a local one is returned as it is).
+    tokens = input_pipeline.open_split(data_dir or staging.stage(c.data), "validation",
                                        c.data.verify_max_bytes)
   index = input_pipeline.WindowIndex(tokens, c.pacing.seqlen_end, c.seed, "validation")
   loss_sum = jax.jit(train_step.make_eval_step(graphdef))

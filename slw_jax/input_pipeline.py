@@ -329,15 +329,21 @@ def require_corpus(d):
     raise CorpusError(missing)
 
 
-def ensure_prepared(c, log=print) -> dict:
-  """Metadata of `c.data.dir`, preparing it first when missing (in a child process); a URL is
-  staged to local disk instead (slw_jax.staging: data on object storage is prepared already)."""
+def prepared_dir(c, log=print) -> str:
+  """The local directory holding `c.data.dir`'s prepared files: itself, prepared first when
+  missing (in a child process), or for a URL its copy staged to local disk (slw_jax.staging:
+  data on object storage is prepared already)."""
   if errors.is_url(c.data.dir):
-    return read_metadata(staging.stage(c.data, log))
+    return staging.stage(c.data, log)
   if not os.path.isfile(os.path.join(c.data.dir, METADATA)):
     log(f"{c.data.dir} is not prepared yet: preparing it now")
     prepare_in_child(c.data, log)
-  return read_metadata(c.data.dir)
+  return c.data.dir
+
+
+def ensure_prepared(c, log=print) -> dict:
+  """Metadata of `c.data.dir` (`prepared_dir`: prepared or staged first when needed)."""
+  return read_metadata(prepared_dir(c, log))
 
 
 def prepare_in_child(data, log=print):
@@ -402,9 +408,8 @@ def open_token_splits(c, log=print) -> tuple[dict, dict[str, np.ndarray]]:
   require_corpus(c.data)
   if is_megatron(c.data):
     return open_megatron(c.data)
-  meta = ensure_prepared(c, log=log)
-  local = staging.local_dir(c.data)
-  return meta, {s: open_split(local, s, c.data.verify_max_bytes) for s in SPLITS}
+  local = prepared_dir(c, log=log)
+  return read_metadata(local), {s: open_split(local, s, c.data.verify_max_bytes) for s in SPLITS}
 
 
 def open_run_data(c, process_rows: tuple[int, int], log) -> tuple[Loader, WindowIndex]:

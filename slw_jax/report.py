@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -291,9 +290,9 @@ def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2,
 
 
 def _check_wandb_runs(local: list[str], workdirs: list[str]):
-  if importlib.util.find_spec("wandb") is None:
+  if not wandb_log.installed():
     raise errors.UsageError("--wandb needs the wandb package, which is not installed: pip "
-                            "install wandb==0.31.0")
+                            f"install {wandb_log.PACKAGE}")
   if not any(os.path.isfile(os.path.join(w, wandb_log.RUN_FILE)) for w in local):
     raise errors.UsageError(f"--wandb: none of {', '.join(workdirs)} logged to W&B (no "
                             f"{wandb_log.RUN_FILE}; set log.wandb_project when training)")

@@ -17,6 +17,7 @@ metrics.jsonl is rewritten to hold each step once.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -47,6 +48,14 @@ def _stored(workdir: str) -> dict | None:
     raise WandbError(f"{path} is unreadable ({errors.one_line(error, 100)}): it names the W&B "
                      "run a resume continues; restore it, or delete it to start a new "
                      "run") from None
+
+
+PACKAGE = "wandb==0.31.0"  # The optional package, as requirements-test.txt pins it.
+
+
+def installed() -> bool:
+  """Whether the optional wandb package can be imported (checked without importing it)."""
+  return importlib.util.find_spec("wandb") is not None
 
 
 def _import_wandb():
