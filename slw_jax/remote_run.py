@@ -11,14 +11,15 @@ old object or the new one):
   eval/, orbax.log) is one object, replaced whole by one PUT when it changed;
 - checkpoint k is one PUT per file under checkpoints/k/, then its commit record
   commits/k.json (each file's size and sha256), written last. A copy cut short (a kill
-  mid-upload) has no record: it is never resumed, and the next run's first sync deletes it. A
-  checkpoint orbax removed (checkpoint.keep) loses its record first, then its files;
-- .slw_run.json, written last in every sync that changed anything: which mirror wrote the
-  bucket last (its id and a count of syncs).
+  mid-upload) has no record: it is never resumed, and the next run's start deletes it. A
+  checkpoint orbax removed (checkpoint.keep) loses its record first, then its files (never
+  the newest committed one before a newer one is committed);
+- .slw_run.json: which mirror writes the run, written when a mirror takes it over (before
+  anything else) and last in every sync that changed anything.
 
-A run that starts again on the machine whose mirror wrote last (a SIGKILL, a preemption) first
-copies what that mirror holds and the bucket lacks, so nothing on its disk is lost; anywhere
-else (a new VM) the mirror is emptied and the bucket downloaded: every committed checkpoint,
+A run that starts again with the mirror .slw_run.json names (a SIGKILL, a preemption) first
+copies what that mirror holds and the bucket lacks, so nothing on its disk is lost; with any
+other (a new VM) the mirror is emptied and the bucket downloaded: every committed checkpoint,
 each file checked against its sha256. A damaged one goes to unreadable_checkpoints/step_<k>
 (in the bucket too, at the next sync) and the run resumes from the one before it. One process
 writes a run: several processes (multi-host) need a shared file system (a mounted bucket).
@@ -26,6 +27,7 @@ writes a run: several processes (multi-host) need a shared file system (a mounte
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -43,8 +45,9 @@ STATE = ".slw_mirror.json"  # In the mirror: its URL, id, sync count and the com
 PARTIAL = ".download-partial"  # A checkpoint being downloaded (renamed once verified).
 CHECKPOINT_FILE = re.compile(r"^(?P<root>(?:.+/)?)checkpoints/(?P<step>\d+)/(?P<file>.+)$")
 COMMIT = re.compile(r"^(?P<root>(?:.+/)?)commits/(?P<step>\d+)\.json$")
-_NOT_COPIED = re.compile(r"(^|/)(\.slw_mirror\.json|\.slw_write_probe-\w+|\.lock)$|"
+_NOT_COPIED = re.compile(r"(^|/)(\.slw_mirror\.json|\.slw_write_probe-\w+|\.lock)$|\.tmp$|"
                          r"(^|/)checkpoints/")  # Checkpoints are copied as wholes.
+_READERS_SKIP = re.compile(r"(.+/)?(unreadable_checkpoints|tb|wandb)/")  # Not read by a reader.
 
 
 def default_mirror_root() -> str:
@@ -84,6 +87,7 @@ class RunDir:
     self._lock = threading.Lock()
     self._stop = threading.Event()
     self._thread, self._failure = None, None
+    self._damaged = set()  # (root, step) of damaged checkpoints to move aside in the bucket.
     if self.url is None:
       return
     self.fs = buckets.filesystem(workdir, "--workdir")  # As given: "s3://" names no bucket.
@@ -96,27 +100,29 @@ class RunDir:
   def _remote(self, rel: str) -> str:
     return f"{self.url}/{rel}"
 
-  def _listing(self) -> dict[str, int]:
-    """{path relative to the URL: size} of every object under it."""
-    found = self.fs.find(self.url, detail=True)
+  def _listing(self) -> set[str]:
+    """The path (relative to the URL) of every object under it."""
     prefix = self.url.split("://", 1)[1].rstrip("/") + "/"
-    return {path.split("://", 1)[-1].removeprefix(prefix): int(info.get("size") or 0)
-            for path, info in found.items() if info.get("type", "file") == "file"}
+    return {path.split("://", 1)[-1].removeprefix(prefix) for path in self.fs.find(self.url)}
 
   def _read_json(self, rel: str):
     try:
-      return json.loads(self.fs.cat_file(self._remote(rel)))
+      value = json.loads(self.fs.cat_file(self._remote(rel)))
     except (ValueError, UnicodeDecodeError):
       return None  # Damaged: treated as absent by the callers.
+    return value if isinstance(value, dict) else None
 
-  def _commits(self, listing: dict[str, int]) -> dict[tuple[str, int], dict | None]:
+  def _commits(self, listing: set[str]) -> dict[tuple[str, int], dict | None]:
     """{(root, step): the commit record (None when unreadable)} of every committed checkpoint."""
     found = {}
     for rel in listing:
       match = COMMIT.match(rel)
       if match:
         record = self._read_json(rel)
-        ok = isinstance(record, dict) and isinstance(record.get("files"), dict)
+        files = (record or {}).get("files")
+        ok = isinstance(files, dict) and all(
+            isinstance(v, list) and len(v) == 2 and errors.is_int(v[0]) and isinstance(v[1], str)
+            for v in files.values())
         found[(match["root"], int(match["step"]))] = record if ok else None
     return found
 
@@ -131,9 +137,10 @@ class RunDir:
     try:
       self._open(checkpoints)
     except buckets.remote_errors() as error:
-      if isinstance(error, OSError) and str(getattr(error, "filename", "")).startswith(
-          self.local):
-        raise  # The local disk: not the bucket.
+      if _is_local(error, self.local):
+        raise errors.UsageError(f"--mirror_dir: {self.local}, the local mirror of "
+                                f"--workdir={self.url!r}, cannot be written "
+                                f"({error.strerror or errors.one_line(error)})") from None
       raise errors.UsageError(f"--workdir={self.url!r} cannot be read or written: "
                               f"{errors.one_line(error, 200)}") from None
     return self
@@ -155,26 +162,33 @@ class RunDir:
       raise errors.UsageError(f"--mirror_dir: {self.local} cannot be created for "
                               f"--workdir={self.url!r} ({error.strerror})") from None
     state = self._read_state()
-    last = (record.get("writer"), record.get("syncs")) if record else (
-        state and state["writer"], 0)  # A run killed before its first copy wrote nothing.
-    if self.writer and state and (state["writer"], state["syncs"]) == last:
+    if self.writer and state and record and record.get("writer") == state["writer"]:
       self.state = state  # This mirror wrote last: it holds the newest of everything.
       self.log(f"copying what {self.local} holds and {self.url} lacks")
       self._sync()
       listing = self._listing()
-    elif self.writer or state is None:
-      if self.writer:
-        shutil.rmtree(self.local)  # Another machine wrote since: the bucket is newer.
-        os.makedirs(self.local)
-      self.state = {"url": self.url, "writer": uuid.uuid4().hex,
-                    "syncs": (record or {}).get("syncs", 0), "files": {}, "commits": {}}
-    else:
-      self.state = state  # A reader's: the checkpoints it checked before are not fetched again.
+    elif self.writer:
+      shutil.rmtree(self.local)  # Another mirror wrote since: the bucket is newer.
+      os.makedirs(self.local)
+      self.state = {"url": self.url, "writer": uuid.uuid4().hex, "syncs": 0, "files": {},
+                    "commits": {}}
+      self._claim()  # Before anything else is written: see _claim.
+    else:  # A reader's: the checkpoints it checked before are not fetched again.
+      self.state = state or {"url": self.url, "files": {}, "commits": {}}
     self._download_files(listing)
     orphans = self._download_checkpoints(listing, checkpoints)
-    if self.writer:  # Copies cut short, damaged ones: deleted before anything is written.
+    if self.writer:  # Copies cut short: deleted before anything is written.
       for root, step in sorted(orphans):
         self._remove_remote_dir(f"{root}checkpoints/{step}")
+    self._write_state()
+
+  def _claim(self):
+    """Names this mirror the run's writer in the bucket (its record), then on local disk: from
+    then on a restart here trusts this mirror (nothing it holds is lost, even if no copy
+    succeeded yet), and any other mirror of the URL is stale. A crash between the two leaves a
+    mirror holding nothing new, which the next start here replaces."""
+    record = {"writer": self.state["writer"], "syncs": self.state["syncs"], "time": time.time()}
+    self.fs.pipe_file(self._remote(RECORD), json.dumps(record).encode())
     self._write_state()
 
   def _read_state(self) -> dict | None:
@@ -183,16 +197,20 @@ class RunDir:
         state = json.load(f)
     except (OSError, ValueError):
       return None
-    return state if isinstance(state, dict) and state.get("url") == self.url else None
+    keys = ("url", "files", "commits") + (("writer", "syncs") if self.writer else ())
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+      return None
+    return state if state["url"] == self.url else None
 
   def _write_state(self):
     run_log.write_json(os.path.join(self.local, STATE), self.state)
 
-  def _download_files(self, listing: dict[str, int]):
+  def _download_files(self, listing: set[str]):
     """The run's files (not checkpoints) the mirror lacks (a reader: every one, they change)."""
     remote, local = [], []
-    for rel, size in sorted(listing.items()):
-      if _NOT_COPIED.search(rel) or COMMIT.match(rel) or rel == RECORD:
+    for rel in sorted(listing):
+      if _NOT_COPIED.search(rel) or COMMIT.match(rel) or rel == RECORD or (
+          not self.writer and _READERS_SKIP.match(rel)):
         continue
       path = os.path.join(self.local, rel)
       if self.writer and os.path.exists(path):
@@ -205,37 +223,49 @@ class RunDir:
     for rel, path in zip((r.removeprefix(self.url + "/") for r in remote), local):
       self.state["files"][rel] = _stamp(path)
 
-  def _download_checkpoints(self, listing: dict[str, int], which):
-    """Downloads the committed checkpoints `which` names; returns the (root, step) of the
-    bucket's checkpoint files that have no (or a damaged) commit record."""
+  def _download_checkpoints(self, listing: set[str], which):
+    """Downloads the committed checkpoints `which` names ("all", "newest": the newest that is
+    whole, a step, None); returns the (root, step) of the bucket's checkpoint files that have
+    no commit record. A damaged one is set aside here and, by a writer, in the bucket at its
+    next copy (`_damaged`)."""
     commits = self._commits(listing)
     orphans = {(m["root"], int(m["step"])) for m in map(CHECKPOINT_FILE.match, listing)
                if m} - set(commits)
-    keys = sorted(commits, key=lambda k: k[1])
-    if which == "newest":
-      keys = keys[-1:]
-    elif which is None:
+    keys = sorted(commits, key=lambda k: k[1], reverse=True)
+    if which is None:
       keys = []
-    elif which != "all":
+    elif which not in ("all", "newest"):
       keys = [k for k in keys if k[1] == which]
+    if not self.writer:  # Never read a checkpoint the bucket no longer commits.
+      self._prune_checkpoints({f"{root}checkpoints/{step}" for root, step in commits})
     for root, step in keys:
-      record = commits[(root, step)]
       name = f"{root}checkpoints/{step}"
-      if record is not None and self.state["commits"].get(name) == record["files"] and \
-          os.path.isdir(os.path.join(self.local, name)):
-        continue  # Copied (and checked) before.
-      problem = self._fetch_checkpoint(name, record)
-      if problem is None:
-        self.state["commits"][name] = record["files"]
-        continue
-      self.state["commits"].pop(name, None)
-      moved = self._set_aside(root, step, name)
-      self.log(f"warning: checkpoint {step} in {self.url}/{root}checkpoints is damaged "
-               f"({problem}); moved to {moved}: the run resumes from the one before it")
-      if self.writer:
-        self.fs.rm_file(self._remote(f"{root}commits/{step}.json"))
-        orphans.add((root, step))
+      problem = self._checkpoint_here(name, commits[(root, step)])
+      if problem is None and which == "newest":
+        break
+      if problem is not None:
+        self.state["commits"].pop(name, None)
+        moved = self._set_aside(root, step, name)
+        self.log(f"warning: checkpoint {step} in {self.url}/{root}checkpoints is damaged "
+                 f"({problem}); moved to {moved}: the one before it is used")
+        self._damaged.add((root, step))
     return orphans
+
+  def _checkpoint_here(self, name: str, record: dict | None) -> str | None:
+    """Makes the mirror hold committed checkpoint `name`; what is wrong with it, or None."""
+    if record is not None and self.state["commits"].get(name) == record["files"] and \
+        os.path.isdir(os.path.join(self.local, name)):
+      return None  # Copied (and checked) before.
+    problem = self._fetch_checkpoint(name, record)
+    if problem is None:
+      self.state["commits"][name] = record["files"]
+    return problem
+
+  def _prune_checkpoints(self, committed: set[str]):
+    for name in self._local_checkpoints():
+      if name not in committed:
+        shutil.rmtree(os.path.join(self.local, name))
+        self.state["commits"].pop(name, None)
 
   def _fetch_checkpoint(self, name: str, record: dict | None) -> str | None:
     """Downloads checkpoint `name` to its partial directory; what is wrong with it, or None."""
@@ -312,22 +342,37 @@ class RunDir:
   def upload(self, rel: str):
     """Copies one file of the mirror to the bucket (a reader's output, e.g. eval/val.json)."""
     if self.url is not None:
-      self.fs.put_file(os.path.join(self.local, rel), self._remote(rel))
+      try:
+        self.fs.put_file(os.path.join(self.local, rel), self._remote(rel))
+      except buckets.remote_errors() as error:
+        raise errors.UsageError(f"could not write {self._remote(rel)} (kept in {self.local}): "
+                                f"{errors.one_line(error, 200)}") from None
 
   def _sync(self):
     with self._lock:
-      complete = self._local_checkpoints()  # First: see the module docstring's order.
+      # The files first, then the checkpoints: a file removed after this listing (the spent
+      # rollback journal) leaves the bucket only in the next copy, once the checkpoint that
+      # made it spent (complete before it was removed) is committed.
       present = {rel for rel in _files_under(self.local) if not _NOT_COPIED.search(rel)}
+      complete = self._local_checkpoints()
       changed = self._upload_files(present)
-      for name in sorted(set(complete) - set(self.state["commits"])):
+      for name in sorted(set(complete) - set(self.state["commits"]), key=_step_of):
         changed |= self._upload_checkpoint(name, complete[name])
-      changed |= self._delete_gone(present, complete)
+      changed |= self._move_damaged() | self._delete_gone(present, complete)
       if changed:
         self.state["syncs"] += 1
-        record = {"writer": self.state["writer"], "syncs": self.state["syncs"],
-                  "time": time.time()}
-        self.fs.pipe_file(self._remote(RECORD), json.dumps(record).encode())
-        self._write_state()  # After the bucket's record: a crash between is a stale mirror.
+        self._claim()
+
+  def _move_damaged(self) -> bool:
+    """Damaged checkpoints leave the bucket's checkpoints/ once their local copies (in
+    unreadable_checkpoints/, just uploaded) are there: the record first, then the files."""
+    for root, step in sorted(self._damaged):
+      commit = self._remote(f"{root}commits/{step}.json")
+      if self.fs.exists(commit):
+        self.fs.rm_file(commit)
+      self._remove_remote_dir(f"{root}checkpoints/{step}")
+    moved, self._damaged = bool(self._damaged), set()
+    return moved
 
   def _local_checkpoints(self) -> dict[str, str]:
     """{"<root>checkpoints/<step>": its directory} of every complete checkpoint in the mirror
@@ -364,8 +409,10 @@ class RunDir:
                      _sha256(os.path.join(directory, rel))] for rel in _files_under(directory)}
       self.fs.put([os.path.join(directory, rel) for rel in files],
                   [self._remote(f"{name}/{rel}") for rel in files])
-    except FileNotFoundError:  # orbax removed it meanwhile (checkpoint.keep): not committed.
-      self._remove_remote_dir(name)
+    except FileNotFoundError:
+      if os.path.isdir(directory):
+        raise  # The bucket's (a missing bucket), not orbax's.
+      self._remove_remote_dir(name)  # orbax removed it meanwhile (checkpoint.keep).
       return False
     root, step = name.rsplit("checkpoints/", 1)
     self.fs.pipe_file(self._remote(f"{root}commits/{step}.json"),
@@ -385,7 +432,12 @@ class RunDir:
       if self.fs.exists(self._remote(rel)):
         self.fs.rm_file(self._remote(rel))
       del self.state["files"][rel]
-    removed = sorted(set(self.state["commits"]) - set(complete))
+    newest = {}  # Per root: the newest committed checkpoint, kept even when gone here (its
+    # successor may not be committed yet: the bucket never holds none).
+    for name in self.state["commits"]:
+      root = name.rsplit("checkpoints/", 1)[0]
+      newest[root] = max(newest.get(root, name), name, key=_step_of)
+    removed = sorted(set(self.state["commits"]) - set(complete) - set(newest.values()))
     for name in removed:
       root, step = name.rsplit("checkpoints/", 1)
       if self.fs.exists(self._remote(f"{root}commits/{step}.json")):
@@ -393,6 +445,17 @@ class RunDir:
       self._remove_remote_dir(name)
       del self.state["commits"][name]
     return bool(gone or removed)
+
+
+def _is_local(error: BaseException, local: str) -> bool:
+  """Whether an OSError came from the local disk (the mirror) rather than the bucket."""
+  return isinstance(error, OSError) and (
+      str(getattr(error, "filename", "") or "").startswith(local)
+      or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS))
+
+
+def _step_of(name: str) -> int:
+  return int(name.rsplit("/", 1)[1])
 
 
 def _stamp(path: str) -> list[int]:
@@ -436,6 +499,10 @@ class Output:
     if self.url is None:
       return
     files = _files_under(self.local)
-    self.fs.put([os.path.join(self.local, rel) for rel in files],
-                [f"{self.url}/{rel}" for rel in files])
+    try:
+      self.fs.put([os.path.join(self.local, rel) for rel in files],
+                  [f"{self.url}/{rel}" for rel in files])
+    except buckets.remote_errors() as error:
+      raise errors.UsageError(f"could not write {self.url} (kept in {self.local}): "
+                              f"{errors.one_line(error, 200)}") from None
     shutil.rmtree(self.local)

@@ -276,7 +276,8 @@ def build(workdirs: list[str], out: str, ratio_threshold: float = 1.2,
   names = [r.name for r in runs]
   for run in runs:
     if names.count(run.name) > 1:
-      run.name = os.path.normpath(run.workdir)  # Same basename: tell them apart by path.
+      run.name = run.workdir if errors.is_url(run.workdir) else os.path.normpath(
+          run.workdir)  # Same basename: tell them apart by path.
   os.makedirs(output.local, exist_ok=True)
   stats = {r.name: stability(r, ratio_threshold) for r in runs}
   target, reached = time_to_target(runs)

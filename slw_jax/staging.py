@@ -15,6 +15,7 @@ prepared data is one line naming the URL, before training.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import hashlib
 import json
@@ -24,9 +25,10 @@ import tempfile
 from slw_jax import buckets, errors, run_log
 from slw_jax.data_spec import METADATA, SPLITS, CorpusError
 
-CHUNK = 128 * 2**20  # Bytes per range request (per-request overhead dominates smaller ones).
-PARALLEL = 2  # Range requests in flight at once: 2 x 128 MB was the fastest of 8 settings
-# against the local S3 server (benchmarks/stage_speed.py, RESULTS.md).
+CHUNK = 256 * 2**20  # Bytes per range request (per-request overhead dominates smaller ones).
+PARALLEL = 1  # Range requests in flight at once, plus the next window fetched while one is
+# hashed and written: 1 x 256 MB with that prefetch was the fastest of 11 settings against the
+# local S3 server (benchmarks/stage_speed.py, RESULTS.md); at most 512 MB in memory.
 
 
 def default_cache_dir() -> str:
@@ -76,19 +78,27 @@ def _is_staged(path: str, size: int, sha256: str) -> bool:
 
 def _ranges(fs, remote: str, size: int):
   """The bytes of `remote` in order, PARALLEL ranges of CHUNK bytes requested at once (one
-  stream per request is what limits an object store): at most PARALLEL x CHUNK in memory."""
+  stream per request is what limits an object store), the next window requested while this
+  one is hashed and written: at most 2 x PARALLEL x CHUNK in memory."""
   starts = list(range(0, size, CHUNK))
-  for first in range(0, len(starts), PARALLEL):
-    window = starts[first:first + PARALLEL]
+  windows = [starts[first:first + PARALLEL] for first in range(0, len(starts), PARALLEL)]
+
+  def fetch(window):
     try:
-      chunks = fs.cat_ranges([remote] * len(window), window,
-                             [min(start + CHUNK, size) for start in window])
+      return fs.cat_ranges([remote] * len(window), window,
+                           [min(start + CHUNK, size) for start in window])
     except buckets.remote_errors() as error:
       raise _RemoteFailure(error) from error
-    for chunk in chunks:
-      if isinstance(chunk, BaseException):  # cat_ranges returns a failed range's error.
-        raise _RemoteFailure(chunk) from chunk
-      yield chunk
+
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slw-stage") as ahead:
+    pending = ahead.submit(fetch, windows[0]) if windows else None
+    for index in range(len(windows)):
+      chunks = pending.result()
+      pending = ahead.submit(fetch, windows[index + 1]) if index + 1 < len(windows) else None
+      for chunk in chunks:
+        if isinstance(chunk, BaseException):  # cat_ranges returns a failed range's error.
+          raise _RemoteFailure(chunk) from chunk
+        yield chunk
 
 
 class _RemoteFailure(Exception):

@@ -298,12 +298,15 @@ def render(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _close_quietly(run_dir):
-  """Copies what the stopped tuner left to its bucket (a URL --workdir), as far as it can."""
+def _close_quietly(run_dir, exit_status: int | None = None):
+  """Copies what the tuner left to its bucket (a URL --workdir); a failure is one line (and
+  exits with `exit_status`, if given)."""
   try:
     run_dir.close()
   except errors.StopTraining as failure:
     print(f"error: {failure}", file=sys.stderr)
+    if exit_status is not None:
+      sys.exit(exit_status)
 
 
 EXAMPLE = "python -m slw_jax.tune --config=configs/tiny.py --workdir=runs/tune_tiny"
@@ -329,7 +332,6 @@ def main(argv=None):
   try:
     with cli.exit_on_bad_input():  # A trial's own setup errors (memory check, data): one line.
       result = tuner.run()
-    run_dir.close()  # A URL: every trial and the result copied to the bucket.
   except errors.StopTraining as error:
     print(f"error: {error}", file=sys.stderr)
     _close_quietly(run_dir)
@@ -338,6 +340,10 @@ def main(argv=None):
     print("tune: interrupted; rerun the same command to resume", file=sys.stderr)
     _close_quietly(run_dir)
     sys.exit(130)
+  except SystemExit:  # Bad input in a trial (exit_on_bad_input): what the others left, kept.
+    _close_quietly(run_dir)
+    raise
+  _close_quietly(run_dir, exit_status=1)  # A URL: every trial and the result in the bucket.
   print(render(result))
   print(f"paste: {result['flags']}")
 

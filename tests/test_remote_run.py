@@ -30,7 +30,10 @@ def _checkpoint(root, step, payload=b"weights"):
 
 
 def _objects(run_dir) -> dict[str, int]:
-  return run_dir._listing()  # pylint: disable=protected-access
+  """{path under the run's URL: size} of every object there."""
+  prefix = run_dir.url.split("://", 1)[1] + "/"
+  return {path.removeprefix(prefix): int(info["size"])
+          for path, info in run_dir.fs.find(run_dir.url, detail=True).items()}
 
 
 def _open(url, mirror, lines=None):
@@ -95,6 +98,42 @@ def test_the_mirror_that_wrote_last_is_copied_first_and_a_stale_one_replaced(buc
   assert back.fs.cat_file(f"{url}/metrics.jsonl") == b"1\n2\n3\n"
 
 
+def test_a_new_writer_killed_before_its_first_copy_keeps_its_mirror(bucket, tmp_path):
+  """The bucket names the new mirror its writer before anything else is written: a restart
+  there trusts it (even with nothing copied yet), a restart elsewhere does not."""
+  url = f"{bucket}/run"
+  first = _open(url, tmp_path / "a")
+  _write(first.local, "metrics.jsonl", "1\n")
+  first.close()
+  taking_over = _open(url, tmp_path / "b")
+  _write(taking_over.local, "metrics.jsonl", "1\n2\n")  # Killed: never copied.
+  _checkpoint(taking_over.local, 5)
+  again = _open(url, tmp_path / "b")
+  assert open(os.path.join(again.local, "metrics.jsonl")).read() == "1\n2\n"
+  assert again.fs.cat_file(f"{url}/metrics.jsonl") == b"1\n2\n"
+  assert "commits/5.json" in _objects(again)
+  fresh = _open(f"{bucket}/new", tmp_path / "c")  # Killed before any file was copied ...
+  _write(fresh.local, "metrics.jsonl", "1\n")
+  assert _open(f"{bucket}/new", tmp_path / "c").fs.cat_file(f"{bucket}/new/metrics.jsonl") == \
+      b"1\n"  # ... is not refused as a prefix of someone else's files.
+
+
+def test_the_newest_committed_checkpoint_stays_until_a_newer_one_is_committed(bucket, tmp_path):
+  """checkpoint.keep=1 with a copy slower than the saves: orbax removed k before its copy
+  finished; k-1 must stay in the bucket, or a restart there would find no checkpoint."""
+  url = f"{bucket}/run"
+  run_dir = _open(url, tmp_path / "a")
+  _checkpoint(run_dir.local, 5)
+  run_dir.close()
+  os.system(f"rm -r {os.path.join(run_dir.local, 'checkpoints', '5')}")
+  run_dir.close()
+  assert "commits/5.json" in _objects(run_dir)
+  _checkpoint(run_dir.local, 10)
+  run_dir.close()
+  objects = _objects(run_dir)
+  assert "commits/10.json" in objects and "commits/5.json" not in objects
+
+
 def test_a_file_removed_from_the_mirror_leaves_the_bucket(bucket, tmp_path):
   """The rollback journal, once spent, must not come back on another machine."""
   url = f"{bucket}/run"
@@ -131,12 +170,15 @@ def test_a_damaged_or_cut_short_checkpoint_in_the_bucket_is_never_resumed(bucket
   assert any("checkpoint 10" in line and "is damaged" in line and "sha256" in line
              for line in lines), lines
   objects = _objects(resumed)
-  assert "commits/10.json" not in objects and "commits/5.json" in objects
   assert not [rel for rel in objects if rel.startswith("checkpoints/15/")]  # Deleted at start.
+  assert "commits/10.json" in objects  # Until its local copy is in the bucket too.
   resumed.close()
   objects = _objects(resumed)
-  assert "unreadable_checkpoints/step_10/state/array.bin" in objects  # Moved in the bucket too.
+  assert "unreadable_checkpoints/step_10/state/array.bin" in objects  # Moved in the bucket.
+  assert "commits/10.json" not in objects and "commits/5.json" in objects
   assert not [rel for rel in objects if rel.startswith("checkpoints/10/")]
+  reader = remote_run.open_for_reading(url, str(tmp_path / "b"))
+  assert os.listdir(os.path.join(reader.local, "checkpoints")) == ["5"]
 
 
 def test_a_reader_fetches_only_the_checkpoint_it_reads_and_writes_back_its_file(bucket, tmp_path):
