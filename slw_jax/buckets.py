@@ -57,6 +57,9 @@ def filesystem(url: str, name: str, error=errors.UsageError):
   except ValueError as error_:  # An unknown protocol.
     raise error(f"{name}={url!r} is not a URL fsspec can read: "
                 f"{errors.one_line(error_, 200)}") from None
+  except remote_errors() as error_:  # E.g. a credentials file that is missing or garbage.
+    raise error(f"{name}={url!r} cannot be reached with these credentials: "
+                f"{errors.one_line(error_, 200)}") from None
   return fs
 
 
@@ -76,9 +79,11 @@ def check_bucket(fs, url: str, name: str, writable: bool, error=errors.UsageErro
   an object can be written there too (a probe object, deleted at once)."""
   bucket = bucket_name(url)
   try:
-    if not fs.exists(f"{url.partition('://')[0]}://{bucket}"):
+    try:
+      fs.info(f"{url.partition('://')[0]}://{bucket}")  # Raises what exists() would hide.
+    except FileNotFoundError:
       raise error(f"{name}={url!r}: the bucket {bucket!r} does not exist (or these "
-                  "credentials cannot see it)")
+                  "credentials cannot see it)") from None
     if writable:
       probe = f"{url.rstrip('/')}/.slw_write_probe-{uuid.uuid4().hex}"
       fs.pipe_file(probe, b"")
